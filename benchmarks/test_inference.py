@@ -1,0 +1,60 @@
+"""Inference throughput: torchvision eager vs resnet_fused, side by side in one run.
+
+    pytest benchmarks/ --benchmark-only [--bench-batch 8 --bench-size 112]
+
+One benchmark group per model; compare the rows of a group (images/s is in
+extra_info). fp32 on CPU; on a GPU the same rows run on CUDA.
+"""
+import pytest
+import torch
+import torchvision
+
+import resnet_fused
+
+MODELS = ["resnet18", "resnet50"]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _impls():
+    yield "torchvision", None, torch.contiguous_format
+    yield "torchvision-channels_last", None, torch.channels_last
+    for name in resnet_fused.available_backends():
+        yield f"resnet_fused-{name}", name, torch.contiguous_format
+        yield f"resnet_fused-{name}-channels_last", name, torch.channels_last
+
+
+@pytest.mark.parametrize("impl, backend, memory_format", list(_impls()), ids=[i[0] for i in _impls()])
+@pytest.mark.parametrize("arch", MODELS)
+def test_inference(benchmark, arch, impl, backend, memory_format, device, input_shape):
+    torch.manual_seed(0)
+    if backend is None:
+        model = getattr(torchvision.models, arch)()
+    else:
+        model = getattr(resnet_fused, arch)()
+    model = model.eval().to(device).to(memory_format=memory_format)
+    x = torch.randn(*input_shape, device=device).to(memory_format=memory_format)
+    benchmark.group = f"inference-{arch}"
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        batch=input_shape[0],
+        dtype="float32",
+    )
+
+    def run():
+        with torch.no_grad():
+            if backend is None:
+                model(x)
+            else:
+                with resnet_fused.backend(backend):
+                    model(x)
+        _sync(device)
+
+    run()  # warm-up
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["images_per_s"] = input_shape[0] / benchmark.stats.stats.median

@@ -1,0 +1,154 @@
+"""Backend registry: which implementation serves each fused op, per device.
+
+A backend is a named set of op implementations plus a check that says whether
+it can run here and, if not, why. Selection is global (`set_backend`) or
+scoped (`with backend(name):`, per thread and per asyncio task); `auto`
+picks per device and never fails, warning once when it has to fall back.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+NAMES = ("auto", "eager", "triton", "cuda", "cpu")
+
+# What `auto` tries, best first, by device type; anything else gets eager.
+_AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "eager"),
+    "cpu": ("cpu", "eager"),
+}
+
+
+@dataclass
+class Backend:
+    name: str
+    # device types whose tensors this backend computes on
+    device_types: tuple[str, ...]
+    # op name -> implementation
+    ops: dict[str, Callable] = field(default_factory=dict)
+    # returns None when usable, else a sentence saying why not and how to fix it
+    unavailable_reason: Callable[[], Optional[str]] = lambda: None
+
+
+_REGISTRY: dict[str, Backend] = {}
+_default = "auto"
+_scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("resnet_fused_backend", default=None)
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def register(backend: Backend) -> None:
+    if backend.name not in NAMES or backend.name == "auto":
+        raise ValueError(f"unknown backend name {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, NAMES))}; got {name!r}")
+
+
+def reason_unavailable(name: str) -> Optional[str]:
+    """None if backend `name` can run in this process, else why it cannot."""
+    _check_name(name)
+    if name == "auto":
+        return None
+    if name not in _REGISTRY:
+        return (
+            f"the {name!r} backend is not part of resnet_fused {_version()} yet; "
+            f"use one of {available_backends()} or 'auto'"
+        )
+    return _REGISTRY[name].unavailable_reason()
+
+
+def available_backends() -> list[str]:
+    """Concrete backends usable in this process (`auto` is always usable too)."""
+    return [n for n in NAMES if n != "auto" and n in _REGISTRY and _REGISTRY[n].unavailable_reason() is None]
+
+
+def status() -> dict[str, Optional[str]]:
+    """Every backend name -> None if usable, else the reason it is not."""
+    return {n: reason_unavailable(n) for n in NAMES}
+
+
+def get_backend() -> str:
+    """The backend name in force in this thread/task (possibly 'auto')."""
+    scoped = _scoped.get()
+    return scoped if scoped is not None else _default
+
+
+def _require_available(name: str) -> None:
+    reason = reason_unavailable(name)
+    if reason is not None:
+        raise RuntimeError(f"resnet_fused backend {name!r} is unavailable: {reason}")
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all threads (unless a `backend()` scope overrides it)."""
+    _check_name(name)
+    _require_available(name)
+    global _default
+    _default = name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Use backend `name` inside the `with` block (this thread/task only)."""
+    _check_name(name)
+    _require_available(name)
+    token = _scoped.set(name)
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def _warn_once(key: tuple[str, str], message: str) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    """The implementation of `op` for tensors on `device` under the current selection."""
+    name = get_backend()
+    if name != "auto":
+        b = _REGISTRY.get(name)
+        if b is None:
+            _require_available(name)  # raises with the reason
+        if device.type not in b.device_types:
+            raise RuntimeError(
+                f"resnet_fused backend {name!r} runs on {'/'.join(b.device_types)} tensors, "
+                f"but the input is on {device}; use backend('auto') or move the tensors"
+            )
+        reason = b.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"resnet_fused backend {name!r} is unavailable: {reason}")
+        return b.ops[op]
+    for candidate in _AUTO_ORDER.get(device.type, ("eager",)):
+        b = _REGISTRY.get(candidate)
+        if b is None or op not in b.ops:
+            continue  # not implemented in this release: nothing to fall back from
+        reason = b.unavailable_reason()
+        if reason is None:
+            return b.ops[op]
+        _warn_once(
+            (candidate, device.type),
+            f"resnet_fused: backend {candidate!r} is unavailable for {device.type} tensors "
+            f"({reason}); falling back to the next backend",
+        )
+    return _REGISTRY["eager"].ops[op]
+
+
+def _version() -> str:
+    from resnet_fused import __version__
+
+    return __version__

@@ -1,0 +1,180 @@
+"""Functional fused ops: the contracts every backend honours (DESIGN §4).
+
+Each public function validates its arguments once, here, with errors that name
+the argument, then hands the call to the backend selected for the input's
+device (see `resnet_fused.backends`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from resnet_fused import backends
+from resnet_fused.ops import reference
+
+__all__ = ["conv_bn_act", "batch_norm_act"]
+
+IntPair = Union[int, Sequence[int]]
+
+backends.register(
+    backends.Backend(
+        name="eager",
+        device_types=("cpu", "cuda", "meta", "mps", "xpu"),
+        ops={"conv_bn_act": reference.conv_bn_act, "batch_norm_act": reference.batch_norm_act},
+    )
+)
+
+
+def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) and v >= minimum for v in value):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_activation(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}"
+        )
+
+
+def _check_channel_vector(name: str, t: Optional[Tensor], channels: int, device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    _check_device(name, t, device)
+
+
+def _check_device(name: str, t: Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must be on one device")
+
+
+def _check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor) -> None:
+    if residual is None:
+        return
+    _check_activation("residual", residual)
+    _check_device("residual", residual, x.device)
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
+
+
+def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply autocast's conv2d policy explicitly, so that every backend (not
+    only the ones built from autocast-aware torch ops) sees one dtype."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    # autocast leaves float64 alone
+    cast = [t.to(dtype) if t.dtype != torch.float64 else t for t in (x, weight)]
+    return cast[0], cast[1]
+
+
+def conv_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return n, k, p, q
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """`act(conv2d(x, weight) * scale[k] + shift[k] + residual)` in one pass.
+
+    `scale`/`shift` are per-output-channel vectors (fp32 recommended), usually
+    `γ / sqrt(var + eps)` and `β − mean·scale` from a BatchNorm in eval mode;
+    see `resnet_fused.models.bn_scale_shift`. The epilogue runs in fp32 and the
+    result has x's dtype and memory format (NCHW or channels_last).
+    """
+    _check_activation("x", x)
+    _check_activation("weight", weight)
+    _check_device("weight", weight, x.device)
+    x, weight = _autocast(x, weight)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    k, c_per_group, r, s = weight.shape
+    if k % groups != 0:
+        raise ValueError(f"groups={groups} must divide the output channels of weight ({k})")
+    if x.shape[1] != c_per_group * groups:
+        raise ValueError(
+            f"x has {x.shape[1]} channels but weight expects {c_per_group * groups} "
+            f"(weight.shape[1]={c_per_group} x groups={groups})"
+        )
+    _check_channel_vector("scale", scale, k, x.device)
+    _check_channel_vector("shift", shift, k, x.device)
+    out_shape = conv_out_shape(x, weight, stride, padding, dilation)
+    if out_shape[2] < 1 or out_shape[3] < 1:
+        raise ValueError(
+            f"x of spatial size {tuple(x.shape[2:])} is too small for a {r}x{s} kernel with "
+            f"padding={padding} and dilation={dilation}"
+        )
+    _check_residual(residual, out_shape, x)
+    impl = backends.resolve("conv_bn_act", x.device)
+    return impl(x, weight, scale, shift, residual, bool(relu), stride, padding, dilation, groups)
+
+
+def batch_norm_act(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+) -> Tensor:
+    """`act(F.batch_norm(x, ...) + residual)` with F.batch_norm's exact semantics.
+
+    In training the running statistics (when given) are updated in place with
+    the unbiased batch variance and factor `momentum`; the caller (the module)
+    owns `num_batches_tracked` and passes the cumulative-average factor when
+    its momentum is None. Differentiable in x, weight, bias and residual.
+    """
+    _check_activation("x", x)
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(name, t, channels, x.device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("training=False needs running_mean and running_var")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    _check_residual(residual, tuple(x.shape), x)
+    impl = backends.resolve("batch_norm_act", x.device)
+    return impl(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps), residual, bool(relu))

@@ -1,0 +1,114 @@
+"""ops.batch_norm_act against float64 references: outputs, running statistics, gradients."""
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import ops
+from conftest import OP_TOL, assert_equivalent
+
+
+def reference64(x, weight, bias, mean, var, training, momentum, eps, residual, relu):
+    """Batch norm written from its definition in float64 (not F.batch_norm)."""
+    xd = x.double()
+    if training:
+        dims = (0, 2, 3)
+        bmean = xd.mean(dims)
+        bvar = xd.var(dims, unbiased=False)
+        n = x.numel() // x.shape[1]
+        new_stats = None
+        if mean is not None:
+            new_stats = (
+                (1 - momentum) * mean.double() + momentum * bmean,
+                (1 - momentum) * var.double() + momentum * bvar * n / max(n - 1, 1),
+            )
+    else:
+        bmean, bvar, new_stats = mean.double(), var.double(), None
+    y = (xd - bmean.view(1, -1, 1, 1)) / torch.sqrt(bvar.view(1, -1, 1, 1) + eps)
+    if weight is not None:
+        y = y * weight.double().view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.double()
+    return (torch.relu(y) if relu else y), new_stats
+
+
+def make(n, c, h, w, dtype, memory_format, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.7).to(dtype).to(memory_format=memory_format)
+    weight = torch.rand(c, generator=g) + 0.5
+    bias = torch.randn(c, generator=g) * 0.3
+    mean = torch.randn(c, generator=g) * 0.2
+    var = torch.rand(c, generator=g) + 0.5
+    residual = torch.randn(n, c, h, w, generator=g).to(dtype).to(memory_format=memory_format)
+    return x, weight, bias, mean, var, residual
+
+
+SHAPES = [(4, 16, 8, 8), (2, 13, 5, 7), (3, 7, 1, 1), (1, 64, 3, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("epilogue", ["relu", "residual_relu", "residual", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_running_stats(shape, epilogue, training, memory_format, dtype):
+    x, weight, bias, mean, var, residual = make(*shape, dtype, memory_format)
+    if not training:
+        # eval normalises with the running statistics in x's dtype
+        mean, var = mean.to(dtype), var.to(dtype)
+        weight, bias = weight.to(dtype), bias.to(dtype)
+    else:
+        weight, bias, mean, var = (t.to(dtype) for t in (weight, bias, mean, var))
+    res = residual if epilogue.startswith("residual") else None
+    relu = epilogue.endswith("relu")
+    ref, new_stats = reference64(x, weight, bias, mean, var, training, 0.1, 1e-5, res, relu)
+    m, v = mean.clone(), var.clone()
+    with resnet_fused.backend("eager"):
+        out = ops.batch_norm_act(x, weight, bias, m, v, training, 0.1, 1e-5, res, relu)
+    assert out.is_contiguous(memory_format=memory_format)
+    assert_equivalent(out, ref, OP_TOL[dtype])
+    if training:
+        assert_equivalent(m, new_stats[0], OP_TOL[dtype], "running_mean")
+        assert_equivalent(v, new_stats[1], OP_TOL[dtype], "running_var")
+    else:
+        assert torch.equal(m, mean) and torch.equal(v, var)
+
+
+def test_no_running_stats_and_no_affine():
+    x, *_ = make(2, 5, 4, 4, torch.float32, torch.contiguous_format)
+    ref, _ = reference64(x, None, None, None, None, True, 0.1, 1e-3, None, True)
+    out = ops.batch_norm_act(x, None, None, None, None, True, 0.1, 1e-3)
+    assert_equivalent(out, ref, OP_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_gradients_against_float64(with_residual, memory_format):
+    x, weight, bias, mean, var, residual = make(3, 6, 4, 5, torch.float32, memory_format)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, residual)]
+    out = ops.batch_norm_act(
+        leaves[0], leaves[1], leaves[2], mean.clone(), var.clone(), True, 0.1, 1e-5,
+        leaves[3] if with_residual else None, True,
+    )
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    out.backward(g)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    ref, _ = reference64(
+        leaves64[0], leaves64[1], leaves64[2], None, None, True, 0.1, 1e-5,
+        leaves64[3] if with_residual else None, True,
+    )
+    ref.backward(g.double())
+    for name, got, want in zip(("x", "weight", "bias", "residual"), leaves, leaves64):
+        if name == "residual" and not with_residual:
+            assert got.grad is None
+            continue
+        assert_equivalent(got.grad, want.grad, OP_TOL[torch.float32], f"grad of {name}")
+
+
+def test_gradcheck_float64():
+    x, weight, bias, _, _, residual = make(2, 3, 3, 3, torch.float64, torch.contiguous_format)
+    inputs = [t.double().requires_grad_() for t in (x, weight, bias, residual)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, r: ops.batch_norm_act(x, w, b, None, None, True, 0.1, 1e-5, r, True), inputs
+    )

@@ -1,0 +1,95 @@
+"""ops.conv_bn_act against an independent float64 computation, per backend."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused import ops
+from conftest import OP_TOL, assert_equivalent
+
+# (N, C, H, W, K, R, stride, padding, dilation, groups): every conv shape the
+# ten models use, plus odd sizes.
+SHAPES = [
+    (2, 3, 33, 29, 64, 7, 2, 3, 1, 1),  # stem, C=3
+    (2, 64, 14, 14, 64, 3, 1, 1, 1, 1),  # basic block 3x3
+    (2, 64, 15, 13, 128, 3, 2, 1, 1, 1),  # strided 3x3, odd spatial
+    (2, 256, 7, 7, 64, 1, 1, 0, 1, 1),  # bottleneck 1x1 reduce
+    (2, 64, 9, 9, 256, 1, 2, 0, 1, 1),  # strided 1x1 downsample
+    (2, 128, 9, 9, 128, 3, 1, 1, 1, 32),  # ResNeXt groups=32
+    (1, 256, 8, 8, 256, 3, 1, 2, 2, 64),  # groups=64, dilation 2
+    (1, 64, 10, 10, 64, 3, 1, 4, 4, 1),  # dilation 4 (segmentation)
+    (3, 13, 1, 1, 7, 1, 1, 0, 1, 1),  # 1x1 spatial, odd channels
+    (1, 5, 3, 2, 11, 3, 1, 1, 1, 1),  # tiny, odd everything
+]
+
+
+def reference64(x, w, scale, shift, residual, relu, stride, padding, dilation, groups):
+    y = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
+    y = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+def make_inputs(shape, dtype, memory_format, with_residual, seed=0):
+    n, c, h, w_, k, r, stride, padding, dilation, groups = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w_, generator=g).to(dtype).to(memory_format=memory_format)
+    weight = (torch.randn(k, c // groups, r, r, generator=g) * (2.0 / (c // groups * r * r)) ** 0.5).to(dtype)
+    weight = weight.to(memory_format=memory_format)
+    scale = torch.rand(k, generator=g) + 0.5
+    shift = torch.randn(k, generator=g) * 0.3
+    p = (h + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    q = (w_ + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    residual = None
+    if with_residual:
+        residual = torch.randn(n, k, p, q, generator=g).to(dtype).to(memory_format=memory_format)
+    return x, weight, scale, shift, residual, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("epilogue", ["relu", "residual_relu", "residual", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_eager_matches_float64(shape, epilogue, memory_format, dtype):
+    with_residual = epilogue.startswith("residual")
+    relu = epilogue.endswith("relu")
+    x, w, scale, shift, res, conv = make_inputs(shape, dtype, memory_format, with_residual)
+    with resnet_fused.backend("eager"):
+        out = ops.conv_bn_act(x, w, scale, shift, res, relu, **conv)
+    ref = reference64(x, w, scale, shift, res, relu, **conv)
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=memory_format)
+    if relu:
+        assert (out >= 0).all()
+    assert_equivalent(out, ref, OP_TOL[dtype])
+
+
+def test_nan_propagates():
+    x, w, scale, shift, _, conv = make_inputs(SHAPES[1], torch.float32, torch.contiguous_format, False)
+    x[0, 0, 3, 3] = float("nan")
+    out = ops.conv_bn_act(x, w, scale, shift, None, True, **conv)
+    assert torch.isnan(out).any()
+
+
+def test_gradients_match_float64():
+    """Eval-mode fine-tuning differentiates through conv_bn_act."""
+    shape = (2, 6, 7, 7, 8, 3, 1, 1, 1, 2)
+    x, w, scale, shift, res, conv = make_inputs(shape, torch.float64, torch.contiguous_format, True)
+    inputs = [t.clone().requires_grad_() for t in (x, w, scale.double(), shift.double(), res)]
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.conv_bn_act(*a, relu=True, **conv), inputs, eps=1e-6, atol=1e-7
+    )
+
+
+def test_result_independent_of_thread_count():
+    x, w, scale, shift, res, conv = make_inputs(SHAPES[2], torch.float32, torch.channels_last, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.conv_bn_act(x, w, scale, shift, res, True, **conv)
+        torch.set_num_threads(max(2, threads))
+        many = ops.conv_bn_act(x, w, scale, shift, res, True, **conv)
+    finally:
+        torch.set_num_threads(threads)
+    assert_equivalent(many, one, OP_TOL[torch.float32])

@@ -1,0 +1,113 @@
+"""Backend selection: names, scopes, availability errors and auto fallback."""
+import threading
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import backends, ops
+
+
+def test_eager_is_always_available():
+    assert "eager" in resnet_fused.available_backends()
+    assert backends.status()["eager"] is None and backends.status()["auto"] is None
+
+
+def test_set_and_scope():
+    assert resnet_fused.get_backend() == "auto"
+    resnet_fused.set_backend("eager")
+    assert resnet_fused.get_backend() == "eager"
+    resnet_fused.set_backend("auto")
+    with resnet_fused.backend("eager"):
+        assert resnet_fused.get_backend() == "eager"
+    assert resnet_fused.get_backend() == "auto"
+
+
+def test_scope_is_per_thread():
+    seen = {}
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        entered.wait()
+        seen["other"] = resnet_fused.get_backend()
+        release.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with resnet_fused.backend("eager"):
+        entered.set()
+        release.wait(timeout=10)
+    t.join(timeout=10)
+    assert seen["other"] == "auto"
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda", "cpu"])
+def test_explicit_unavailable_backend_says_why(name):
+    reason = backends.reason_unavailable(name)
+    if reason is None:
+        pytest.skip(f"backend {name!r} is available in this build")
+    with pytest.raises(RuntimeError, match=f"resnet_fused backend '{name}' is unavailable: "):
+        resnet_fused.set_backend(name)
+    with pytest.raises(RuntimeError, match="is unavailable"):
+        with resnet_fused.backend(name):
+            pass
+    assert resnet_fused.get_backend() == "auto"
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    """A backend that is implemented but cannot run here is skipped by auto
+    with a single warning; explicit selection raises with the reason."""
+    calls = []
+    broken = backends.Backend(
+        name="cpu",
+        device_types=("cpu",),
+        ops={"conv_bn_act": lambda *a: calls.append(a), "batch_norm_act": lambda *a: calls.append(a)},
+        unavailable_reason=lambda: "it was built without its kernels (test)",
+    )
+    monkeypatch.setitem(backends._REGISTRY, "cpu", broken)
+    monkeypatch.setattr(backends, "_warned", set())
+    x = torch.randn(1, 2, 4, 4)
+    w = torch.randn(3, 2, 1, 1)
+    with pytest.warns(RuntimeWarning, match=r"backend 'cpu' is unavailable for cpu tensors \(it was built"):
+        ops.conv_bn_act(x, w, torch.ones(3), torch.zeros(3))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ops.conv_bn_act(x, w, torch.ones(3), torch.zeros(3))  # second call: silent
+    assert calls == [] and out.shape == (1, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="built without its kernels"):
+        resnet_fused.set_backend("cpu")
+
+
+def test_auto_uses_available_backend_and_explicit_device_mismatch(monkeypatch):
+    calls = []
+
+    def fake_conv(*args):
+        calls.append("conv")
+        return torch.zeros(1, 3, 4, 4)
+
+    fake = backends.Backend(name="cuda", device_types=("cuda",), ops={"conv_bn_act": fake_conv})
+    monkeypatch.setitem(backends._REGISTRY, "cuda", fake)
+    x = torch.randn(1, 2, 4, 4)
+    w = torch.randn(3, 2, 1, 1)
+    with resnet_fused.backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' runs on cuda tensors, but the input is on cpu"):
+            ops.conv_bn_act(x, w, torch.ones(3), torch.zeros(3))
+    assert calls == []
+    fake_cpu = backends.Backend(name="cpu", device_types=("cpu",), ops={"conv_bn_act": fake_conv})
+    monkeypatch.setitem(backends._REGISTRY, "cpu", fake_cpu)
+    ops.conv_bn_act(x, w, torch.ones(3), torch.zeros(3))
+    assert calls == ["conv"]
+
+
+def test_model_runs_under_every_available_backend():
+    torch.manual_seed(0)
+    model = resnet_fused.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        for name in resnet_fused.available_backends():
+            with resnet_fused.backend(name):
+                out = model(x)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -1,0 +1,212 @@
+"""resnet_fused._C: the build itself and the scale_shift_add_relu_ CPU kernel.
+
+The CPU kernel calls the same csrc/epilogue.h arithmetic the CUDA kernel
+compiles, so these tests pin the GPU's per-element math too.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from resnet_fused.ops import extension
+from conftest import OP_TOL, assert_equivalent
+
+op = torch.ops.resnet_fused.scale_shift_add_relu_ if extension.is_loaded() else None
+
+
+def test_extension_is_built_and_loads():
+    # An installed package must carry its compiled library; a silent
+    # eager-only install would hide a broken build.
+    assert extension.is_loaded(), f"resnet_fused._C failed to load: {extension.load_error}"
+    assert extension.has_kernel("scale_shift_add_relu_", "CPU")
+
+
+def _cuobjdump():
+    candidates = [shutil.which("cuobjdump")]
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root:
+            candidates.append(os.path.join(root, "bin", "cuobjdump"))
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def test_cuda_build_contains_sm80_and_sm90():
+    if not extension.has_kernel("scale_shift_add_relu_", "CUDA"):
+        pytest.skip(f"built without CUDA kernels: {extension.unavailable_reason('CUDA')}")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton's bundled copy)")
+    lib = extension._C.__file__
+    elf = subprocess.run([tool, "--list-elf", lib], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", lib], capture_output=True, text=True, check=True).stdout
+    assert "sm_80" in elf and "sm_90" in elf, elf
+    assert "sm_90" in ptx, ptx  # "+PTX": JIT-able on GPUs newer than Hopper
+
+
+def test_import_without_extension_warns_once_and_eager_serves():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['resnet_fused._C'] = None\n"  # makes `from resnet_fused import _C` fail
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import resnet_fused, torch\n"
+        "    m = resnet_fused.resnet18().eval()\n"
+        "    out = m(torch.randn(1, 3, 32, 32))\n"
+        "msgs = [str(w.message) for w in caught if 'resnet_fused._C' in str(w.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert resnet_fused.available_backends() == ['eager'], resnet_fused.available_backends()\n"
+        "assert out.shape == (1, 1000)\n"
+        "print('OK', msgs[0])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout and "only the 'eager' backend is available" in result.stdout
+
+
+pytestmark_ext = pytest.mark.skipif(op is None, reason="resnet_fused._C not loaded (see test_extension_is_built_and_loads)")
+
+
+def reference64(y, scale, shift, residual, relu):
+    out = y.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    if residual is not None:
+        out = out + residual.double()
+    return torch.relu(out) if relu else out
+
+
+SHAPES = [(2, 64, 7, 7), (2, 3, 5, 6), (1, 13, 1, 1), (3, 130, 3, 5), (2, 7, 4, 4), (1, 256, 2, 2)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("epilogue", ["relu", "residual_relu", "residual", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_scale_shift_add_relu_matches_float64(shape, epilogue, memory_format, dtype):
+    g = torch.Generator().manual_seed(0)
+    y = (torch.randn(*shape, generator=g) * 3).to(dtype).to(memory_format=memory_format)
+    scale = torch.rand(shape[1], generator=g) + 0.5
+    shift = torch.randn(shape[1], generator=g)
+    res = None
+    if epilogue.startswith("residual"):
+        res = torch.randn(*shape, generator=g).to(dtype).to(memory_format=memory_format)
+    relu = epilogue.endswith("relu")
+    ref = reference64(y, scale, shift, res, relu)
+    ptr = y.data_ptr()
+    out = extension.scale_shift_add_relu_(y, scale, shift, res, relu)
+    assert out.data_ptr() == ptr and y.data_ptr() == ptr  # in place
+    assert y.is_contiguous(memory_format=memory_format)
+    assert_equivalent(y, ref, OP_TOL[dtype])
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_bit_identical_to_eager_fp32(memory_format):
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 37, 6, 5, generator=g).to(memory_format=memory_format)
+    scale, shift = torch.rand(37, generator=g), torch.randn(37, generator=g)
+    res = torch.randn(y.shape, generator=g).to(memory_format=memory_format)
+    eager = torch.relu(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + res)
+    extension.scale_shift_add_relu_(y, scale, shift, res, True)
+    assert torch.equal(y, eager)
+
+
+@pytestmark_ext
+def test_residual_in_other_layout_and_residual_is_y():
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(2, 8, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    scale, shift = torch.rand(8, generator=g), torch.randn(8, generator=g)
+    res = torch.randn(2, 8, 5, 5, generator=g)  # NCHW residual for a channels_last y
+    ref = reference64(y, scale, shift, res, True)
+    extension.scale_shift_add_relu_(y, scale, shift, res, True)
+    assert_equivalent(y, ref, OP_TOL[torch.float32])
+    # residual aliasing the output buffer: y = relu(y*s + b + y)
+    y2 = torch.randn(2, 8, 5, 5, generator=g)
+    ref2 = reference64(y2, scale, shift, y2.clone(), True)
+    extension.scale_shift_add_relu_(y2, scale, shift, y2, True)
+    assert_equivalent(y2, ref2, OP_TOL[torch.float32])
+
+
+@pytestmark_ext
+def test_nan_propagates_through_relu():
+    y = torch.zeros(1, 2, 2, 2)
+    y[0, 1, 1, 1] = float("nan")
+    extension.scale_shift_add_relu_(y, torch.ones(2), torch.zeros(2), None, True)
+    assert torch.isnan(y[0, 1, 1, 1]) and torch.count_nonzero(torch.isnan(y)) == 1
+
+
+@pytestmark_ext
+def test_empty_tensor():
+    y = torch.empty(0, 4, 3, 3)
+    extension.scale_shift_add_relu_(y, torch.ones(4), torch.zeros(4), None, True)
+    assert y.shape == (0, 4, 3, 3)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda y, s, b: (y[0], s, b, None), "y must be a 4-D"),
+        (lambda y, s, b: (y.long(), s, b, None), "y must be floating point"),
+        (lambda y, s, b: (y, s[:3], b, None), "scale must be a 1-D tensor of length C=4"),
+        (lambda y, s, b: (y, s, b.double(), None), "shift must be float32"),
+        (lambda y, s, b: (y, s, b.to("meta"), None), "shift is on meta but y is on cpu"),
+        (lambda y, s, b: (y.transpose(2, 3), s, b, None), "y must be contiguous in NCHW or channels_last"),
+        (lambda y, s, b: (y, s, b, y[:, :, :2]), "residual must have the shape of y"),
+        (lambda y, s, b: (y, s, b, y.double()), "residual must have the dtype of y"),
+        (lambda y, s, b: (y, s, b, y.view(-1).roll(1).view_as(y)), None),  # a copy: fine
+        (lambda y, s, b: (y[:, :, :, :3], s, b, None), "y must be contiguous"),
+    ],
+)
+def test_bad_arguments(make, pattern):
+    y = torch.randn(2, 4, 3, 6)
+    args = make(y, torch.ones(4), torch.zeros(4))
+    if pattern is None:
+        extension.scale_shift_add_relu_(*args, True)
+        return
+    with pytest.raises(RuntimeError, match=pattern):
+        extension.scale_shift_add_relu_(*args, True)
+
+
+@pytestmark_ext
+def test_partial_overlap_is_rejected():
+    storage = torch.randn(2 * 4 * 3 * 3 + 1)
+    y = storage[:-1].view(2, 4, 3, 3)
+    res = storage[1:].view(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="residual partially overlaps y"):
+        extension.scale_shift_add_relu_(y, torch.ones(4), torch.zeros(4), res, True)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_opcheck(with_residual, memory_format):
+    y = torch.randn(2, 5, 3, 4).to(memory_format=memory_format)
+    res = torch.randn(2, 5, 3, 4) if with_residual else None
+    torch.library.opcheck(op.default, (y, torch.rand(5), torch.randn(5), res, True))
+
+
+@pytestmark_ext
+def test_thread_count_independent():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 64, 33, 33, generator=g)
+    scale, shift = torch.rand(64, generator=g), torch.randn(64, generator=g)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            y = base.clone()
+            extension.scale_shift_add_relu_(y, scale, shift, base, True)
+            outs.append(y)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])

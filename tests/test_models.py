@@ -1,0 +1,250 @@
+"""Fused models against stock torchvision: every architecture, eval and train,
+NCHW and channels_last, with random non-trivial BatchNorm state."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resnet_fused
+from conftest import NET_TOL, assert_equivalent, randomize_norms, rel_err
+
+ARCHS = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+_cache = {}
+
+
+def build_pair(arch, **kwargs):
+    """(torchvision model, fused model) built from the same seed, with random BN state.
+
+    Also checks that the same seed gives the same parameters, tensor for tensor."""
+    key = (arch, repr(sorted(kwargs.items(), key=str)))
+    if key not in _cache:
+        torch.manual_seed(0)
+        tv = getattr(torchvision.models, arch)(**kwargs)
+        torch.manual_seed(0)
+        fused = getattr(resnet_fused, arch)(**kwargs)
+        tv_sd, fused_sd = tv.state_dict(), fused.state_dict()
+        assert list(tv_sd) == list(fused_sd)
+        for name in tv_sd:
+            assert torch.equal(tv_sd[name], fused_sd[name]), f"{arch}: {name} differs after seeded init"
+        randomize_norms(tv)
+        fused.load_state_dict(tv.state_dict(), strict=True)
+        _cache.clear()  # keep at most one architecture's models alive
+        _cache[key] = (tv, fused)
+    tv, fused = _cache[key]
+    return copy.deepcopy(tv), copy.deepcopy(fused)
+
+
+def run_eval(tv, fused, x, memory_format):
+    tv = tv.eval().to(memory_format=memory_format)
+    fused = fused.eval().to(memory_format=memory_format)
+    x = x.to(memory_format=memory_format)
+    with torch.no_grad():
+        ref, out = tv(x), fused(x)
+    return ref, out
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_matches_torchvision(arch, memory_format):
+    tv, fused = build_pair(arch)
+    assert isinstance(fused, resnet_fused.FusedResNet)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    ref, out = run_eval(tv, fused, x, memory_format)
+    assert_equivalent(out, ref, NET_TOL[torch.float32])
+
+
+def train_steps(tv, fused, shape, steps=3, memory_format=torch.contiguous_format, seed=3):
+    """Several SGD steps on both models; compares loss, every gradient, then
+    parameters, running statistics and num_batches_tracked."""
+    tv.train().to(memory_format=memory_format)
+    fused.train().to(memory_format=memory_format)
+    opt_tv = torch.optim.SGD(tv.parameters(), lr=0.01, momentum=0.9)
+    opt_fused = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    tol = NET_TOL[torch.float32]
+    for step in range(steps):
+        x = torch.randn(*shape, generator=g).to(memory_format=memory_format)
+        target = torch.randint(0, tv.fc.out_features, (shape[0],), generator=g)
+        losses = []
+        for model, opt in ((tv, opt_tv), (fused, opt_fused)):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            losses.append(loss)
+        assert torch.isfinite(losses[0])
+        assert rel_err(losses[1], losses[0]) <= tol, f"step {step}: loss {losses[1]} vs {losses[0]}"
+        for (name, p_tv), (_, p_fused) in zip(tv.named_parameters(), fused.named_parameters()):
+            assert p_fused.grad is not None, f"step {step}: no gradient for {name}"
+            assert_equivalent(p_fused.grad, p_tv.grad, tol, f"step {step}: grad of {name}")
+        opt_tv.step()
+        opt_fused.step()
+    for (name, t_tv), (_, t_fused) in zip(tv.state_dict().items(), fused.state_dict().items()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(t_fused, t_tv), name
+            assert t_fused.item() == steps, name
+        else:
+            assert_equivalent(t_fused, t_tv, tol, name)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_matches_torchvision(arch, memory_format):
+    tv, fused = build_pair(arch)
+    train_steps(tv, fused, (2, 3, 64, 64), memory_format=memory_format)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 57, 75), (2, 3, 57, 75)], ids=["batch1", "batch2"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_odd_sizes(arch, shape):
+    tv, fused = build_pair(arch)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    for fmt in FORMATS:
+        ref, out = run_eval(copy.deepcopy(tv), copy.deepcopy(fused), x, fmt)
+        assert_equivalent(out, ref, NET_TOL[torch.float32])
+    train_steps(tv, fused, shape, steps=2)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_one_by_one_spatial(arch):
+    """Layer4 sees 1x1 maps for 32x32 inputs; a 1x1 input stays 1x1 throughout."""
+    tv, fused = build_pair(arch)
+    for shape in [(2, 3, 32, 32), (1, 3, 1, 1), (3, 3, 2, 3)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+        ref, out = run_eval(copy.deepcopy(tv), copy.deepcopy(fused), x, torch.contiguous_format)
+        assert_equivalent(out, ref, NET_TOL[torch.float32], str(shape))
+    train_steps(tv, fused, (2, 3, 32, 32), steps=2)
+
+
+def test_channels_last_preserved_through_blocks():
+    _, fused = build_pair("resnet50")
+    fused.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for block in [fused.layer1[0], fused.layer2[0]]:
+            x = block(torch.randn(2, block.conv1.in_channels, 16, 16).to(memory_format=torch.channels_last))
+            assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_dilation():
+    kwargs = {"replace_stride_with_dilation": [False, True, True]}
+    tv, fused = build_pair("resnet50", **kwargs)
+    assert fused.layer4[1].conv2.dilation == (4, 4)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(6))
+    for fmt in FORMATS:
+        ref, out = run_eval(copy.deepcopy(tv), copy.deepcopy(fused), x, fmt)
+        assert_equivalent(out, ref, NET_TOL[torch.float32])
+    train_steps(tv, fused, (2, 3, 48, 48), steps=2)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_zero_init_residual(arch):
+    tv, fused = build_pair(arch, zero_init_residual=True)
+    last_bn = fused.layer1[0].bn2 if arch == "resnet18" else fused.layer1[0].bn3
+    torch.manual_seed(0)
+    fresh = getattr(resnet_fused, arch)(zero_init_residual=True)
+    last_fresh = fresh.layer1[0].bn2 if arch == "resnet18" else fresh.layer1[0].bn3
+    assert torch.count_nonzero(last_fresh.weight) == 0
+    assert last_bn.weight.shape == last_fresh.weight.shape
+    x = torch.randn(2, 3, 64, 64)
+    ref, out = run_eval(tv, fused, x, torch.contiguous_format)
+    assert_equivalent(out, ref, NET_TOL[torch.float32])
+
+
+def test_num_classes_and_groups_kwargs():
+    tv, fused = build_pair("resnet50", num_classes=7, groups=2, width_per_group=32)
+    assert fused.fc.out_features == 7 and fused.layer1[0].conv2.groups == 2
+    x = torch.randn(2, 3, 40, 40)
+    ref, out = run_eval(tv, fused, x, torch.contiguous_format)
+    assert_equivalent(out, ref, NET_TOL[torch.float32])
+    train_steps(tv, fused, (2, 3, 40, 40), steps=2)
+
+
+def test_frozen_batchnorm():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    tv, fused = build_pair("resnet50", norm_layer=FrozenBatchNorm2d)
+    assert isinstance(fused.layer1[0].bn1, FrozenBatchNorm2d)
+    x = torch.randn(2, 3, 64, 64)
+    for fmt in FORMATS:
+        ref, out = run_eval(copy.deepcopy(tv), copy.deepcopy(fused), x, fmt)
+        assert_equivalent(out, ref, NET_TOL[torch.float32])
+    # frozen statistics in train mode too: gradients flow to the convolutions
+    train_steps(tv, fused, (2, 3, 64, 64), steps=2)
+
+
+def test_track_running_stats_false():
+    """BN without running statistics uses batch statistics even in eval."""
+    norm = lambda c: torch.nn.BatchNorm2d(c, track_running_stats=False)  # noqa: E731
+    tv, fused = build_pair("resnet18", norm_layer=norm)
+    x = torch.randn(2, 3, 64, 64)
+    ref, out = run_eval(tv, fused, x, torch.contiguous_format)
+    assert_equivalent(out, ref, NET_TOL[torch.float32])
+    train_steps(tv, fused, (2, 3, 64, 64), steps=2)
+
+
+def test_momentum_none_cumulative_average():
+    norm = lambda c: torch.nn.BatchNorm2d(c, momentum=None)  # noqa: E731
+    tv, fused = build_pair("resnet18", norm_layer=norm)
+    train_steps(tv, fused, (2, 3, 32, 32), steps=3)
+
+
+def test_unfusable_norm_runs_unfused_with_warning():
+    norm = lambda c: torch.nn.GroupNorm(4, c)  # noqa: E731
+    tv, fused = build_pair("resnet18", norm_layer=norm)
+    x = torch.randn(2, 3, 32, 32)
+    resnet_fused.models._warned_norms.discard(torch.nn.GroupNorm)
+    with pytest.warns(RuntimeWarning, match="GroupNorm is not a norm layer resnet_fused can fuse"):
+        ref, out = run_eval(tv, fused, x, torch.contiguous_format)
+    assert_equivalent(out, ref, NET_TOL[torch.float32])
+    train_steps(tv, fused, (2, 3, 32, 32), steps=2)
+
+
+def test_replaced_activation_is_respected():
+    """A block whose relu was swapped for another activation computes what its
+    modules say (fuse what forward computes)."""
+    tv, fused = build_pair("resnet18")
+    for model in (tv, fused):
+        model.relu = torch.nn.SiLU()
+        model.layer1[0].relu = torch.nn.SiLU()
+    ref, out = run_eval(tv, fused, torch.randn(2, 3, 32, 32), torch.contiguous_format)
+    assert_equivalent(out, ref, NET_TOL[torch.float32])
+
+
+def test_bfloat16_autocast_and_cast_model():
+    tv, fused = build_pair("resnet50")
+    x = torch.randn(2, 3, 64, 64)
+    tv.eval(), fused.eval()
+    with torch.no_grad():
+        ref = tv(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_ac = fused(x)
+            ref_ac = tv(x)
+        out_cast = fused.to(torch.bfloat16)(x.bfloat16())
+    assert out_ac.dtype == torch.bfloat16 and out_cast.dtype == torch.bfloat16
+    assert_equivalent(out_ac.float(), ref_ac.float(), NET_TOL[torch.bfloat16], "autocast vs torchvision autocast")
+    assert rel_err(out_ac.float(), ref) <= 5e-2, "autocast bf16 vs fp32"
+    assert rel_err(out_cast.float(), ref) <= 5e-2, "bf16 model vs fp32"
+
+
+def test_legacy_basic_block_errors_unchanged():
+    with pytest.raises(ValueError, match="BasicBlock only supports groups=1 and base_width=64"):
+        resnet_fused.resnet18(groups=2)
+    with pytest.raises(NotImplementedError, match="Dilation > 1 not supported in BasicBlock"):
+        resnet_fused.resnet18(replace_stride_with_dilation=[False, True, True])
+    with pytest.raises(ValueError, match="replace_stride_with_dilation should be None or a 3-element tuple"):
+        resnet_fused.resnet50(replace_stride_with_dilation=[True])
