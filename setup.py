@@ -120,6 +120,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "torchvision>=0.21"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["resnet-fused-check = resnet_fused.check:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

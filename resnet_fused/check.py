@@ -1,6 +1,6 @@
 """Build a fused ResNet, check it against stock torchvision, print the comparison.
 
-    python -m resnet_fused.check [--model resnet50] [--batch 4] [--size 128]
+    resnet-fused-check [--model resnet50] [--batch 4] [--size 128]
 
 Both models start from the same seed and get the same random, non-trivial
 BatchNorm state (identity BN would hide errors in the fused epilogue). For each
