@@ -32,3 +32,65 @@ RF_HOST_DEVICE acc_t scale_shift_add_act(acc_t v, acc_t scale, acc_t shift,
 }
 
 }  // namespace resnet_fused
+
+namespace resnet_fused {
+
+// ---- train-mode BatchNorm + residual + ReLU --------------------------------
+//
+// Forward: with batch mean m and invstd s per channel, the normalisation is
+// the inference epilogue applied to the centred input:
+//   out = scale_shift_add_act(x − m, γ·s, β, r)
+// Centring first keeps full precision when |m| is large against the spread
+// (x·γs + (β − m·γs) would cancel two large terms).
+//
+// Backward, with z = x̂·γ + β + r, out = act(z), x̂ = (x − m)·s and n
+// elements per channel:
+//   dz = act'(z)·dout         (ReLU: dout where out > 0, else 0)
+//   dβ = Σ dz,   dγ = Σ dz·x̂,   dr = dz
+//   dx = γ·s · (dz − Σdz/n − x̂·Σ(dz·x̂)/n)
+
+// dz from the saved output: out > 0 exactly where z > 0.
+template <typename acc_t>
+RF_HOST_DEVICE acc_t relu_backward(acc_t grad_out, acc_t out, bool relu) {
+  return (!relu || out > acc_t(0)) ? grad_out : acc_t(0);
+}
+
+// dx given dz, x̂ and the per-channel means of dz and dz·x̂; k = γ·s.
+template <typename acc_t>
+RF_HOST_DEVICE acc_t bn_backward_dx(acc_t dz, acc_t xhat, acc_t mean_dz, acc_t mean_dz_xhat,
+                                    acc_t k) {
+  return (dz - mean_dz - xhat * mean_dz_xhat) * k;
+}
+
+// Welford/Chan running statistics: numerically stable mean and variance,
+// mergeable in any fixed order (never E[x²] − E[x]²). A plain aggregate
+// (start from {0, 0, 0}) so it can live in CUDA shared memory.
+template <typename acc_t>
+struct Welford {
+  acc_t mean;
+  acc_t m2;
+  acc_t count;
+
+  RF_HOST_DEVICE void add(acc_t x) {
+    count += acc_t(1);
+    const acc_t delta = x - mean;
+    mean += delta / count;
+    m2 += delta * (x - mean);
+  }
+
+  RF_HOST_DEVICE void merge(const Welford& o) {
+    if (o.count == acc_t(0)) return;
+    if (count == acc_t(0)) {
+      *this = o;
+      return;
+    }
+    const acc_t total = count + o.count;
+    const acc_t delta = o.mean - mean;
+    const acc_t w = o.count / total;
+    mean += delta * w;
+    m2 += o.m2 + delta * delta * count * w;
+    count = total;
+  }
+};
+
+}  // namespace resnet_fused

@@ -75,3 +75,60 @@ inline at::Tensor residual_in_layout(const c10::optional<at::Tensor>& residual,
 }
 
 }  // namespace resnet_fused
+
+namespace resnet_fused {
+
+// The layout the kernels walk for a functional op: channels_last when x is
+// in that format, NCHW otherwise (inputs are then made dense in it, which
+// copies only tensors that are not already).
+inline at::MemoryFormat kernel_layout(const at::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+inline void check_activation(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D (N, C, H, W) tensor, got ",
+              t.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be floating point (float32, float16, bfloat16 or float64), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ",
+              x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name,
+              " must have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+              " but x is on ", x.device());
+}
+
+// Per-channel parameter as a dense vector in the accumulation dtype, or a
+// constant vector when absent (weight → 1, bias → 0).
+inline at::Tensor channel_param(const char* op, const char* name,
+                                const c10::optional<at::Tensor>& t, const at::Tensor& x,
+                                at::ScalarType acc, double fill) {
+  const int64_t C = x.size(1);
+  if (!t.has_value() || !t->defined()) {
+    return at::full({C}, fill, x.options().dtype(acc));
+  }
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name,
+              " must be a 1-D tensor of length C=", C, ", got shape ", t->sizes());
+  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
+              " must be floating point, got ", t->scalar_type());
+  return t->to(acc).contiguous();
+}
+
+inline void check_batch_norm_act_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "batch_norm_act: x must be a 4-D (N, C, H, W) tensor, got ",
+              x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "batch_norm_act: x must be floating point (float32, float16, bfloat16 or "
+              "float64), got ", x.scalar_type());
+  TORCH_CHECK(x.numel() / std::max<int64_t>(x.size(1), 1) > 1 || x.numel() == 0,
+              "batch_norm_act: expected more than 1 value per channel when training, got x "
+              "of shape ", x.sizes());
+}
+
+}  // namespace resnet_fused

@@ -25,4 +25,20 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "scale_shift_add_relu_(Tensor(a!) y, Tensor scale, Tensor shift, "
       "Tensor? residual, bool relu) -> ()");
+
+  // Train-mode BatchNorm with batch statistics, + residual, ReLU:
+  //   out = act((x - mean) * invstd * weight + bias + residual)
+  // Returns the output and, per channel (fp32; fp64 for double x), the batch
+  // mean, 1/sqrt(var + eps) and the biased variance (for the running-stat
+  // update, which the caller does). Backward needs x, out, mean and invstd.
+  m.def(
+      "batch_norm_act_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor? residual, bool relu) -> (Tensor out, Tensor mean, Tensor invstd, Tensor var)");
+  // Gradients of batch_norm_act_fwd: (grad_x, grad_weight, grad_bias,
+  // grad_residual). grad_residual is dz and is only written when
+  // residual_grad is true (else it is an empty tensor).
+  m.def(
+      "batch_norm_act_bwd(Tensor grad_out, Tensor x, Tensor out, Tensor? weight, "
+      "Tensor mean, Tensor invstd, bool relu, bool residual_grad) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }

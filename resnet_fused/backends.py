@@ -39,7 +39,7 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 _default = "auto"
 _scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("resnet_fused_backend", default=None)
-_warned: set[tuple[str, str]] = set()
+_warned: set[str] = set()  # reasons already reported
 _warned_lock = threading.Lock()
 
 
@@ -109,11 +109,18 @@ def backend(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
-def _warn_once(key: tuple[str, str], message: str) -> None:
+def mark_reported(reason: str) -> None:
+    """Record that `reason` was already told to the user (e.g. at import), so
+    auto's fallback does not repeat it."""
     with _warned_lock:
-        if key in _warned:
+        _warned.add(reason)
+
+
+def _warn_once(reason: str, message: str) -> None:
+    with _warned_lock:
+        if reason in _warned:
             return
-        _warned.add(key)
+        _warned.add(reason)
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
@@ -141,7 +148,7 @@ def resolve(op: str, device: torch.device) -> Callable:
         if reason is None:
             return b.ops[op]
         _warn_once(
-            (candidate, device.type),
+            reason,
             f"resnet_fused: backend {candidate!r} is unavailable for {device.type} tensors "
             f"({reason}); falling back to the next backend",
         )

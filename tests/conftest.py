@@ -19,9 +19,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def assert_equivalent(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
-    """Relative-norm check plus an elementwise check scaled to the reference;
+def assert_equivalent(
+    out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output", elementwise_tol: float = None
+) -> None:
+    """Relative-norm check (‖out − ref‖/‖ref‖ ≤ tol) plus an elementwise check
+    that catches localised errors a norm over a large tensor could hide:
+    |out − ref| ≤ e·max|ref| + e·|ref| with e = elementwise_tol (default tol).
     NaN/inf never pass."""
+    elementwise_tol = tol if elementwise_tol is None else elementwise_tol
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     assert torch.isfinite(ref).all(), f"{what}: non-finite values in the reference"
@@ -29,15 +34,31 @@ def assert_equivalent(out: torch.Tensor, ref: torch.Tensor, tol: float, what: st
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
     scale = ref.detach().abs().max().double().item()
     torch.testing.assert_close(
-        out.detach().double(), ref.detach().double(), rtol=tol, atol=max(tol * scale, 1e-30), msg=what
+        out.detach().double(),
+        ref.detach().double(),
+        rtol=elementwise_tol,
+        atol=max(elementwise_tol * scale, 1e-30),
+        msg=lambda m: f"{what}: {m}",
     )
 
 
 def randomize_norms(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Non-trivial BN state: random γ, β, running mean and variance."""
+    """Non-trivial BN state: random γ, β, running mean and variance.
+
+    The last BN of each residual block gets γ in [0.1, 0.4], as in trained
+    ResNets: with γ ≥ 0.5 there too, every block amplifies the residual stream
+    and three SGD steps on a 100-layer net reach losses of 1e33, a chaotic
+    problem on which no two implementations (not even two fp64 ones) agree."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     g = torch.Generator().manual_seed(seed)
+    last_norms = set()
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            last_norms.add(id(m.bn3))
+        elif isinstance(m, BasicBlock):
+            last_norms.add(id(m.bn2))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
@@ -46,7 +67,8 @@ def randomize_norms(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
                     m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
                     m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
                 if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    low, span = (0.1, 0.3) if id(m) in last_norms else (0.5, 1.0)
+                    m.weight.copy_(torch.rand(c, generator=g) * span + low)
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(c, generator=g) * 0.2)
     return model

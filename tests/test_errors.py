@@ -109,6 +109,7 @@ def bn_args(**over):
         (dict(eps=-1.0), ValueError, "eps must be a non-negative float"),
         (dict(residual=torch.randn(2, 6, 5, 4)), ValueError, "residual must have the output's shape"),
         (dict(weight=torch.rand(6, device="meta")), ValueError, "weight is on meta but x is on cpu"),
+        (dict(x=torch.randn(1, 6, 1, 1)), ValueError, "Expected more than 1 value per channel when training"),
     ],
 )
 def test_batch_norm_act_bad_input(over, exc, pattern):

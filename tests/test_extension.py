@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from resnet_fused.ops import extension
-from conftest import OP_TOL, assert_equivalent
+from conftest import OP_TOL, assert_equivalent, rel_err
 
 op = torch.ops.resnet_fused.scale_shift_add_relu_ if extension.is_loaded() else None
 
@@ -210,3 +210,81 @@ def test_thread_count_independent():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
+
+
+# ---- batch_norm_act_fwd / batch_norm_act_bwd --------------------------------
+
+
+def _bn_inputs(memory_format=torch.contiguous_format, dtype=torch.float32, residual=True):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 7, 4, 5, generator=g) + 0.5).to(dtype).to(memory_format=memory_format)
+    w, b = torch.rand(7, generator=g) + 0.5, torch.randn(7, generator=g)
+    r = torch.randn(3, 7, 4, 5, generator=g).to(dtype).to(memory_format=memory_format) if residual else None
+    return x, w, b, r
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_opcheck_batch_norm_act(with_residual, memory_format):
+    x, w, b, r = _bn_inputs(memory_format, residual=with_residual)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    if r is not None:
+        r.requires_grad_()
+    torch.library.opcheck(torch.ops.resnet_fused.batch_norm_act_fwd.default, (x, w, b, 1e-5, r, True))
+    out, mean, invstd, _ = torch.ops.resnet_fused.batch_norm_act_fwd(x.detach(), w, b, 1e-5, r, True)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.resnet_fused.batch_norm_act_bwd.default,
+        (grad, x.detach(), out.detach(), w.detach(), mean, invstd, True, with_residual),
+    )
+
+
+@pytestmark_ext
+def test_batch_norm_act_statistics_are_stable():
+    """Mean 100, spread 0.1: E[x²] − E[x]² in fp32 loses the variance to
+    rounding (ulp(1e4) ≈ 1e-3 against var = 0.01); two-pass statistics keep
+    it. The output bound is what an fp32 mean allows: ulp(100)/0.1 ≈ 1e-4."""
+    g = torch.Generator().manual_seed(12)
+    x = 100.0 + 0.1 * torch.randn(4, 3, 16, 16, generator=g)
+    naive = (x * x).mean((0, 2, 3)) - x.mean((0, 2, 3)) ** 2
+    out, mean, invstd, var = torch.ops.resnet_fused.batch_norm_act_fwd(x, None, None, 0.0, None, False)
+    ref_var = x.double().var(dim=(0, 2, 3), unbiased=False)
+    assert rel_err(naive, ref_var) > 1e-2  # the problem is real at this scale
+    assert_equivalent(var, ref_var, 1e-6, "variance")
+    ref = (x.double() - x.double().mean((0, 2, 3), keepdim=True)) / ref_var.sqrt().view(1, -1, 1, 1)
+    assert_equivalent(out, ref, 1e-3)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda x, w, b, r: (x[0], w, b, r), "batch_norm_act: x must be a 4-D"),
+        (lambda x, w, b, r: (x.long(), w, b, None), "batch_norm_act: x must be floating point"),
+        (lambda x, w, b, r: (x, w[:3], b, r), "weight must be a 1-D tensor of length C=7"),
+        (lambda x, w, b, r: (x, w, b.view(7, 1), r), "bias must be a 1-D tensor of length C=7"),
+        (lambda x, w, b, r: (x, w, b, r[:, :3]), "residual must have the shape of x"),
+        (lambda x, w, b, r: (x, w, b, r.double()), "residual must have the dtype of x"),
+        (lambda x, w, b, r: (x[:1, :, :1, :1], w, b, None), "expected more than 1 value per channel"),
+    ],
+)
+def test_batch_norm_act_bad_arguments(make, pattern):
+    args = make(*_bn_inputs())
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.resnet_fused.batch_norm_act_fwd(args[0], args[1], args[2], 1e-5, args[3], True)
+
+
+@pytestmark_ext
+def test_batch_norm_act_residual_aliasing_input():
+    """The residual may be x itself (the functional op never writes its inputs)."""
+    x, w, b, _ = _bn_inputs()
+    x_before = x.clone()
+    out, *_ = torch.ops.resnet_fused.batch_norm_act_fwd(x, w, b, 1e-5, x, True)
+    mean = x.double().mean((0, 2, 3), keepdim=True)
+    var = x.double().var((0, 2, 3), unbiased=False, keepdim=True)
+    ref = torch.relu((x.double() - mean) / (var + 1e-5).sqrt() * w.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1) + x.double())
+    assert torch.equal(x, x_before)
+    assert_equivalent(out, ref, OP_TOL[torch.float32])

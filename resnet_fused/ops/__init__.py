@@ -175,6 +175,10 @@ def batch_norm_act(
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if training and x.numel() > 0 and x.numel() // channels <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}"
+        )
     _check_residual(residual, tuple(x.shape), x)
     impl = backends.resolve("batch_norm_act", x.device)
     return impl(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps), residual, bool(relu))

@@ -27,7 +27,7 @@ except ImportError as e:  # not built, or built against another torch
         stacklevel=2,
     )
 
-OP_NAMES = ("scale_shift_add_relu_",)
+OP_NAMES = ("scale_shift_add_relu_", "batch_norm_act_fwd", "batch_norm_act_bwd")
 
 
 def is_loaded() -> bool:
@@ -39,11 +39,21 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{op}", dispatch_key)
 
 
+def _load_failure_reason() -> str:
+    return f"resnet_fused._C could not be loaded ({load_error})"
+
+
+if _C is None:
+    from resnet_fused import backends as _backends
+
+    _backends.mark_reported(_load_failure_reason())  # warned above; auto stays quiet
+
+
 def unavailable_reason(dispatch_key: str) -> Optional[str]:
     """None if `_C` has kernels for `dispatch_key`, else why not."""
     if not is_loaded():
-        return f"resnet_fused._C could not be loaded ({load_error})"
-    if not has_kernel(OP_NAMES[0], dispatch_key):
+        return _load_failure_reason()
+    if not all(has_kernel(op, dispatch_key) for op in OP_NAMES):
         if dispatch_key == "CUDA":
             return (
                 "resnet_fused._C was built without CUDA kernels (CPU-only torch, no nvcc, or "
@@ -85,3 +95,81 @@ if _C is not None:
                 residual.device == y.device,
                 lambda: f"{prefix}residual is on {residual.device} but y is on {y.device}",
             )
+
+
+def batch_norm_act_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    residual: Optional[Tensor],
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch-statistics BN + residual + ReLU: (out, mean, invstd, biased var).
+
+    Differentiable in x, weight, bias and residual. Saved for backward: x,
+    out (the tensor the next layer keeps anyway), mean and invstd (C values
+    each) and weight.
+    """
+    if _C is None:
+        raise RuntimeError(f"batch_norm_act_train needs resnet_fused._C, which could not be loaded ({load_error})")
+    return torch.ops.resnet_fused.batch_norm_act_fwd(x, weight, bias, eps, residual, relu)
+
+
+def _fake_channel_stats(x: Tensor) -> Tensor:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[1],), dtype=acc)
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+if _C is not None:
+
+    @torch.library.register_fake("resnet_fused::batch_norm_act_fwd")
+    def _batch_norm_act_fwd_fake(x, weight, bias, eps, residual, relu):
+        torch._check(x.dim() == 4, lambda: f"batch_norm_act: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D")
+        out = torch.empty_like(x, memory_format=_layout(x))
+        return out, _fake_channel_stats(x), _fake_channel_stats(x), _fake_channel_stats(x)
+
+    @torch.library.register_fake("resnet_fused::batch_norm_act_bwd")
+    def _batch_norm_act_bwd_fake(grad_out, x, out, weight, mean, invstd, relu, residual_grad):
+        fmt = _layout(x)
+        grad_res = torch.empty_like(x, memory_format=fmt) if residual_grad else x.new_empty((0,))
+        return (
+            torch.empty_like(x, memory_format=fmt),
+            _fake_channel_stats(x),
+            _fake_channel_stats(x),
+            grad_res,
+        )
+
+    def _bn_act_setup_context(ctx, inputs, output):
+        x, weight, bias, eps, residual, relu = inputs
+        out, mean, invstd, _ = output
+        ctx.save_for_backward(x, out, weight, mean, invstd)
+        ctx.relu = relu
+        ctx.has_residual = residual is not None
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(*output[1:])
+
+    def _bn_act_backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
+        x, out, weight, mean, invstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.batch_norm_act_bwd(
+            grad_out, x, out, weight, mean, invstd, ctx.relu, ctx.has_residual and ctx.needs_input_grad[4]
+        )
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
+            grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None,
+            None,
+            grad_res if ctx.has_residual and ctx.needs_input_grad[4] else None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "resnet_fused::batch_norm_act_fwd", _bn_act_backward, setup_context=_bn_act_setup_context
+    )

@@ -47,15 +47,19 @@ def make_inputs(shape, dtype, memory_format, with_residual, seed=0):
     return x, weight, scale, shift, residual, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
+BACKENDS = ["eager", "cpu"]  # backends that run on CPU tensors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("epilogue", ["relu", "residual_relu", "residual", "none"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_eager_matches_float64(shape, epilogue, memory_format, dtype):
+def test_matches_float64(shape, epilogue, memory_format, dtype, backend):
     with_residual = epilogue.startswith("residual")
     relu = epilogue.endswith("relu")
     x, w, scale, shift, res, conv = make_inputs(shape, dtype, memory_format, with_residual)
-    with resnet_fused.backend("eager"):
+    with resnet_fused.backend(backend):
         out = ops.conv_bn_act(x, w, scale, shift, res, relu, **conv)
     ref = reference64(x, w, scale, shift, res, relu, **conv)
     assert out.dtype == dtype
@@ -65,21 +69,40 @@ def test_eager_matches_float64(shape, epilogue, memory_format, dtype):
     assert_equivalent(out, ref, OP_TOL[dtype])
 
 
-def test_nan_propagates():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend):
     x, w, scale, shift, _, conv = make_inputs(SHAPES[1], torch.float32, torch.contiguous_format, False)
     x[0, 0, 3, 3] = float("nan")
-    out = ops.conv_bn_act(x, w, scale, shift, None, True, **conv)
+    with resnet_fused.backend(backend):
+        out = ops.conv_bn_act(x, w, scale, shift, None, True, **conv)
     assert torch.isnan(out).any()
 
 
-def test_gradients_match_float64():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_float64(backend):
     """Eval-mode fine-tuning differentiates through conv_bn_act."""
     shape = (2, 6, 7, 7, 8, 3, 1, 1, 1, 2)
     x, w, scale, shift, res, conv = make_inputs(shape, torch.float64, torch.contiguous_format, True)
     inputs = [t.clone().requires_grad_() for t in (x, w, scale.double(), shift.double(), res)]
-    assert torch.autograd.gradcheck(
-        lambda *a: ops.conv_bn_act(*a, relu=True, **conv), inputs, eps=1e-6, atol=1e-7
-    )
+    with resnet_fused.backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.conv_bn_act(*a, relu=True, **conv), inputs, eps=1e-6, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_fp32_gradients_with_cpu_backend(memory_format):
+    """With autograd recording, the cpu backend's result is differentiable and
+    matches the eager backend's gradients."""
+    x, w, scale, shift, res, conv = make_inputs(SHAPES[2], torch.float32, memory_format, True)
+    grads = []
+    for backend in BACKENDS:
+        leaves = [t.clone().requires_grad_() for t in (x, w, scale, shift, res)]
+        with resnet_fused.backend(backend):
+            ops.conv_bn_act(*leaves, relu=True, **conv).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert_equivalent(b, a, OP_TOL[torch.float32])
 
 
 def test_result_independent_of_thread_count():

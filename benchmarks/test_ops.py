@@ -1,0 +1,132 @@
+"""Fused ops vs the eager composition they replace, side by side in one run.
+
+    pytest benchmarks/test_ops.py --benchmark-only
+
+Groups per op and layer shape; each group holds the eager composition and
+every available backend on the same tensors (CPU fp32 here; CUDA when
+present). `extra_info` carries GB/s of the minimum traffic each op must move.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused import ops
+
+# (N, C, H, W): a ResNet-50 stage-1 and stage-3 activation at batch 8, 112px input
+SHAPES = [(8, 256, 28, 28), (8, 1024, 7, 7)]
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def _sync(t):
+    if t.is_cuda:
+        torch.cuda.synchronize()
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backends():
+    device = _device()
+    names = []
+    for name in resnet_fused.available_backends():
+        if name in resnet_fused.backends._REGISTRY and device.type in resnet_fused.backends._REGISTRY[name].device_types:
+            names.append(name)
+    return names
+
+
+def _info(benchmark, shape, dtype, passes_bytes):
+    benchmark.extra_info.update(shape=list(shape), dtype=str(dtype), min_bytes=passes_bytes, threads=torch.get_num_threads())
+
+
+def _finish(benchmark, nbytes):
+    benchmark.extra_info["GB_per_s_of_min_traffic"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["torch-eager-composition"] + [f"resnet_fused-{b}" for b in _backends()])
+def test_batch_norm_act_train_forward_backward(benchmark, impl, shape, fmt):
+    """Train step of BN(batch stats) + residual + ReLU: forward and backward."""
+    device = _device()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt]).requires_grad_()
+    r = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt]).requires_grad_()
+    c = shape[1]
+    w = torch.ones(c, device=device, requires_grad=True)
+    b = torch.zeros(c, device=device, requires_grad=True)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    grad = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
+
+    if impl == "torch-eager-composition":
+
+        def step():
+            out = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+            out = torch.relu(out + r)
+            out.backward(grad)
+            _sync(out)
+
+    else:
+        backend = impl.split("-", 1)[1]
+
+        def step():
+            with resnet_fused.backend(backend):
+                out = ops.batch_norm_act(x, w, b, rm, rv, True, 0.1, 1e-5, r, True)
+            out.backward(grad)
+            _sync(out)
+
+    benchmark.group = f"batch_norm_act train fwd+bwd {'x'.join(map(str, shape))} {fmt}"
+    # minimum traffic: fwd reads x, r, writes out; bwd reads grad, x, out, writes dx, dr
+    nbytes = 8 * x.numel() * x.element_size()
+    _info(benchmark, shape, x.dtype, nbytes)
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
+    _finish(benchmark, nbytes)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["torch-eager-composition"] + [f"resnet_fused-{b}" for b in _backends()])
+def test_inference_epilogue(benchmark, impl, shape, fmt):
+    """BN(running stats) + residual + ReLU after a convolution's output."""
+    device = _device()
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
+    r = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
+    c = shape[1]
+    rm, rv = torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5
+    w, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    scale = (w / torch.sqrt(rv + 1e-5)).float()
+    shift = (b - rm * scale).float()
+
+    if impl == "torch-eager-composition":
+
+        def step():
+            with torch.no_grad():
+                out = F.batch_norm(y, rm, rv, w, b, False, 0.1, 1e-5)
+                out += r
+                out.relu_()
+            _sync(out)
+
+    elif impl == "resnet_fused-eager":
+
+        def step():
+            # what the eager backend's conv_bn_act does after its convolution
+            with torch.no_grad():
+                out = torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1)).add_(r).relu_()
+            _sync(out)
+
+    else:
+        from resnet_fused.ops import extension
+
+        def step():
+            # in place on the convolution's output, as conv_bn_act uses it
+            # (repeated calls change y's values, not the work done)
+            extension.scale_shift_add_relu_(y, scale, shift, r, True)
+            _sync(y)
+
+    benchmark.group = f"inference epilogue {'x'.join(map(str, shape))} {fmt}"
+    nbytes = 3 * y.numel() * y.element_size()  # read y and r, write out
+    _info(benchmark, shape, y.dtype, nbytes)
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+    _finish(benchmark, nbytes)

@@ -1,0 +1,311 @@
+// CUDA kernels of train-mode BatchNorm + residual + ReLU (batch_norm_act_fwd/bwd).
+//
+// Per-channel reductions run in two stages without atomics: blocks write
+// partial results per (split, channel), then one thread per channel merges
+// them in a fixed order. The result is deterministic, and large N*H*W is
+// spread over many blocks instead of serialising on atomics.
+//   forward:  partial Welford stats -> finalize (mean, var, invstd, γ·invstd)
+//             -> fused centre/normalise + residual + ReLU pass
+//   backward: partial (Σdz, Σdz·x̂) -> finalize (dγ, dβ, constants) -> dx pass
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../epilogue_checks.h"
+#include "common.cuh"
+
+namespace resnet_fused {
+namespace {
+
+constexpr int kPlaneThreads = 256;  // NCHW reduction: threads per block
+constexpr int kTileC = 32;          // channels_last reduction: channels per block
+constexpr int kTileRows = 8;        // channels_last reduction: rows per block step
+
+template <typename scalar_t, typename acc_t>
+struct StatsReducer {
+  using State = Welford<acc_t>;
+  const scalar_t* x;
+  static __device__ State zero() { return State{acc_t(0), acc_t(0), acc_t(0)}; }
+  __device__ void add(State& s, int64_t, int64_t i) const { s.add(static_cast<acc_t>(x[i])); }
+};
+
+template <typename acc_t>
+struct GradSums {
+  acc_t dz;
+  acc_t dz_xhat;
+  __device__ void merge(const GradSums& o) {
+    dz += o.dz;
+    dz_xhat += o.dz_xhat;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct GradReducer {
+  using State = GradSums<acc_t>;
+  const scalar_t* grad_out;
+  const scalar_t* out;
+  const scalar_t* x;
+  const acc_t* mean;
+  const acc_t* invstd;
+  bool relu;
+  static __device__ State zero() { return State{acc_t(0), acc_t(0)}; }
+  __device__ void add(State& s, int64_t c, int64_t i) const {
+    const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(grad_out[i]),
+                                          static_cast<acc_t>(out[i]), relu);
+    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean[c]) * invstd[c];
+    s.dz += dz;
+    s.dz_xhat += dz * xhat;
+  }
+};
+
+// NCHW: block (c, split) reduces the planes n = split, split + splits, ...
+template <typename Reducer>
+__global__ void reduce_nchw_kernel(Reducer red, typename Reducer::State* partial, int64_t N,
+                                   int64_t C, int64_t HW) {
+  using State = typename Reducer::State;
+  const int64_t c = blockIdx.x;
+  State s = Reducer::zero();
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const int64_t base = (n * C + c) * HW;
+    for (int64_t j = threadIdx.x; j < HW; j += blockDim.x) red.add(s, c, base + j);
+  }
+  __shared__ State shm[kPlaneThreads];
+  shm[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = kPlaneThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shm[threadIdx.x].merge(shm[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.y * C + c] = shm[0];
+}
+
+// channels_last: a warp reads 32 consecutive channels of one row (coalesced);
+// block (channel tile, split) walks rows split*8 + ty, stepping splits*8.
+template <typename Reducer>
+__global__ void reduce_nhwc_kernel(Reducer red, typename Reducer::State* partial, int64_t rows,
+                                   int64_t C) {
+  using State = typename Reducer::State;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileC + threadIdx.x;
+  State s = Reducer::zero();
+  if (c < C) {
+    for (int64_t r = static_cast<int64_t>(blockIdx.y) * kTileRows + threadIdx.y; r < rows;
+         r += static_cast<int64_t>(gridDim.y) * kTileRows) {
+      red.add(s, c, r * C + c);
+    }
+  }
+  __shared__ State shm[kTileRows][kTileC];
+  shm[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    State t = shm[0][threadIdx.x];
+    for (int k = 1; k < kTileRows; ++k) t.merge(shm[k][threadIdx.x]);
+    partial[blockIdx.y * C + c] = t;
+  }
+}
+
+// Launches the layout's reduction; returns the number of splits written to
+// partial (allocated here, [splits, C]).
+template <typename Reducer>
+int64_t reduce_channels(const Reducer& red, at::Tensor& partial_buf, bool channels_last,
+                        int64_t N, int64_t C, int64_t HW, const at::TensorOptions& opts,
+                        cudaStream_t stream) {
+  using State = typename Reducer::State;
+  const int64_t target_blocks = static_cast<int64_t>(cuda::sm_count()) * 4;
+  const int64_t state_bytes = sizeof(State);
+  if (!channels_last) {
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(N, (target_blocks + C - 1) / C));
+    partial_buf = at::empty({splits * C * state_bytes}, opts.dtype(at::kByte));
+    auto* partial = reinterpret_cast<State*>(partial_buf.data_ptr());
+    reduce_nchw_kernel<Reducer><<<dim3(C, splits), kPlaneThreads, 0, stream>>>(red, partial, N, C, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return splits;
+  }
+  const int64_t rows = N * HW;
+  const int64_t tiles = (C + kTileC - 1) / kTileC;
+  const int64_t max_splits = std::max<int64_t>(1, (rows + kTileRows - 1) / kTileRows);
+  const int64_t splits =
+      std::max<int64_t>(1, std::min<int64_t>({max_splits, (target_blocks + tiles - 1) / tiles, 65535}));
+  partial_buf = at::empty({splits * C * state_bytes}, opts.dtype(at::kByte));
+  auto* partial = reinterpret_cast<State*>(partial_buf.data_ptr());
+  reduce_nhwc_kernel<Reducer><<<dim3(tiles, splits), dim3(kTileC, kTileRows), 0, stream>>>(
+      red, partial, rows, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return splits;
+}
+
+template <typename acc_t>
+__global__ void finalize_stats_kernel(const Welford<acc_t>* partial, int64_t splits, int64_t C,
+                                      acc_t eps, const acc_t* weight, acc_t* mean,
+                                      acc_t* var, acc_t* invstd, acc_t* scale) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  Welford<acc_t> s = partial[c];
+  for (int64_t k = 1; k < splits; ++k) s.merge(partial[k * C + c]);
+  const acc_t v = s.m2 / s.count;
+  mean[c] = s.mean;
+  var[c] = v;
+  const acc_t is = acc_t(1) / sqrt(v + eps);
+  invstd[c] = is;
+  scale[c] = weight[c] * is;
+}
+
+template <typename acc_t>
+__global__ void finalize_grad_kernel(const GradSums<acc_t>* partial, int64_t splits, int64_t C,
+                                     acc_t count, const acc_t* weight, const acc_t* invstd,
+                                     acc_t* grad_w, acc_t* grad_b, acc_t* consts) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  GradSums<acc_t> s = partial[c];
+  for (int64_t k = 1; k < splits; ++k) s.merge(partial[k * C + c]);
+  grad_b[c] = s.dz;
+  grad_w[c] = s.dz_xhat;
+  consts[3 * c] = s.dz / count;
+  consts[3 * c + 1] = s.dz_xhat / count;
+  consts[3 * c + 2] = weight[c] * invstd[c];
+}
+
+template <typename scalar_t, typename acc_t, bool CHANNELS_LAST>
+__global__ void bn_act_backward_kernel(const scalar_t* __restrict__ grad_out,
+                                       const scalar_t* __restrict__ out,
+                                       const scalar_t* __restrict__ x,
+                                       const acc_t* __restrict__ mean,
+                                       const acc_t* __restrict__ invstd,
+                                       const acc_t* __restrict__ consts, scalar_t* grad_x,
+                                       scalar_t* grad_res, int64_t numel, int64_t C, int64_t HW,
+                                       bool relu) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += stride) {
+    const int64_t c = CHANNELS_LAST ? i % C : (i / HW) % C;
+    const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(grad_out[i]),
+                                          static_cast<acc_t>(out[i]), relu);
+    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean[c]) * invstd[c];
+    grad_x[i] = static_cast<scalar_t>(
+        bn_backward_dx<acc_t>(dz, xhat, consts[3 * c], consts[3 * c + 1], consts[3 * c + 2]));
+    if (grad_res) grad_res[i] = static_cast<scalar_t>(dz);
+  }
+}
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+int64_t blocks_for(int64_t n, int threads) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads,
+                                                static_cast<int64_t>(cuda::sm_count()) * 32));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, const c10::optional<at::Tensor>& residual,
+    bool relu) {
+  check_batch_norm_act_x(x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::MemoryFormat fmt = kernel_layout(x_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(fmt);
+  const at::ScalarType acc = acc_dtype(x);
+  const at::Tensor w = channel_param("batch_norm_act", "weight", weight, x, acc, 1.0);
+  const at::Tensor b = channel_param("batch_norm_act", "bias", bias, x, acc, 0.0);
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    check_activation("batch_norm_act", "residual", *residual, x);
+    res = residual->contiguous(fmt);
+  }
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const auto acc_opts = x.options().dtype(acc);
+  at::Tensor out = at::empty_like(x, fmt);
+  at::Tensor mean = at::empty({C}, acc_opts), var = at::empty({C}, acc_opts);
+  at::Tensor invstd = at::empty({C}, acc_opts);
+  if (x.numel() == 0) {
+    mean.zero_();
+    var.zero_();
+    invstd.fill_(1.0 / std::sqrt(eps));
+    return {out, mean, invstd, var};
+  }
+  at::Tensor scale = at::empty({C}, acc_opts);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::Tensor partial;
+    const int64_t splits = reduce_channels(StatsReducer<scalar_t, acc_t>{xp}, partial, cl, N, C, HW,
+                                           x.options(), stream);
+    finalize_stats_kernel<acc_t><<<(C + 127) / 128, 128, 0, stream>>>(
+        reinterpret_cast<const Welford<acc_t>*>(partial.const_data_ptr()), splits, C,
+        static_cast<acc_t>(eps), w.const_data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
+        var.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), scale.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch_epilogue<scalar_t, acc_t>(
+        xp, out.data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+        mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), cl,
+        x.numel(), C, HW, relu, stream);
+  });
+  return {out, mean, invstd, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& mean_in,
+    const at::Tensor& invstd_in, bool relu, bool residual_grad) {
+  check_batch_norm_act_x(x_in);
+  check_activation("batch_norm_act_bwd", "grad_out", grad_out_in, x_in);
+  check_activation("batch_norm_act_bwd", "out", out_in, x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::MemoryFormat fmt = kernel_layout(x_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(fmt);
+  const at::Tensor g = grad_out_in.contiguous(fmt);
+  const at::Tensor o = out_in.contiguous(fmt);
+  const at::ScalarType acc = acc_dtype(x);
+  const at::Tensor w = channel_param("batch_norm_act_bwd", "weight", weight, x, acc, 1.0);
+  const at::Tensor mean = channel_param("batch_norm_act_bwd", "mean", mean_in, x, acc, 0.0);
+  const at::Tensor invstd = channel_param("batch_norm_act_bwd", "invstd", invstd_in, x, acc, 1.0);
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const auto acc_opts = x.options().dtype(acc);
+  at::Tensor grad_x = at::empty_like(x, fmt);
+  at::Tensor grad_res = residual_grad ? at::empty_like(x, fmt) : at::empty({0}, x.options());
+  at::Tensor grad_w = at::zeros({C}, acc_opts), grad_b = at::zeros({C}, acc_opts);
+  if (x.numel() == 0) return {grad_x, grad_w, grad_b, grad_res};
+  at::Tensor consts = at::empty({3 * C}, acc_opts);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const GradReducer<scalar_t, acc_t> red{g.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
+                                           x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+                                           invstd.const_data_ptr<acc_t>(), relu};
+    at::Tensor partial;
+    const int64_t splits = reduce_channels(red, partial, cl, N, C, HW, x.options(), stream);
+    finalize_grad_kernel<acc_t><<<(C + 127) / 128, 128, 0, stream>>>(
+        reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), splits, C,
+        static_cast<acc_t>(N * HW), w.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+        grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>(), consts.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int kThreads = 256;
+    const int64_t blocks = blocks_for(x.numel(), kThreads);
+    scalar_t* grp = residual_grad ? grad_res.data_ptr<scalar_t>() : nullptr;
+    if (cl) {
+      bn_act_backward_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
+          red.grad_out, red.out, red.x, red.mean, red.invstd, consts.const_data_ptr<acc_t>(),
+          grad_x.data_ptr<scalar_t>(), grp, x.numel(), C, HW, relu);
+    } else {
+      bn_act_backward_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
+          red.grad_out, red.out, red.x, red.mean, red.invstd, consts.const_data_ptr<acc_t>(),
+          grad_x.data_ptr<scalar_t>(), grp, x.numel(), C, HW, relu);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_w, grad_b, grad_res};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
+  m.impl("batch_norm_act_fwd", &batch_norm_act_fwd_cuda);
+  m.impl("batch_norm_act_bwd", &batch_norm_act_bwd_cuda);
+}
+
+}  // namespace resnet_fused
