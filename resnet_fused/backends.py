@@ -18,10 +18,15 @@ import torch
 
 NAMES = ("auto", "eager", "triton", "cuda", "cpu")
 
-# What `auto` tries, best first, by device type; anything else gets eager.
+# What `auto` tries, best first, per (device type, op); anything else gets
+# eager. On CPU the train-mode batch_norm_act kernels still lose to torch's
+# composition in a whole training step (measured, README "Performance"), so
+# auto keeps eager there; backend("cpu") runs them explicitly.
 _AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "eager"),
-    "cpu": ("cpu", "eager"),
+    ("cuda", "conv_bn_act"): ("triton", "cuda", "eager"),
+    ("cuda", "batch_norm_act"): ("triton", "cuda", "eager"),
+    ("cpu", "conv_bn_act"): ("cpu", "eager"),
+    ("cpu", "batch_norm_act"): ("eager",),
 }
 
 
@@ -140,7 +145,7 @@ def resolve(op: str, device: torch.device) -> Callable:
         if reason is not None:
             raise RuntimeError(f"resnet_fused backend {name!r} is unavailable: {reason}")
         return b.ops[op]
-    for candidate in _AUTO_ORDER.get(device.type, ("eager",)):
+    for candidate in _AUTO_ORDER.get((device.type, op), ("eager",)):
         b = _REGISTRY.get(candidate)
         if b is None or op not in b.ops:
             continue  # not implemented in this release: nothing to fall back from

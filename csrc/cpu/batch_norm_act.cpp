@@ -1,8 +1,8 @@
 // CPU kernels of train-mode BatchNorm + residual + ReLU (batch_norm_act_fwd/bwd).
 //
-// Statistics are accumulated in double, two-pass (mean, then squared
-// deviations), in chunks fixed by the shape, so results do not depend on the
-// thread count. Forward = 2 reads of x for the statistics + 1 fused
+// Statistics are two-pass (mean, then squared deviations), accumulated in
+// fp32 over short blocks and in double across blocks (cpu::channel_sums), in
+// blocks fixed by the shape, so results do not depend on the thread count. Forward = 2 reads of x for the statistics + 1 fused
 // normalise/add/ReLU pass; backward = 1 reduction pass + 1 dx pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "../epilogue.h"
 #include "../epilogue_checks.h"
@@ -55,13 +56,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cp
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const std::vector<double> sums = cpu::channel_sums<1>(
-        cl, N, C, HW, [&](int64_t, int64_t i, double* a) { a[0] += static_cast<double>(xp[i]); });
+    const std::vector<double> sums = cpu::channel_sums<1, acc_t>(
+        cl, N, C, HW, [&](int64_t, int64_t i, acc_t* v) { v[0] = static_cast<acc_t>(xp[i]); });
     std::vector<double> mean_d(C);
-    for (int64_t c = 0; c < C; ++c) mean_d[c] = sums[c] / static_cast<double>(count);
-    const std::vector<double> sq = cpu::channel_sums<1>(cl, N, C, HW, [&](int64_t c, int64_t i, double* a) {
-      const double d = static_cast<double>(xp[i]) - mean_d[c];
-      a[0] += d * d;
+    std::vector<acc_t> mean_a(C);
+    for (int64_t c = 0; c < C; ++c) {
+      mean_d[c] = sums[c] / static_cast<double>(count);
+      mean_a[c] = static_cast<acc_t>(mean_d[c]);
+    }
+    // Deviations from the mean rounded to acc_t: exact enough (|x − m| is
+    // small against x exactly when cancellation would hurt) and vectorisable.
+    const std::vector<double> sq = cpu::channel_sums<1, acc_t>(cl, N, C, HW, [&](int64_t c, int64_t i, acc_t* v) {
+      const acc_t d = static_cast<acc_t>(xp[i]) - mean_a[c];
+      v[0] = d * d;
     });
     acc_t* mp = mean.data_ptr<acc_t>();
     acc_t* vp = var.data_ptr<acc_t>();
@@ -114,38 +121,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
     const acc_t* mp = mean.const_data_ptr<acc_t>();
     const acc_t* ip = invstd.const_data_ptr<acc_t>();
     const acc_t* wp = w.const_data_ptr<acc_t>();
-    const std::vector<double> sums = cpu::channel_sums<2>(cl, N, C, HW, [&](int64_t c, int64_t i, double* a) {
+    const std::vector<double> sums = cpu::channel_sums<2, acc_t>(cl, N, C, HW, [&](int64_t c, int64_t i, acc_t* v) {
       const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(gp[i]), static_cast<acc_t>(op[i]), relu);
-      const acc_t xhat = (static_cast<acc_t>(xp[i]) - mp[c]) * ip[c];
-      a[0] += static_cast<double>(dz);
-      a[1] += static_cast<double>(dz * xhat);
+      v[0] = dz;
+      v[1] = dz * ((static_cast<acc_t>(xp[i]) - mp[c]) * ip[c]);
     });
     acc_t* gwp = grad_w.data_ptr<acc_t>();
     acc_t* gbp = grad_b.data_ptr<acc_t>();
     std::vector<acc_t> mean_dz(C), mean_dz_xhat(C), k(C);
     for (int64_t c = 0; c < C; ++c) {
-      gbp[c] = static_cast<acc_t>(sums[2 * c]);
-      gwp[c] = static_cast<acc_t>(sums[2 * c + 1]);
-      mean_dz[c] = static_cast<acc_t>(sums[2 * c] / static_cast<double>(count));
-      mean_dz_xhat[c] = static_cast<acc_t>(sums[2 * c + 1] / static_cast<double>(count));
+      gbp[c] = static_cast<acc_t>(sums[c]);
+      gwp[c] = static_cast<acc_t>(sums[C + c]);
+      mean_dz[c] = static_cast<acc_t>(sums[c] / static_cast<double>(count));
+      mean_dz_xhat[c] = static_cast<acc_t>(sums[C + c] / static_cast<double>(count));
       k[c] = wp[c] * ip[c];
     }
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     scalar_t* grp = residual_grad ? grad_res.data_ptr<scalar_t>() : nullptr;
-    auto element = [&](int64_t c, int64_t i) {
-      const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(gp[i]), static_cast<acc_t>(op[i]), relu);
-      const acc_t xhat = (static_cast<acc_t>(xp[i]) - mp[c]) * ip[c];
-      gxp[i] = static_cast<scalar_t>(bn_backward_dx<acc_t>(dz, xhat, mean_dz[c], mean_dz_xhat[c], k[c]));
-      if (grp) grp[i] = static_cast<scalar_t>(dz);
+    auto dx_pass = [&](auto write_residual_grad) {
+      auto element = [&](int64_t c, int64_t i) {
+        const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(gp[i]), static_cast<acc_t>(op[i]), relu);
+        const acc_t xhat = (static_cast<acc_t>(xp[i]) - mp[c]) * ip[c];
+        gxp[i] = static_cast<scalar_t>(bn_backward_dx<acc_t>(dz, xhat, mean_dz[c], mean_dz_xhat[c], k[c]));
+        if constexpr (decltype(write_residual_grad)::value) grp[i] = static_cast<scalar_t>(dz);
+      };
+      cpu::for_each_channel_run(
+          cl, N, C, HW,
+          [&](int64_t c, int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) element(c, i);
+          },
+          [&](int64_t base) {
+            for (int64_t c = 0; c < C; ++c) element(c, base + c);
+          });
     };
-    cpu::for_each_channel_run(
-        cl, N, C, HW,
-        [&](int64_t c, int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) element(c, i);
-        },
-        [&](int64_t base) {
-          for (int64_t c = 0; c < C; ++c) element(c, base + c);
-        });
+    if (grp) dx_pass(std::true_type{});
+    else dx_pass(std::false_type{});
   });
   return {grad_x, grad_w, grad_b, grad_res};
 }
