@@ -17,3 +17,4 @@ def input_shape(request, device):
     batch = request.config.getoption("--bench-batch") or (64 if device.type == "cuda" else 8)
     size = request.config.getoption("--bench-size") or (224 if device.type == "cuda" else 112)
     return (batch, 3, size, size)
+

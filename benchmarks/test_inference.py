@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 import resnet_fused
+from run_info import record_run_info
 
 MODELS = ["resnet18", "resnet50"]
 
@@ -38,13 +39,7 @@ def test_inference(benchmark, arch, impl, backend, memory_format, device, input_
     model = model.eval().to(device).to(memory_format=memory_format)
     x = torch.randn(*input_shape, device=device).to(memory_format=memory_format)
     benchmark.group = f"inference-{arch}"
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        batch=input_shape[0],
-        dtype="float32",
-    )
+    record_run_info(benchmark, device, input_shape)
 
     def run():
         with torch.no_grad():

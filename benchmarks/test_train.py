@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fused
+from run_info import record_run_info
 
 MODELS = ["resnet18", "resnet50"]
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -35,13 +36,7 @@ def test_train_step(benchmark, arch, impl, backend, fmt, device, input_shape):
     x = torch.randn(*input_shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
     y = torch.randint(0, 1000, (input_shape[0],), generator=g).to(device)
     benchmark.group = f"train-step-{arch}-{fmt}"
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        batch=input_shape[0],
-        dtype="float32",
-    )
+    record_run_info(benchmark, device, input_shape)
 
     def step():
         with resnet_fused.backend(backend or "auto"):

@@ -14,45 +14,23 @@
 #include <type_traits>
 
 #include "../epilogue.h"
-#include "../epilogue_checks.h"
+#include "../batch_norm_act_args.h"
 #include "epilogue_cpu.h"
 #include "loops.h"
 
 namespace resnet_fused {
 namespace {
 
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps, const c10::optional<at::Tensor>& residual,
     bool relu) {
-  check_batch_norm_act_x(x_in);
-  const at::MemoryFormat fmt = kernel_layout(x_in);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(fmt);
-  const at::ScalarType acc = acc_dtype(x);
-  const at::Tensor w = channel_param("batch_norm_act", "weight", weight, x, acc, 1.0);
-  const at::Tensor b = channel_param("batch_norm_act", "bias", bias, x, acc, 0.0);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) {
-    check_activation("batch_norm_act", "residual", *residual, x);
-    res = residual->contiguous(fmt);
-  }
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t count = N * HW;
-  at::Tensor out = at::empty_like(x, fmt);
-  at::Tensor mean = at::empty({C}, x.options().dtype(acc));
-  at::Tensor var = at::empty({C}, x.options().dtype(acc));
-  at::Tensor invstd = at::empty({C}, x.options().dtype(acc));
-  if (x.numel() == 0) {
-    mean.zero_();
-    var.zero_();
-    invstd.fill_(1.0 / std::sqrt(eps));
-    return {out, mean, invstd, var};
-  }
+  const BatchNormActForward a = prepare_batch_norm_act_forward(x_in, weight, bias, eps, residual);
+  if (a.x.numel() == 0) return {a.out, a.mean, a.invstd, a.var};
+  const bool cl = a.channels_last;
+  const int64_t N = a.N, C = a.C, HW = a.HW, count = N * HW;
+  const at::Tensor &x = a.x, &w = a.weight, &b = a.bias, &res = a.residual;
+  const at::Tensor &out = a.out, &mean = a.mean, &var = a.var, &invstd = a.invstd;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -87,32 +65,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cp
         xp, out.data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
         mp, scale.data(), bp, cl, N, C, HW, relu);
   });
-  return {out, mean, invstd, var};
+  return {a.out, a.mean, a.invstd, a.var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_in,
     const at::Tensor& invstd_in, bool relu, bool residual_grad) {
-  check_batch_norm_act_x(x_in);
-  check_activation("batch_norm_act_bwd", "grad_out", grad_out_in, x_in);
-  check_activation("batch_norm_act_bwd", "out", out_in, x_in);
-  const at::MemoryFormat fmt = kernel_layout(x_in);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(fmt);
-  const at::Tensor g = grad_out_in.contiguous(fmt);
-  const at::Tensor o = out_in.contiguous(fmt);
-  const at::ScalarType acc = acc_dtype(x);
-  const at::Tensor w = channel_param("batch_norm_act_bwd", "weight", weight, x, acc, 1.0);
-  const at::Tensor mean = channel_param("batch_norm_act_bwd", "mean", mean_in, x, acc, 0.0);
-  const at::Tensor invstd = channel_param("batch_norm_act_bwd", "invstd", invstd_in, x, acc, 1.0);
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t count = N * HW;
-  at::Tensor grad_x = at::empty_like(x, fmt);
-  at::Tensor grad_res = residual_grad ? at::empty_like(x, fmt) : at::empty({0}, x.options());
-  at::Tensor grad_w = at::zeros({C}, x.options().dtype(acc));
-  at::Tensor grad_b = at::zeros({C}, x.options().dtype(acc));
-  if (x.numel() == 0) return {grad_x, grad_w, grad_b, grad_res};
+  const BatchNormActBackward a = prepare_batch_norm_act_backward(
+      grad_out_in, x_in, out_in, weight, mean_in, invstd_in, residual_grad);
+  if (a.x.numel() == 0) return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};
+  const bool cl = a.channels_last;
+  const int64_t N = a.N, C = a.C, HW = a.HW, count = N * HW;
+  const at::Tensor &x = a.x, &g = a.grad_out, &o = a.out, &w = a.weight, &mean = a.mean,
+                   &invstd = a.invstd;
+  const at::Tensor &grad_x = a.grad_x, &grad_w = a.grad_weight, &grad_b = a.grad_bias,
+                   &grad_res = a.grad_residual;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -157,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
     if (grp) dx_pass(std::true_type{});
     else dx_pass(std::false_type{});
   });
-  return {grad_x, grad_w, grad_b, grad_res};
+  return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};
 }
 
 }  // namespace

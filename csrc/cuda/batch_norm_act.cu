@@ -14,7 +14,7 @@
 
 #include <tuple>
 
-#include "../epilogue_checks.h"
+#include "../batch_norm_act_args.h"
 #include "common.cuh"
 
 namespace resnet_fused {
@@ -189,10 +189,6 @@ __global__ void bn_act_backward_kernel(const scalar_t* __restrict__ grad_out,
   }
 }
 
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 int64_t blocks_for(int64_t n, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads,
                                                 static_cast<int64_t>(cuda::sm_count()) * 32));
@@ -202,30 +198,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cu
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps, const c10::optional<at::Tensor>& residual,
     bool relu) {
-  check_batch_norm_act_x(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::MemoryFormat fmt = kernel_layout(x_in);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(fmt);
-  const at::ScalarType acc = acc_dtype(x);
-  const at::Tensor w = channel_param("batch_norm_act", "weight", weight, x, acc, 1.0);
-  const at::Tensor b = channel_param("batch_norm_act", "bias", bias, x, acc, 0.0);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) {
-    check_activation("batch_norm_act", "residual", *residual, x);
-    res = residual->contiguous(fmt);
-  }
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const auto acc_opts = x.options().dtype(acc);
-  at::Tensor out = at::empty_like(x, fmt);
-  at::Tensor mean = at::empty({C}, acc_opts), var = at::empty({C}, acc_opts);
-  at::Tensor invstd = at::empty({C}, acc_opts);
-  if (x.numel() == 0) {
-    mean.zero_();
-    var.zero_();
-    invstd.fill_(1.0 / std::sqrt(eps));
-    return {out, mean, invstd, var};
-  }
+  const BatchNormActForward a = prepare_batch_norm_act_forward(x_in, weight, bias, eps, residual);
+  if (a.x.numel() == 0) return {a.out, a.mean, a.invstd, a.var};
+  const bool cl = a.channels_last;
+  const int64_t N = a.N, C = a.C, HW = a.HW;
+  const at::Tensor &x = a.x, &w = a.weight, &b = a.bias, &res = a.residual;
+  const at::Tensor &out = a.out, &mean = a.mean, &var = a.var, &invstd = a.invstd;
+  const auto acc_opts = mean.options();
   at::Tensor scale = at::empty({C}, acc_opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_fwd_cuda", [&] {
@@ -244,32 +224,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cu
         mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), cl,
         x.numel(), C, HW, relu, stream);
   });
-  return {out, mean, invstd, var};
+  return {a.out, a.mean, a.invstd, a.var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_in,
     const at::Tensor& invstd_in, bool relu, bool residual_grad) {
-  check_batch_norm_act_x(x_in);
-  check_activation("batch_norm_act_bwd", "grad_out", grad_out_in, x_in);
-  check_activation("batch_norm_act_bwd", "out", out_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::MemoryFormat fmt = kernel_layout(x_in);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(fmt);
-  const at::Tensor g = grad_out_in.contiguous(fmt);
-  const at::Tensor o = out_in.contiguous(fmt);
-  const at::ScalarType acc = acc_dtype(x);
-  const at::Tensor w = channel_param("batch_norm_act_bwd", "weight", weight, x, acc, 1.0);
-  const at::Tensor mean = channel_param("batch_norm_act_bwd", "mean", mean_in, x, acc, 0.0);
-  const at::Tensor invstd = channel_param("batch_norm_act_bwd", "invstd", invstd_in, x, acc, 1.0);
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const auto acc_opts = x.options().dtype(acc);
-  at::Tensor grad_x = at::empty_like(x, fmt);
-  at::Tensor grad_res = residual_grad ? at::empty_like(x, fmt) : at::empty({0}, x.options());
-  at::Tensor grad_w = at::zeros({C}, acc_opts), grad_b = at::zeros({C}, acc_opts);
-  if (x.numel() == 0) return {grad_x, grad_w, grad_b, grad_res};
+  const BatchNormActBackward a = prepare_batch_norm_act_backward(
+      grad_out_in, x_in, out_in, weight, mean_in, invstd_in, residual_grad);
+  if (a.x.numel() == 0) return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};
+  const bool cl = a.channels_last;
+  const int64_t N = a.N, C = a.C, HW = a.HW;
+  const at::Tensor &x = a.x, &g = a.grad_out, &o = a.out, &w = a.weight, &mean = a.mean,
+                   &invstd = a.invstd;
+  const at::Tensor &grad_x = a.grad_x, &grad_w = a.grad_weight, &grad_b = a.grad_bias,
+                   &grad_res = a.grad_residual;
+  const auto acc_opts = mean.options();
   at::Tensor consts = at::empty({3 * C}, acc_opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_bwd_cuda", [&] {
@@ -298,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cu
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x, grad_w, grad_b, grad_res};
+  return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};
 }
 
 }  // namespace
