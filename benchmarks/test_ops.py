@@ -40,6 +40,10 @@ def _info(benchmark, shape, dtype, passes_bytes):
     benchmark.extra_info.update(shape=list(shape), dtype=str(dtype), min_bytes=passes_bytes, threads=torch.get_num_threads())
 
 
+def _activation(g, shape, fmt, device):
+    return torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
+
+
 def _finish(benchmark, nbytes):
     benchmark.extra_info["GB_per_s_of_min_traffic"] = nbytes / benchmark.stats.stats.median / 1e9
 
@@ -51,13 +55,13 @@ def test_batch_norm_act_train_forward_backward(benchmark, impl, shape, fmt):
     """Train step of BN(batch stats) + residual + ReLU: forward and backward."""
     device = _device()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt]).requires_grad_()
-    r = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt]).requires_grad_()
+    x = _activation(g, shape, fmt, device).requires_grad_()
+    r = _activation(g, shape, fmt, device).requires_grad_()
     c = shape[1]
     w = torch.ones(c, device=device, requires_grad=True)
     b = torch.zeros(c, device=device, requires_grad=True)
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    grad = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
+    grad = _activation(g, shape, fmt, device)
 
     if impl == "torch-eager-composition":
 
@@ -91,8 +95,8 @@ def test_inference_epilogue(benchmark, impl, shape, fmt):
     """BN(running stats) + residual + ReLU after a convolution's output."""
     device = _device()
     g = torch.Generator().manual_seed(0)
-    y = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
-    r = torch.randn(*shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
+    y = _activation(g, shape, fmt, device)
+    r = _activation(g, shape, fmt, device)
     c = shape[1]
     rm, rv = torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5
     w, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)

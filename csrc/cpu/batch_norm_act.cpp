@@ -2,8 +2,9 @@
 //
 // Statistics are two-pass (mean, then squared deviations), accumulated in
 // fp32 over short blocks and in double across blocks (cpu::channel_sums), in
-// blocks fixed by the shape, so results do not depend on the thread count. Forward = 2 reads of x for the statistics + 1 fused
-// normalise/add/ReLU pass; backward = 1 reduction pass + 1 dx pass.
+// blocks fixed by the shape, so results do not depend on the thread count.
+// Forward = 2 reads of x for the statistics + 1 fused normalise/add/ReLU
+// pass; backward = 1 reduction pass + 1 dx pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -36,19 +37,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cp
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const std::vector<double> sums = cpu::channel_sums<1, acc_t>(
         cl, N, C, HW, [&](int64_t, int64_t i, acc_t* v) { v[0] = static_cast<acc_t>(xp[i]); });
-    std::vector<double> mean_d(C);
-    std::vector<acc_t> mean_a(C);
-    for (int64_t c = 0; c < C; ++c) {
-      mean_d[c] = sums[c] / static_cast<double>(count);
-      mean_a[c] = static_cast<acc_t>(mean_d[c]);
-    }
+    acc_t* mp = mean.data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) mp[c] = static_cast<acc_t>(sums[c] / static_cast<double>(count));
     // Deviations from the mean rounded to acc_t: exact enough (|x − m| is
     // small against x exactly when cancellation would hurt) and vectorisable.
     const std::vector<double> sq = cpu::channel_sums<1, acc_t>(cl, N, C, HW, [&](int64_t c, int64_t i, acc_t* v) {
-      const acc_t d = static_cast<acc_t>(xp[i]) - mean_a[c];
+      const acc_t d = static_cast<acc_t>(xp[i]) - mp[c];
       v[0] = d * d;
     });
-    acc_t* mp = mean.data_ptr<acc_t>();
     acc_t* vp = var.data_ptr<acc_t>();
     acc_t* ip = invstd.data_ptr<acc_t>();
     const acc_t* wp = w.const_data_ptr<acc_t>();
@@ -56,7 +52,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cp
     std::vector<acc_t> scale(C);
     for (int64_t c = 0; c < C; ++c) {
       const double v = sq[c] / static_cast<double>(count);
-      mp[c] = static_cast<acc_t>(mean_d[c]);
       vp[c] = static_cast<acc_t>(v);
       ip[c] = static_cast<acc_t>(1.0 / std::sqrt(v + eps));
       scale[c] = wp[c] * ip[c];

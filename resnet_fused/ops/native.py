@@ -39,7 +39,8 @@ def conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilati
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
 ) -> None:
-    """F.batch_norm's update: unbiased variance, factor `momentum`, in fp32."""
+    """F.batch_norm's update: unbiased variance, factor `momentum`, computed
+    in the batch statistics' dtype (fp32, fp64 for double) and rounded once."""
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
         running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean, momentum))
