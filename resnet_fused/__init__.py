@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from resnet_fused import ops  # noqa: E402  (registers the eager backend)
 from resnet_fused.ops import extension as _extension  # noqa: E402,F401  (loads _C, warns if missing)
 from resnet_fused.ops import native as _native  # noqa: E402,F401  (registers the cpu and cuda backends)
+from resnet_fused.ops import triton as _triton  # noqa: E402,F401  (registers the triton backend)
 from resnet_fused.backends import (  # noqa: E402
     available_backends,
     backend,

@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter.
+# This must happen before resnet_fused (and so every @triton.jit) is imported.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 # Exact fp32 everywhere: the equivalence tolerances below assume no TF32.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False

@@ -52,7 +52,7 @@ def make(n, c, h, w, dtype, memory_format, seed=0):
 
 SHAPES = [(4, 16, 8, 8), (2, 13, 5, 7), (3, 7, 1, 1), (1, 64, 3, 3), (2, 130, 3, 3)]
 # Backends that run on CPU tensors; each must be available where tests run.
-BACKENDS = ["eager", "cpu"]
+BACKENDS = ["eager", "cpu", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

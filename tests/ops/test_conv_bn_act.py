@@ -20,7 +20,15 @@ SHAPES = [
     (1, 64, 10, 10, 64, 3, 1, 4, 4, 1),  # dilation 4 (segmentation)
     (3, 13, 1, 1, 7, 1, 1, 0, 1, 1),  # 1x1 spatial, odd channels
     (1, 5, 3, 2, 11, 3, 1, 1, 1, 1),  # tiny, odd everything
+    (1, 64, 6, 5, 48, 3, 2, 1, 1, 2),  # groups with 32 channels each, stride 2
 ]
+# Triton's interpreter runs every program in Python (~3 ms per reduction
+# step): the grouped shapes shrink to the same structure at fewer pixels.
+INTERPRETER_SHAPES = {
+    (2, 128, 9, 9, 128, 3, 1, 1, 1, 32): (1, 64, 6, 5, 64, 3, 1, 1, 1, 32),
+    (1, 256, 8, 8, 256, 3, 1, 2, 2, 64): (1, 128, 5, 6, 128, 3, 1, 2, 2, 64),
+}
+EPILOGUES = ["relu", "residual_relu", "residual", "none"]
 
 
 def reference64(x, w, scale, shift, residual, relu, stride, padding, dilation, groups):
@@ -47,14 +55,29 @@ def make_inputs(shape, dtype, memory_format, with_residual, seed=0):
     return x, weight, scale, shift, residual, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-BACKENDS = ["eager", "cpu"]  # backends that run on CPU tensors
+BACKENDS = ["eager", "cpu", "triton"]  # backends that run on CPU tensors
+# The triton backend hands float64 to the reference; fp16 is a tensor-core dtype.
+DTYPES = {
+    "eager": [torch.float32, torch.bfloat16, torch.float64],
+    "cpu": [torch.float32, torch.bfloat16, torch.float64],
+    "triton": [torch.float32, torch.bfloat16, torch.float16],
+}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("epilogue", ["relu", "residual_relu", "residual", "none"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def _cases():
+    for backend in BACKENDS:
+        for shape in SHAPES:
+            epilogues = EPILOGUES
+            if backend == "triton" and shape in INTERPRETER_SHAPES:
+                shape, epilogues = INTERPRETER_SHAPES[shape], ["residual_relu", "none"]
+            for epilogue in epilogues:
+                for fmt, fmt_id in ((torch.contiguous_format, "nchw"), (torch.channels_last, "nhwc")):
+                    for dtype in DTYPES[backend]:
+                        ids = "-".join(["x".join(map(str, shape)), epilogue, fmt_id, str(dtype)[6:], backend])
+                        yield pytest.param(shape, epilogue, fmt, dtype, backend, id=ids)
+
+
+@pytest.mark.parametrize("shape, epilogue, memory_format, dtype, backend", list(_cases()))
 def test_matches_float64(shape, epilogue, memory_format, dtype, backend):
     with_residual = epilogue.startswith("residual")
     relu = epilogue.endswith("relu")
@@ -91,8 +114,8 @@ def test_gradients_match_float64(backend):
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_fp32_gradients_with_cpu_backend(memory_format):
-    """With autograd recording, the cpu backend's result is differentiable and
+def test_fp32_gradients_with_each_backend(memory_format):
+    """With autograd recording, every backend's result is differentiable and
     matches the eager backend's gradients."""
     x, w, scale, shift, res, conv = make_inputs(SHAPES[2], torch.float32, memory_format, True)
     grads = []
@@ -101,8 +124,9 @@ def test_fp32_gradients_with_cpu_backend(memory_format):
         with resnet_fused.backend(backend):
             ops.conv_bn_act(*leaves, relu=True, **conv).square().sum().backward()
         grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
-        assert_equivalent(b, a, OP_TOL[torch.float32])
+    for backend, other in zip(BACKENDS[1:], grads[1:]):
+        for a, b in zip(grads[0], other):
+            assert_equivalent(b, a, OP_TOL[torch.float32], f"{backend} gradient")
 
 
 def test_result_independent_of_thread_count():
