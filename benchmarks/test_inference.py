@@ -3,14 +3,15 @@
     pytest benchmarks/ --benchmark-only [--bench-batch 8 --bench-size 112]
 
 One benchmark group per model; compare the rows of a group (images/s is in
-extra_info). fp32 on CPU; on a GPU the same rows run on CUDA.
+extra_info). fp32 on CPU; on a GPU the same rows run on CUDA under bf16
+autocast (--bench-dtype to change). --bench-compile adds torch.compile rows.
 """
 import pytest
 import torch
 import torchvision
 
 import resnet_fused
-from run_info import record_run_info
+from run_info import autocast, record_run_info
 
 MODELS = ["resnet18", "resnet50"]
 
@@ -30,7 +31,7 @@ def _impls():
 
 @pytest.mark.parametrize("impl, backend, memory_format", list(_impls()), ids=[i[0] for i in _impls()])
 @pytest.mark.parametrize("arch", MODELS)
-def test_inference(benchmark, arch, impl, backend, memory_format, device, input_shape):
+def test_inference(benchmark, arch, impl, backend, memory_format, device, input_shape, amp_dtype, compiled):
     torch.manual_seed(0)
     if backend is None:
         model = getattr(torchvision.models, arch)()
@@ -38,11 +39,14 @@ def test_inference(benchmark, arch, impl, backend, memory_format, device, input_
         model = getattr(resnet_fused, arch)()
     model = model.eval().to(device).to(memory_format=memory_format)
     x = torch.randn(*input_shape, device=device).to(memory_format=memory_format)
+    if compiled:
+        model = torch.compile(model)
     benchmark.group = f"inference-{arch}"
-    record_run_info(benchmark, device, input_shape)
+    record_run_info(benchmark, device, input_shape, amp_dtype)
+    benchmark.extra_info["compiled"] = compiled
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp_dtype):
             if backend is None:
                 model(x)
             else:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fused
-from run_info import record_run_info
+from run_info import autocast, record_run_info
 
 MODELS = ["resnet18", "resnet50"]
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -27,7 +27,7 @@ def _impls():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("impl, backend", list(_impls()), ids=[i[0] for i in _impls()])
 @pytest.mark.parametrize("arch", MODELS)
-def test_train_step(benchmark, arch, impl, backend, fmt, device, input_shape):
+def test_train_step(benchmark, arch, impl, backend, fmt, device, input_shape, amp_dtype, compiled):
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)() if backend is None else getattr(resnet_fused, arch)()
     model = model.train().to(device).to(memory_format=FORMATS[fmt])
@@ -35,12 +35,14 @@ def test_train_step(benchmark, arch, impl, backend, fmt, device, input_shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*input_shape, generator=g).to(device).to(memory_format=FORMATS[fmt])
     y = torch.randint(0, 1000, (input_shape[0],), generator=g).to(device)
+    forward = torch.compile(model) if compiled else model
     benchmark.group = f"train-step-{arch}-{fmt}"
-    record_run_info(benchmark, device, input_shape)
+    record_run_info(benchmark, device, input_shape, amp_dtype)
+    benchmark.extra_info["compiled"] = compiled
 
     def step():
-        with resnet_fused.backend(backend or "auto"):
-            loss = F.cross_entropy(model(x), y)
+        with resnet_fused.backend(backend or "auto"), autocast(device, amp_dtype):
+            loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -292,3 +292,26 @@ def test_each_cpu_backend_matches_torchvision(arch, backend):
             ref, out = run_eval(copy.deepcopy(tv), copy.deepcopy(fused), x, fmt)
             assert_equivalent(out, ref, NET_TOL[torch.float32], f"eval {fmt}")
             train_steps(copy.deepcopy(tv), copy.deepcopy(fused), (2, 3, 48, 48), steps=2, memory_format=fmt)
+
+
+# Without a GPU the triton backend runs under TRITON_INTERPRET=1 (conftest),
+# where every Triton program is Python (~20 s for one resnet50 forward at
+# 48x48): inputs are small, each training run uses one memory format, and the
+# grouped-convolution path (ResNeXt) is checked per op in tests/ops instead.
+@pytest.mark.skipif(
+    resnet_fused.backends.reason_unavailable("triton") is not None,
+    reason=f"triton backend unavailable: {resnet_fused.backends.reason_unavailable('triton')}",
+)
+@pytest.mark.parametrize(
+    "arch, train_format",
+    [("resnet18", torch.channels_last), ("resnet50", torch.contiguous_format)],
+    ids=["resnet18", "resnet50"],
+)
+def test_triton_backend_matches_torchvision(arch, train_format):
+    tv, fused = build_pair(arch)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with resnet_fused.backend("triton"):
+        for fmt in FORMATS:
+            ref, out = run_eval(copy.deepcopy(tv), copy.deepcopy(fused), x, fmt)
+            assert_equivalent(out, ref, NET_TOL[torch.float32], f"eval {fmt}")
+        train_steps(tv, fused, (2, 3, 48, 48), steps=2, memory_format=train_format)

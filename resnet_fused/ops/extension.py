@@ -21,7 +21,7 @@ except ImportError as e:  # not built, or built against another torch
     load_error = e
     warnings.warn(
         f"resnet_fused: the compiled extension resnet_fused._C could not be loaded ({e}); "
-        "only the 'eager' backend is available. Reinstall with "
+        "the 'cpu' and 'cuda' backends are unavailable. Reinstall with "
         "`pip install --no-build-isolation .` against the torch you run with.",
         RuntimeWarning,
         stacklevel=2,

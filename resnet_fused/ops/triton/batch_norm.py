@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from resnet_fused.ops.triton import interpreting
+
 
 @triton.jit
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -55,13 +57,17 @@ def _bn_stats_partial_kernel(
     count = tl.zeros((BLOCK_C,), ACC)
     mean = tl.zeros((BLOCK_C,), ACC)
     m2 = tl.zeros((BLOCK_C,), ACC)
+    # Statistics of x − pivot, pivot = the channel's first element: chunk
+    # means then stay near 0, where their rounding (which enters every
+    # merge) is small, even for data far from 0.
+    pivot = tl.load(x_ptr + offs_c * s_c, mask=mask_c, other=0.0).to(ACC)
     row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK
     for r0 in range(0, ROWS_PER_CHUNK, BLOCK_R):
         rows = row0 + r0 + tl.arange(0, BLOCK_R)
         mask_r = rows < ROWS
         mask = mask_r[:, None] & mask_c[None, :]
         off = _row_offsets(rows, L, s_n, s_l)[:, None] + (offs_c * s_c)[None, :]
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+        x = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC) - pivot[None, :], 0.0)
         n_b = tl.sum(mask_r.to(ACC), axis=0)
         mean_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
         d = tl.where(mask, x - mean_b[None, :], 0.0)
@@ -75,7 +81,7 @@ def _bn_stats_partial_kernel(
 
 @triton.jit
 def _bn_stats_final_kernel(
-    part_ptr, mean_ptr, invstd_ptr, var_ptr, C, CHUNKS, eps,
+    x_ptr, part_ptr, mean_ptr, invstd_ptr, var_ptr, C, s_c, CHUNKS, eps,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -90,7 +96,8 @@ def _bn_stats_final_kernel(
         m2_b = tl.load(part_ptr + base + 2 * C + offs_c, mask=mask_c, other=0.0)
         count, mean, m2 = _chan_merge(count, mean, m2, n_b, mean_b, m2_b)
     var = m2 / tl.maximum(count, 1.0)
-    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    pivot = tl.load(x_ptr + offs_c * s_c, mask=mask_c, other=0.0).to(ACC)
+    tl.store(mean_ptr + offs_c, pivot + mean, mask=mask_c)
     tl.store(var_ptr + offs_c, var, mask=mask_c)
     if ACC == tl.float64:
         invstd = 1.0 / tl.sqrt(var + eps)
@@ -210,12 +217,15 @@ def _bn_act_bwd_apply_kernel(
 
 
 # Tiles. The elementwise kernels read BLOCK_R × BLOCK_C tiles; the reductions
-# walk ROWS_PER_CHUNK rows per program.
-BLOCK_R = 64
-BLOCK_C = 32
-# Enough programs to fill a large GPU (132 SMs × a few waves) when C is small;
-# the partition depends on the shape only, never on the device.
-TARGET_PROGRAMS = 1024
+# walk ROWS_PER_CHUNK rows per program. Enough reduction programs to fill a
+# large GPU (132 SMs × a few waves) when C is small; the partition depends on
+# the shape only, never on the device. Under the interpreter each program is
+# Python, so there it is fewer, larger tiles (which also exercises the
+# masking of partial tiles differently).
+if interpreting():
+    BLOCK_R, BLOCK_C, TARGET_PROGRAMS = 256, 64, 16
+else:
+    BLOCK_R, BLOCK_C, TARGET_PROGRAMS = 64, 32, 1024
 FINAL_BLOCK_C = 128
 
 
@@ -269,7 +279,7 @@ def forward(
         x, part, c, l, rows, s_n, s_c, s_l, rows_per_chunk, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C
     )
     kernels["stats_final"][(triton.cdiv(c, FINAL_BLOCK_C),)](
-        part, mean, invstd, var, c, chunks, eps, ACC=acc_tl, BLOCK_C=FINAL_BLOCK_C
+        x, part, mean, invstd, var, c, s_c, chunks, eps, ACC=acc_tl, BLOCK_C=FINAL_BLOCK_C
     )
     res = residual if residual is not None else x
     r_n, r_c, _, r_l = res.stride()

@@ -194,7 +194,7 @@ CONFIGS: tuple[ConvConfig, ...] = (
 # tilings above survive without spilling; this one passes for all of them.
 WIDE_CONFIGS: tuple[ConvConfig, ...] = (ConvConfig(64, 64, 32, num_warps=8, num_stages=3),)
 # Under TRITON_INTERPRET=1 nothing is timed: one fixed configuration.
-INTERPRETER_CONFIG = ConvConfig(64, 64, 32, num_warps=4, num_stages=1)
+INTERPRETER_CONFIG = ConvConfig(64, 128, 64, num_warps=4, num_stages=1)
 
 # C/groups below this takes the flattened (r, s, c) reduction
 FLAT_RSC_MAX_CHANNELS = 16

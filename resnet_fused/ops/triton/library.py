@@ -88,19 +88,24 @@ def triton_conv_bn_act(
             y = batch_norm.scale_shift_act_(y, scale, shift, residual, relu, _wrapped(batch_norm.KERNELS))
         return y
 
-    k_per_group = weight.shape[0] // groups
-    configs = conv.configs_for(x.dtype, weight.shape[1], conv.needs_int64(x, weight, residual) or _out_needs_int64(shape))
-    fallback = tuning.default_config(configs, k_per_group, shape[0] * shape[2] * shape[3])
     mode = tuning.forced()
-    key = tuning.key(x, weight, residual, relu, stride, padding, dilation, groups) + (mode,)
-    candidates = {}
-    if mode in ("auto", "triton"):
-        candidates.update({cfg: (lambda cfg=cfg: implicit_gemm(cfg)) for cfg in configs})
-    if mode in ("auto", tuning.CUDNN):
-        candidates[tuning.CUDNN] = cudnn_then_epilogue
-        if mode == tuning.CUDNN:
-            fallback = tuning.CUDNN
-    choice = tuning.choose(key, x, candidates, fallback)
+    if conv.interpreting():
+        choice = conv.INTERPRETER_CONFIG if mode != tuning.CUDNN else tuning.CUDNN
+    else:
+        configs = conv.configs_for(x.dtype, weight.shape[1], conv.needs_int64(x, weight, residual) or _out_needs_int64(shape))
+        key = tuning.key(x, weight, residual, relu, stride, padding, dilation, groups) + (mode,)
+        candidates = {}
+        if mode in ("auto", "triton"):
+            candidates.update({cfg: (lambda cfg=cfg: implicit_gemm(cfg)) for cfg in configs})
+        if mode in ("auto", tuning.CUDNN):
+            candidates[tuning.CUDNN] = cudnn_then_epilogue
+        if tuning.can_measure(x):
+            choice = tuning.choose(key, candidates)
+        else:  # tracing: what an earlier eager call measured, else the heuristic
+            choice = tuning.cached(key) or (
+                tuning.CUDNN if mode == tuning.CUDNN
+                else tuning.default_config(configs, weight.shape[0] // groups, shape[0] * shape[2] * shape[3])
+            )
     if choice == tuning.CUDNN:
         return cudnn_then_epilogue()
     return implicit_gemm(choice)

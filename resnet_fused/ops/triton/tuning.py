@@ -11,7 +11,8 @@ tiles) or `=cudnn` (cuDNN + Triton epilogue always), or `set_choice(key, c)`.
 Under TRITON_INTERPRET=1 nothing is timed: the implicit-GEMM kernel runs with
 `conv.INTERPRETER_CONFIG`. While a graph is being traced (torch.compile with
 fake tensors) nothing can be timed either: a cached choice is used if one
-exists, else the shape heuristic `default_config`.
+exists, else the shape heuristic `default_config` (the caller decides, see
+`library.triton_conv_bn_act`).
 """
 from __future__ import annotations
 
@@ -65,33 +66,42 @@ def default_config(configs: tuple, k_per_group: int, m: int) -> conv.ConvConfig:
     return configs[-1]
 
 
-def _is_tracing(*tensors: Tensor) -> bool:
+def can_measure(x: Tensor) -> bool:
+    """Timing needs real CUDA tensors outside graph tracing."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return any(isinstance(t, FakeTensor) for t in tensors) or torch.compiler.is_compiling()
+    return x.device.type == "cuda" and not isinstance(x, FakeTensor) and not torch.compiler.is_compiling()
 
 
-def choose(k: tuple, x: Tensor, candidates: dict[Choice, Callable[[], object]], fallback: Choice) -> Choice:
-    """The fastest of `candidates` (name -> zero-argument launcher) for key
-    `k`, measured once; `fallback` where nothing can be measured."""
-    if conv.interpreting():
-        return conv.INTERPRETER_CONFIG
+def cuda_time(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20)
+
+
+def choose(
+    k: tuple,
+    candidates: dict[Choice, Callable[[], object]],
+    measure: Callable[[Callable[[], object]], float] = cuda_time,
+) -> Choice:
+    """The fastest of `candidates` (choice -> zero-argument launcher) for
+    key `k`: measured once per process, then cached. Concurrent first calls
+    measure once. A candidate that fails to launch (a tiling that does not
+    fit this GPU's shared memory) is skipped."""
     hit = cached(k)
     if hit is not None:
         return hit
-    if _is_tracing(x) or x.device.type != "cuda":
-        return fallback
-    from triton.testing import do_bench
-
     with _lock:
         if k in _choices:
             return _choices[k]
         times = {}
-        for name, fn in candidates.items():
+        for choice, fn in candidates.items():
             try:
-                times[name] = do_bench(fn, warmup=5, rep=20)
-            except Exception:  # a tile that does not fit this GPU (shared memory, registers)
+                times[choice] = measure(fn)
+            except Exception:
                 continue
-        best = min(times, key=times.get) if times else fallback
+        if not times:
+            raise RuntimeError(f"resnet_fused: no conv_bn_act candidate could run for {k}")
+        best = min(times, key=times.get)
         _choices[k] = best
         return best

@@ -1,0 +1,340 @@
+"""The Triton kernels beyond the op contract: every tiling, int64 offsets,
+the stem's flattened reduction, the cuDNN+epilogue path, tuning, BN
+reductions (stability, determinism), torch.library registration, tracing,
+and ahead-of-time compilation for sm_80/sm_90.
+
+Without a GPU these run under TRITON_INTERPRET=1 (set by conftest)."""
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused import ops
+from conftest import OP_TOL, assert_equivalent
+
+triton_conv = pytest.importorskip("resnet_fused.ops.triton.conv")
+from resnet_fused.ops.triton import batch_norm, tuning  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    resnet_fused.backends.reason_unavailable("triton") is not None,
+    reason=f"triton backend unavailable: {resnet_fused.backends.reason_unavailable('triton')}",
+)
+
+
+def conv_ref64(x, w, scale, shift, residual, relu, stride, padding, dilation, groups):
+    y = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
+    y = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+def conv_inputs(n, c, h, w, k, r, stride, padding, dilation, groups, dtype, channels_last=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    weight = (torch.randn(k, c // groups, r, r, generator=g) / (c // groups * r * r) ** 0.5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        weight = weight.to(memory_format=torch.channels_last)
+    scale = torch.rand(k, generator=g) + 0.5
+    shift = torch.randn(k, generator=g) * 0.3
+    conv = dict(stride=(stride,) * 2, padding=(padding,) * 2, dilation=(dilation,) * 2, groups=groups)
+    p = (h + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    q = (w + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    residual = torch.randn(n, k, p, q, generator=g).to(dtype)
+    return x, weight, scale, shift, residual, conv
+
+
+def run_launch(x, weight, scale, shift, residual, relu, conv, config, index_64=None):
+    shape = ops.conv_out_shape(x, weight, conv["stride"], conv["padding"], conv["dilation"])
+    out = triton_conv.output_like(x, shape)
+    triton_conv.launch(x, weight, scale, shift, residual, relu, conv["stride"], conv["padding"], conv["dilation"],
+                       conv["groups"], out, config, index_64=index_64)
+    return out
+
+
+ALL_CONFIGS = triton_conv.CONFIGS + triton_conv.WIDE_CONFIGS + (triton_conv.INTERPRETER_CONFIG,)
+# M = 1·7·9 = 63, K = 70, reduction 40·9 = 360: no multiple of any tile
+CHANNEL_BLOCKED = (1, 40, 7, 9, 70, 3, 1, 1, 1, 1)
+STEM = (1, 3, 13, 11, 20, 7, 2, 3, 1, 1)  # C = 3: flattened (r, s, c) reduction
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("shape", [CHANNEL_BLOCKED, STEM], ids=["channel_blocked", "stem_flat"])
+def test_every_tiling(shape, config):
+    x, w, scale, shift, res, conv = conv_inputs(*shape, torch.float16)
+    out = run_launch(x, w, scale, shift, res, True, conv, config)
+    assert_equivalent(out, conv_ref64(x, w, scale, shift, res, True, **conv), OP_TOL[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [CHANNEL_BLOCKED, STEM], ids=["channel_blocked", "stem_flat"])
+def test_int64_offsets(shape, dtype):
+    """The int64 addressing variant (taken where a tensor passes 2^30
+    elements) computes the same result; forced here on a small shape."""
+    x, w, scale, shift, res, conv = conv_inputs(*shape, dtype, channels_last=False)
+    out = run_launch(x, w, scale, shift, res, True, conv, triton_conv.WIDE_CONFIGS[0], index_64=True)
+    assert_equivalent(out, conv_ref64(x, w, scale, shift, res, True, **conv), OP_TOL[dtype])
+
+
+def test_int64_chosen_only_for_large_tensors():
+    small = torch.empty(8, 256, 56, 56, device="meta")
+    large = torch.empty(2612, 256, 56, 56, device="meta")  # > 2^31 elements
+    assert not triton_conv.needs_int64(small, None)
+    assert triton_conv.needs_int64(small, large)
+    assert triton_conv.needs_int64(large.to(memory_format=torch.channels_last))
+
+
+def test_configs_for_variants():
+    assert triton_conv.configs_for(torch.float16, 64, False) == triton_conv.CONFIGS
+    for args in ((torch.float32, 64, False), (torch.bfloat16, 3, False), (torch.float16, 64, True)):
+        assert triton_conv.configs_for(*args) == triton_conv.WIDE_CONFIGS
+
+
+def test_tf32_follows_cudnn_switch():
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert triton_conv.input_precision(torch.float32) == "tf32"
+        assert triton_conv.input_precision(torch.bfloat16) == "ieee"
+        torch.backends.cudnn.allow_tf32 = False
+        assert triton_conv.input_precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cudnn_then_triton_epilogue_path(monkeypatch, channels_last):
+    monkeypatch.setenv("RESNET_FUSED_TRITON_CONV", "cudnn")
+    x, w, scale, shift, res, conv = conv_inputs(2, 16, 6, 5, 24, 3, 2, 1, 1, 1, torch.float32, channels_last)
+    with resnet_fused.backend("triton"):
+        out = ops.conv_bn_act(x, w, scale, shift, res, True, **conv)
+    assert_equivalent(out, conv_ref64(x, w, scale, shift, res, True, **conv), OP_TOL[torch.float32])
+
+
+def test_bad_conv_mode_is_named(monkeypatch):
+    monkeypatch.setenv("RESNET_FUSED_TRITON_CONV", "fastest")
+    x, w, scale, shift, res, conv = conv_inputs(1, 8, 4, 4, 8, 1, 1, 0, 1, 1, torch.float32)
+    with resnet_fused.backend("triton"), pytest.raises(ValueError, match="RESNET_FUSED_TRITON_CONV"):
+        ops.conv_bn_act(x, w, scale, shift, res, True, **conv)
+
+
+# ---- tuning -----------------------------------------------------------------
+
+
+def test_tuning_measures_once_and_picks_fastest():
+    calls = []
+    barrier = threading.Barrier(4)
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+
+    def measure(fn):
+        calls.append(fn())
+        return times[calls[-1]]
+
+    candidates = {name: (lambda name=name: name) for name in times}
+    key = ("test_tuning_measures_once", os.getpid())
+    results = []
+
+    def worker():
+        barrier.wait()
+        results.append(tuning.choose(key, candidates, measure))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["b"] * 4
+    assert sorted(calls) == ["a", "b", "c"]  # each candidate timed exactly once
+
+
+def test_tuning_skips_candidates_that_fail():
+    def measure(fn):
+        return fn()
+
+    def too_big():
+        raise RuntimeError("out of shared memory")
+
+    key = ("test_tuning_skips", os.getpid())
+    assert tuning.choose(key, {"big": too_big, "ok": lambda: 1.0}, measure) == "ok"
+    with pytest.raises(RuntimeError, match="no conv_bn_act candidate"):
+        tuning.choose(key + ("none",), {"big": too_big}, measure)
+
+
+def test_default_config_fits_output_channels():
+    narrow = tuning.default_config(triton_conv.CONFIGS, 4, 10_000)  # ResNeXt group: 4 channels
+    assert narrow.block_n == 16
+    wide = tuning.default_config(triton_conv.CONFIGS, 512, 100_000)
+    assert wide.block_n >= 64
+
+
+# ---- batch_norm_act kernels ------------------------------------------------------
+
+
+def test_statistics_stable_for_large_mean():
+    """x = 1e4 + N(0, 1) in fp32: E[x²] − E[x]² would lose every digit of the
+    variance; the chunked Chan merge of pivot-shifted data keeps it to fp32
+    rounding (without the shift, chunk means rounded at 1e4 gave 1.2e-4)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 5, 17, 19, generator=g) + 1e4)
+    rows = 8 * 17 * 19
+    assert batch_norm._chunking(rows, 5)[0] > 1  # several partial summaries merged
+    out, mean, invstd, var = batch_norm.forward(x, None, None, 1e-5, None, False, batch_norm.KERNELS)
+    exact = x.double()  # the fp32 input's values, exactly
+    assert_equivalent(var, exact.var((0, 2, 3), unbiased=False), 1e-5)
+    assert_equivalent(mean, exact.mean((0, 2, 3)), 2.4e-7)  # two fp32 ulps
+    naive = (x * x).mean((0, 2, 3)) - x.mean((0, 2, 3)) ** 2  # what this avoids
+    assert (naive.double() - exact.var((0, 2, 3), unbiased=False)).abs().max() > 0.1
+
+
+def test_batch_norm_kernels_bitwise_deterministic():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 24, 15, 13, generator=g).to(memory_format=torch.channels_last)
+    grad = torch.randn(6, 24, 15, 13, generator=g)
+    w, b = torch.rand(24, generator=g), torch.randn(24, generator=g)
+    runs = []
+    for _ in range(2):
+        out, mean, invstd, var = batch_norm.forward(x, w, b, 1e-5, None, True, batch_norm.KERNELS)
+        runs.append((out, mean, var) + batch_norm.backward(grad, x, out, w, mean, invstd, True, False, batch_norm.KERNELS)[:3])
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+def test_deterministic_mode_is_honoured():
+    """The reductions have no atomics, so torch's deterministic mode needs no
+    other path: results under it equal the default ones bitwise."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 16, 9, 9, generator=g, requires_grad=True)
+    w = torch.rand(16, generator=g, requires_grad=True)
+    b = torch.randn(16, generator=g, requires_grad=True)
+    outs = []
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for det in (False, True):
+            torch.use_deterministic_algorithms(det)
+            with resnet_fused.backend("triton"):
+                y = ops.batch_norm_act(x, w, b, None, None, True)
+            outs.append((y,) + torch.autograd.grad(y.square().sum(), (x, w, b)))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b_ in zip(*outs):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_batch_norm_act_low_precision_against_float64(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 20, 6, 7, generator=g) * 2 + 1).to(dtype).requires_grad_()
+    res = torch.randn(3, 20, 6, 7, generator=g).to(dtype).requires_grad_()
+    w = (torch.rand(20, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(20, generator=g).requires_grad_()
+    grad = torch.randn(3, 20, 6, 7, generator=g).to(dtype)
+    with resnet_fused.backend("triton"):
+        y = ops.batch_norm_act(x, w, b, None, None, True, residual=res, relu=True)
+    got = torch.autograd.grad(y, (x, w, b, res), grad)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, res)]
+    pre = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True) + leaves[3]
+    # the tested forward's own ReLU decisions (a value within an ulp of zero
+    # may round either way in low precision)
+    ref = pre * (y.detach() > 0)
+    want = torch.autograd.grad(ref, leaves, grad.double())
+    assert y.dtype == dtype
+    assert_equivalent(y, torch.relu(pre), OP_TOL[dtype])
+    for name, a, b_ in zip(("x", "weight", "bias", "residual"), got, want):
+        assert_equivalent(a, b_, OP_TOL[dtype] if dtype != torch.float32 else 1e-5, f"grad {name}")
+
+
+# ---- registration and tracing ------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_opcheck(with_residual, channels_last):
+    x, w, scale, shift, res, conv = conv_inputs(2, 8, 5, 5, 16, 3, 1, 1, 1, 2, torch.float32, channels_last)
+    res = res if with_residual else None
+    torch.library.opcheck(
+        torch.ops.resnet_fused.triton_conv_bn_act,
+        (x, w, scale, shift, res, True, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), 2),
+    )
+    g = torch.Generator().manual_seed(4)
+    xb = torch.randn(3, 6, 4, 5, generator=g)
+    if channels_last:
+        xb = xb.to(memory_format=torch.channels_last)
+    wb, bb = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    rb = torch.randn(3, 6, 4, 5, generator=g) if with_residual else None
+    for weight, bias in ((wb, bb), (None, None)):
+        args = [t.clone().requires_grad_() if t is not None else None for t in (xb, weight, bias)]
+        r = rb.clone().requires_grad_() if rb is not None else None
+        torch.library.opcheck(torch.ops.resnet_fused.triton_batch_norm_act_fwd, (*args, 1e-5, r, True))
+    out, mean, invstd, _ = torch.ops.resnet_fused.triton_batch_norm_act_fwd(xb, wb, bb, 1e-5, rb, True)
+    torch.library.opcheck(
+        torch.ops.resnet_fused.triton_batch_norm_act_bwd, (torch.randn_like(xb), xb, out, wb, mean, invstd, True, with_residual)
+    )
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces fused blocks with the triton
+    backend, eval and a training step (aot_eager: the graph is what is
+    checked here; inductor codegen needs a GPU for Triton kernels). Two
+    Bottleneck blocks (projection shortcut, then identity) keep tracing short."""
+    torch._dynamo.reset()
+    model = resnet_fused.resnet50(num_classes=10).layer2[:2]
+    x = torch.randn(2, 256, 8, 8)
+    with resnet_fused.backend("triton"):
+        model.eval()
+        with torch.no_grad():
+            want = model(x)
+            got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        assert_equivalent(got, want, 1e-6)
+        model.train()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def _run_without_interpreter(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # as on a machine without a GPU, even on one
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_unavailable_without_gpu_or_interpreter_says_why():
+    proc = _run_without_interpreter(
+        "import resnet_fused, torch\n"
+        "print(resnet_fused.backends.reason_unavailable('triton'))\n"
+        "try:\n"
+        "    resnet_fused.set_backend('triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR', e)\n"
+        "print(hasattr(torch.ops.resnet_fused, 'triton_conv_bn_act'))\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "no CUDA device" in lines[0] and "TRITON_INTERPRET=1" in lines[0]
+    assert lines[1].startswith("ERROR") and "'triton'" in lines[1] and "no CUDA device" in lines[1]
+    assert lines[2] == "True"  # the triton_ops are registered for tracing all the same
+
+
+def test_ahead_of_time_compilation_sm80_sm90():
+    """Every kernel, in every tiling and variant the launcher can pick,
+    compiles for sm_80 and sm_90 with tensor-core MMA (wgmma on sm_90 where
+    the tile allows), no spills and shared memory within the SM limit."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_fused.ops.triton.aot"],
+        capture_output=True, text=True, timeout=1200,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("conv_bn_act", "bn_"))]
+    conv_rows = [r for r in rows if r[0] == "conv_bn_act"]
+    # columns: kernel, variant (several words), arch, regs, spill, smem, tensor cores, ok
+    assert {r[-6] for r in rows} == {"sm_80", "sm_90"}
+    assert all(r[-4] == "0" for r in rows)  # spill bytes
+    assert len(conv_rows) >= 2 * len(triton_conv.CONFIGS)
+    assert all(r[-1] == "yes" for r in rows)
+    assert any(r[-2] == "wgmma" for r in conv_rows) and any(r[-2] == "mma" for r in conv_rows)
