@@ -27,6 +27,9 @@ _AUTO_ORDER = {
     ("cuda", "batch_norm_act"): ("triton", "cuda", "eager"),
     ("cpu", "conv_bn_act"): ("cpu", "eager"),
     ("cpu", "batch_norm_act"): ("eager",),
+    # the BN half of ops.conv_bn_act_train follows batch_norm_act
+    ("cuda", "batch_norm_act_parts"): ("triton", "cuda", "eager"),
+    ("cpu", "batch_norm_act_parts"): ("eager",),
 }
 
 

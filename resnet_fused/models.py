@@ -48,6 +48,7 @@ __all__ = [
     "FusedBasicBlock",
     "FusedBottleneck",
     "bn_scale_shift",
+    "memory_efficient",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -123,9 +124,16 @@ def _warn_unfused(module: nn.Module, what: str) -> None:
 
 
 def conv_norm_act(
-    conv: nn.Module, norm: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True
+    conv: nn.Module,
+    norm: nn.Module,
+    x: Tensor,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    recompute: bool = False,
 ) -> Tensor:
-    """`act(norm(conv(x)) + residual)` through the fused ops where the modules allow."""
+    """`act(norm(conv(x)) + residual)` through the fused ops where the modules
+    allow. `recompute`: in training, keep no convolution output for backward
+    (`ops.conv_bn_act_train`)."""
     norm_type = type(norm)
     if norm_type is not nn.BatchNorm2d and norm_type is not FrozenBatchNorm2d:
         _warn_unfused(norm, "norm layer")
@@ -141,6 +149,11 @@ def conv_norm_act(
             x, conv.weight, scale, shift, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups
         )
     mean, var, momentum = _batch_norm_args(norm)
+    if recompute and conv.bias is None and torch.is_grad_enabled():
+        return ops.conv_bn_act_train(
+            x, conv.weight, norm.weight, norm.bias, mean, var, momentum, norm.eps, residual, relu,
+            conv.stride, conv.padding, conv.dilation, conv.groups,
+        )
     return ops.batch_norm_act(
         conv(x), norm.weight, norm.bias, mean, var, True, momentum, norm.eps, residual, relu
     )
@@ -152,12 +165,28 @@ def _unfused(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     return torch.relu(y) if relu else y
 
 
+def _recompute(module: nn.Module) -> bool:
+    return getattr(module, "_resnet_fused_recompute", False)
+
+
+def memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Train `model`'s fused layers without keeping convolution outputs for
+    backward: each conv+BN pair recomputes its convolution in backward
+    (`ops.conv_bn_act_train`). Roughly halves the activations a ResNet keeps
+    for backward, for one extra convolution forward per pair (README, "What
+    training saves"). Same results; affects training only. Returns `model`."""
+    for m in model.modules():
+        if isinstance(m, (FusedResNet, FusedBasicBlock, FusedBottleneck)):
+            m._resnet_fused_recompute = bool(enabled)
+    return model
+
+
 def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
     ds = block.downsample
     if ds is None:
         return x
     if type(ds) is nn.Sequential and len(ds) == 2:
-        return conv_norm_act(ds[0], ds[1], x, relu=False)
+        return conv_norm_act(ds[0], ds[1], x, relu=False, recompute=_recompute(block))
     return ds(x)
 
 
@@ -174,8 +203,9 @@ class FusedBasicBlock(BasicBlock):
         if not _relu_is_plain(self.relu):
             return super().forward(x)
         identity = _shortcut(self, x)
-        out = conv_norm_act(self.conv1, self.bn1, x)
-        return conv_norm_act(self.conv2, self.bn2, out, residual=identity)
+        rc = _recompute(self)
+        out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
+        return conv_norm_act(self.conv2, self.bn2, out, residual=identity, recompute=rc)
 
 
 class FusedBottleneck(Bottleneck):
@@ -185,9 +215,10 @@ class FusedBottleneck(Bottleneck):
         if not _relu_is_plain(self.relu):
             return super().forward(x)
         identity = _shortcut(self, x)
-        out = conv_norm_act(self.conv1, self.bn1, x)
-        out = conv_norm_act(self.conv2, self.bn2, out)
-        return conv_norm_act(self.conv3, self.bn3, out, residual=identity)
+        rc = _recompute(self)
+        out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
+        out = conv_norm_act(self.conv2, self.bn2, out, recompute=rc)
+        return conv_norm_act(self.conv3, self.bn3, out, residual=identity, recompute=rc)
 
 
 _FUSED_BLOCK = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
@@ -204,10 +235,11 @@ class FusedResNet(ResNet):
         super().__init__(_FUSED_BLOCK.get(block, block), layers, **kwargs)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        rc = _recompute(self)
         if _relu_is_plain(self.relu):
-            x = conv_norm_act(self.conv1, self.bn1, x)
+            x = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
         else:
-            x = self.relu(conv_norm_act(self.conv1, self.bn1, x, relu=False))
+            x = self.relu(conv_norm_act(self.conv1, self.bn1, x, relu=False, recompute=rc))
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)

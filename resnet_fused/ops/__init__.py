@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from resnet_fused import backends
-from resnet_fused.ops import reference
+from resnet_fused.ops import recompute, reference
 
-__all__ = ["conv_bn_act", "batch_norm_act"]
+__all__ = ["conv_bn_act", "batch_norm_act", "conv_bn_act_train"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -22,7 +22,11 @@ backends.register(
     backends.Backend(
         name="eager",
         device_types=("cpu", "cuda", "meta", "mps", "xpu"),
-        ops={"conv_bn_act": reference.conv_bn_act, "batch_norm_act": reference.batch_norm_act},
+        ops={
+            "conv_bn_act": reference.conv_bn_act,
+            "batch_norm_act": reference.batch_norm_act,
+            "batch_norm_act_parts": recompute.EAGER_PARTS,
+        },
     )
 )
 
@@ -93,25 +97,9 @@ def conv_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tupl
     return n, k, p, q
 
 
-def conv_bn_act(
-    x: Tensor,
-    weight: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    residual: Optional[Tensor] = None,
-    relu: bool = True,
-    stride: IntPair = 1,
-    padding: IntPair = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
-) -> Tensor:
-    """`act(conv2d(x, weight) * scale[k] + shift[k] + residual)` in one pass.
-
-    `scale`/`shift` are per-output-channel vectors (fp32 recommended), usually
-    `γ / sqrt(var + eps)` and `β − mean·scale` from a BatchNorm in eval mode;
-    see `resnet_fused.models.bn_scale_shift`. The epilogue runs in fp32 and the
-    result has x's dtype and memory format (NCHW or channels_last).
-    """
+def _check_conv(x, weight, stride, padding, dilation, groups):
+    """Validate a convolution's arguments (after autocast's casts); returns
+    (x, weight, stride, padding, dilation, output shape)."""
     _check_activation("x", x)
     _check_activation("weight", weight)
     _check_device("weight", weight, x.device)
@@ -131,14 +119,38 @@ def conv_bn_act(
             f"x has {x.shape[1]} channels but weight expects {c_per_group * groups} "
             f"(weight.shape[1]={c_per_group} x groups={groups})"
         )
-    _check_channel_vector("scale", scale, k, x.device)
-    _check_channel_vector("shift", shift, k, x.device)
     out_shape = conv_out_shape(x, weight, stride, padding, dilation)
     if out_shape[2] < 1 or out_shape[3] < 1:
         raise ValueError(
             f"x of spatial size {tuple(x.shape[2:])} is too small for a {r}x{s} kernel with "
             f"padding={padding} and dilation={dilation}"
         )
+    return x, weight, stride, padding, dilation, out_shape
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """`act(conv2d(x, weight) * scale[k] + shift[k] + residual)` in one pass.
+
+    `scale`/`shift` are per-output-channel vectors (fp32 recommended), usually
+    `γ / sqrt(var + eps)` and `β − mean·scale` from a BatchNorm in eval mode;
+    see `resnet_fused.models.bn_scale_shift`. The epilogue runs in fp32 and the
+    result has x's dtype and memory format (NCHW or channels_last).
+    """
+    x, weight, stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
+    k = weight.shape[0]
+    _check_channel_vector("scale", scale, k, x.device)
+    _check_channel_vector("shift", shift, k, x.device)
     _check_residual(residual, out_shape, x)
     impl = backends.resolve("conv_bn_act", x.device)
     return impl(x, weight, scale, shift, residual, bool(relu), stride, padding, dilation, groups)
@@ -182,3 +194,48 @@ def batch_norm_act(
     _check_residual(residual, tuple(x.shape), x)
     impl = backends.resolve("batch_norm_act", x.device)
     return impl(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps), residual, bool(relu))
+
+
+def conv_bn_act_train(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """`act(F.batch_norm(conv2d(x, weight), training=True) + residual)`,
+    keeping no convolution output for backward: the convolution is recomputed
+    there (one more convolution forward per call, one activation tensor less
+    held per call). Same semantics, arguments and running-statistics update
+    as `conv2d` followed by `batch_norm_act(..., training=True)`; the BN half
+    runs on the selected backend's train-mode kernels."""
+    x, weight, stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
+    k = weight.shape[0]
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_channel_vector(name, t, k, x.device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if out_shape[0] * out_shape[2] * out_shape[3] <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got a convolution output of shape {out_shape}"
+        )
+    _check_residual(residual, out_shape, x)
+    parts = backends.resolve("batch_norm_act_parts", x.device)
+    return recompute.conv_bn_act_train(
+        parts, x, weight, bn_weight, bn_bias, running_mean, running_var, float(momentum), float(eps),
+        residual, bool(relu), stride, padding, dilation, groups,
+    )

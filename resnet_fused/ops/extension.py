@@ -149,7 +149,9 @@ if _C is not None:
     def _bn_act_setup_context(ctx, inputs, output):
         x, weight, bias, eps, residual, relu = inputs
         out, mean, invstd, _ = output
-        ctx.save_for_backward(x, out, weight, mean, invstd)
+        # out only feeds the ReLU mask: without ReLU it is not kept (it would be
+        # one activation more than eager keeps, e.g. for the downsample BN)
+        ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
         ctx.relu = relu
         ctx.has_residual = residual is not None
         ctx.weight_dtype = None if weight is None else weight.dtype
@@ -158,6 +160,7 @@ if _C is not None:
 
     def _bn_act_backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
         x, out, weight, mean, invstd = ctx.saved_tensors
+        out = x if out is None else out  # unread without ReLU
         grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.batch_norm_act_bwd(
             grad_out, x, out, weight, mean, invstd, ctx.relu, ctx.has_residual and ctx.needs_input_grad[4]
         )

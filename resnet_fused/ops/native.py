@@ -60,6 +60,22 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentu
     return out
 
 
+def _parts_forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.to(x.dtype)
+    out, mean, invstd, var = extension.batch_norm_act_train(x, weight, bias, eps, residual, relu)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
+    return out, mean, invstd
+
+
+def _parts_backward(grad_out, x, out, weight, mean, invstd, eps, relu, residual_grad):
+    grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.batch_norm_act_bwd(
+        grad_out, x, out, weight, mean, invstd, relu, residual_grad
+    )
+    return grad_x, grad_w, grad_b, (grad_res if residual_grad else None)
+
+
 def _cpu_unavailable() -> Optional[str]:
     return extension.unavailable_reason("CPU")
 
@@ -71,6 +87,10 @@ def _cuda_unavailable() -> Optional[str]:
     return reason
 
 
-_OPS = {"conv_bn_act": conv_bn_act, "batch_norm_act": batch_norm_act}
+_OPS = {
+    "conv_bn_act": conv_bn_act,
+    "batch_norm_act": batch_norm_act,
+    "batch_norm_act_parts": (_parts_forward, _parts_backward),  # for ops.conv_bn_act_train
+}
 backends.register(backends.Backend("cpu", ("cpu",), dict(_OPS), _cpu_unavailable))
 backends.register(backends.Backend("cuda", ("cuda",), dict(_OPS), _cuda_unavailable))

@@ -320,6 +320,33 @@ def test_unavailable_without_gpu_or_interpreter_says_why():
     assert lines[2] == "True"  # the triton_ops are registered for tracing all the same
 
 
+def test_triton_op_fake_implementation_without_interpreter():
+    """The real registration (`triton_op`, kernels through wrap_triton) gives
+    output shapes, dtypes and layouts under fake tensors, as torch.compile
+    needs on a GPU; here without one."""
+    proc = _run_without_interpreter(
+        "import torch, resnet_fused\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "ops = torch.ops.resnet_fused\n"
+        "with FakeTensorMode():\n"
+        "    x = torch.empty(2, 16, 9, 9).to(memory_format=torch.channels_last)\n"
+        "    y = ops.triton_conv_bn_act(x, torch.empty(32, 16, 3, 3), torch.empty(32), torch.empty(32),\n"
+        "                               torch.empty(2, 32, 5, 5), True, [2, 2], [1, 1], [1, 1], 1)\n"
+        "    print(tuple(y.shape), y.stride(), y.dtype)\n"
+        "    xb = torch.empty(4, 8, 5, 5, dtype=torch.bfloat16)\n"
+        "    out, mean, invstd, var = ops.triton_batch_norm_act_fwd(xb, torch.empty(8), None, 1e-5, None, True)\n"
+        "    print(tuple(out.shape), out.dtype, tuple(mean.shape), mean.dtype)\n"
+        "    g = ops.triton_batch_norm_act_bwd(torch.empty_like(xb), xb, out, torch.empty(8), mean, invstd, True, True)\n"
+        "    print([tuple(t.shape) for t in g])\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "(2, 32, 5, 5) (800, 1, 160, 32) torch.float32",
+        "(4, 8, 5, 5) torch.bfloat16 (8,) torch.float32",
+        "[(4, 8, 5, 5), (8,), (8,), (4, 8, 5, 5)]",
+    ]
+
+
 def test_ahead_of_time_compilation_sm80_sm90():
     """Every kernel, in every tiling and variant the launcher can pick,
     compiles for sm_80 and sm_90 with tensor-core MMA (wgmma on sm_90 where

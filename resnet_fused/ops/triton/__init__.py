@@ -40,7 +40,11 @@ def unavailable_reason() -> Optional[str]:
 if _import_error is None:
     from resnet_fused.ops.triton import library
 
-    _ops = {"conv_bn_act": library.conv_bn_act, "batch_norm_act": library.batch_norm_act}
+    _ops = {
+        "conv_bn_act": library.conv_bn_act,
+        "batch_norm_act": library.batch_norm_act,
+        "batch_norm_act_parts": library.BATCH_NORM_ACT_PARTS,
+    }
 else:
     _ops = {}
 

@@ -139,8 +139,10 @@ def _bn_setup_context(ctx, inputs, output):
     x, weight, bias, eps, residual, relu = inputs
     out, mean, invstd, _ = output
     # Saved: x and out (the next layer's input, which it keeps anyway) and
-    # 2·C statistics — see README "What training saves".
-    ctx.save_for_backward(x, out, weight, mean, invstd)
+    # 2·C statistics — see README "What training saves". out only feeds the
+    # ReLU mask: without ReLU it is not kept (it would be one activation more
+    # than eager keeps, e.g. for the downsample BN).
+    ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
     ctx.relu = relu
     ctx.has_residual = residual is not None
     ctx.weight_dtype = None if weight is None else weight.dtype
@@ -150,6 +152,7 @@ def _bn_setup_context(ctx, inputs, output):
 
 def _bn_backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
     x, out, weight, mean, invstd = ctx.saved_tensors
+    out = x if out is None else out  # unread without ReLU
     residual_grad = ctx.has_residual and ctx.needs_input_grad[4]
     grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.triton_batch_norm_act_bwd(
         grad_out, x, out, weight, mean, invstd, ctx.relu, residual_grad
@@ -200,3 +203,25 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentu
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum, x.numel() // x.shape[1])
     return out
+
+
+def _parts_forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+    from resnet_fused.ops.native import update_running_stats
+
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.to(x.dtype)
+    out, mean, invstd, var = torch.ops.resnet_fused.triton_batch_norm_act_fwd(x, weight, bias, eps, residual, relu)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
+    return out, mean, invstd
+
+
+def _parts_backward(grad_out, x, out, weight, mean, invstd, eps, relu, residual_grad):
+    grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.triton_batch_norm_act_bwd(
+        grad_out, x, out, weight, mean, invstd, relu, residual_grad
+    )
+    return grad_x, grad_w, grad_b, (grad_res if residual_grad else None)
+
+
+# for ops.conv_bn_act_train
+BATCH_NORM_ACT_PARTS = (_parts_forward, _parts_backward)
