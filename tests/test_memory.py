@@ -44,12 +44,17 @@ def conv_output_bytes(model, x):
     return sum(sizes)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+# Every backend on resnet18 (Basic blocks); resnet50 (Bottleneck blocks,
+# downsample projections) on the eager backend only, to keep CI time down —
+# the backends differ only in the BN half, which resnet18 covers.
+ARCH_BACKENDS = [("resnet18", b) for b in CPU_BACKENDS] + [("resnet50", "eager")]
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
 def test_saves_exactly_the_convolution_outputs_less(arch, backend):
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)().train()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     eager = saved_activation_bytes(copy.deepcopy(tv), x)
     fused = resnet_fused.fuse(copy.deepcopy(tv))
     lean = resnet_fused.memory_efficient(resnet_fused.fuse(copy.deepcopy(tv)))
@@ -61,23 +66,27 @@ def test_saves_exactly_the_convolution_outputs_less(arch, backend):
     assert lean_bytes < 0.6 * eager
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
 def test_memory_efficient_training_matches_torchvision(arch, backend):
     tv, fused = build_pair(arch)
-    resnet_fused.memory_efficient(fused)
-    assert all(m._resnet_fused_recompute for m in fused.modules() if isinstance(m, resnet_fused.FusedBottleneck)) or arch == "resnet18"
+    assert resnet_fused.memory_efficient(fused) is fused
+    flagged = [m._resnet_fused_recompute for m in fused.modules()
+               if isinstance(m, (resnet_fused.FusedResNet, resnet_fused.FusedBasicBlock, resnet_fused.FusedBottleneck))]
+    assert len(flagged) > 1 and all(flagged)
     with resnet_fused.backend(backend):
         train_steps(tv, fused, (2, 3, 48, 48), steps=2, memory_format=torch.channels_last)
 
 
 def test_memory_efficient_can_be_switched_off_and_leaves_eval_alone():
+    x = torch.randn(2, 3, 32, 32)
     tv, fused = build_pair("resnet18")
     resnet_fused.memory_efficient(fused)
-    x = torch.randn(2, 3, 64, 64)
     assert saved_activation_bytes(fused.train(), x) < saved_activation_bytes(copy.deepcopy(tv).train(), x)
     resnet_fused.memory_efficient(fused, False)
     assert saved_activation_bytes(fused, x) == saved_activation_bytes(copy.deepcopy(tv).train(), x)
+    # eval runs ops.conv_bn_act whatever the flag: compare on a fresh pair,
+    # since the train forwards above moved only the fused model's running stats
+    tv, fused = build_pair("resnet18")
     resnet_fused.memory_efficient(fused)
     tv.eval(), fused.eval()
     with torch.no_grad():

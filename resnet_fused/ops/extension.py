@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from resnet_fused.ops import common
+
 try:
     from resnet_fused import _C  # noqa: F401  (loading it registers the ops)
 
@@ -116,15 +118,20 @@ def batch_norm_act_train(
     return torch.ops.resnet_fused.batch_norm_act_fwd(x, weight, bias, eps, residual, relu)
 
 
+def batch_norm_act_backward(
+    grad_out: Tensor, x: Tensor, out: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
+    relu: bool, residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernel of `batch_norm_act_train`: (grad_x, grad_weight,
+    grad_bias, grad_residual or an empty tensor)."""
+    if _C is None:
+        raise RuntimeError(f"batch_norm_act_backward needs resnet_fused._C, which could not be loaded ({load_error})")
+    return torch.ops.resnet_fused.batch_norm_act_bwd(grad_out, x, out, weight, mean, invstd, relu, residual_grad)
+
+
 def _fake_channel_stats(x: Tensor) -> Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[1],), dtype=acc)
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 if _C is not None:
@@ -132,12 +139,12 @@ if _C is not None:
     @torch.library.register_fake("resnet_fused::batch_norm_act_fwd")
     def _batch_norm_act_fwd_fake(x, weight, bias, eps, residual, relu):
         torch._check(x.dim() == 4, lambda: f"batch_norm_act: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D")
-        out = torch.empty_like(x, memory_format=_layout(x))
+        out = torch.empty_like(x, memory_format=common.memory_format(x))
         return out, _fake_channel_stats(x), _fake_channel_stats(x), _fake_channel_stats(x)
 
     @torch.library.register_fake("resnet_fused::batch_norm_act_bwd")
     def _batch_norm_act_bwd_fake(grad_out, x, out, weight, mean, invstd, relu, residual_grad):
-        fmt = _layout(x)
+        fmt = common.memory_format(x)
         grad_res = torch.empty_like(x, memory_format=fmt) if residual_grad else x.new_empty((0,))
         return (
             torch.empty_like(x, memory_format=fmt),
@@ -146,33 +153,7 @@ if _C is not None:
             grad_res,
         )
 
-    def _bn_act_setup_context(ctx, inputs, output):
-        x, weight, bias, eps, residual, relu = inputs
-        out, mean, invstd, _ = output
-        # out only feeds the ReLU mask: without ReLU it is not kept (it would be
-        # one activation more than eager keeps, e.g. for the downsample BN)
-        ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
-        ctx.relu = relu
-        ctx.has_residual = residual is not None
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(*output[1:])
-
-    def _bn_act_backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
-        x, out, weight, mean, invstd = ctx.saved_tensors
-        out = x if out is None else out  # unread without ReLU
-        grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.batch_norm_act_bwd(
-            grad_out, x, out, weight, mean, invstd, ctx.relu, ctx.has_residual and ctx.needs_input_grad[4]
-        )
-        return (
-            grad_x if ctx.needs_input_grad[0] else None,
-            grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
-            grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None,
-            None,
-            grad_res if ctx.has_residual and ctx.needs_input_grad[4] else None,
-            None,
-        )
-
+    _bn_act_setup_context, _bn_act_backward = common.bn_autograd(batch_norm_act_backward)
     torch.library.register_autograd(
         "resnet_fused::batch_norm_act_fwd", _bn_act_backward, setup_context=_bn_act_setup_context
     )

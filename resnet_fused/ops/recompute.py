@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from resnet_fused.ops.common import memory_format
+
 
 def eager_forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
     out, mean, invstd = torch.ops.aten.native_batch_norm(
@@ -71,7 +73,7 @@ class ConvBatchNormAct(torch.autograd.Function):
         y = F.conv2d(x, weight, None, stride, padding, dilation, groups)  # recomputed
         out = y if out is None else out  # unread without ReLU
         grad_y, grad_g, grad_b, grad_r = ctx.bn_backward(
-            grad_out.contiguous(memory_format=_format(y)), y, out, bn_weight, mean, invstd, ctx.eps, ctx.relu,
+            grad_out.contiguous(memory_format=memory_format(y)), y, out, bn_weight, mean, invstd, ctx.eps, ctx.relu,
             ctx.has_residual and need_r,
         )
         del y
@@ -90,12 +92,6 @@ class ConvBatchNormAct(torch.autograd.Function):
             grad_r if need_r else None,
             None, None, None, None, None, None, None, None, None, None,
         )
-
-
-def _format(t: Tensor) -> torch.memory_format:
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def conv_bn_act_train(

@@ -40,11 +40,7 @@ def unavailable_reason() -> Optional[str]:
 if _import_error is None:
     from resnet_fused.ops.triton import library
 
-    _ops = {
-        "conv_bn_act": library.conv_bn_act,
-        "batch_norm_act": library.batch_norm_act,
-        "batch_norm_act_parts": library.BATCH_NORM_ACT_PARTS,
-    }
+    _ops = dict(library.OPS)
 else:
     _ops = {}
 

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from resnet_fused.ops.common import memory_format
+
 from resnet_fused.ops.triton import interpreting
 
 
@@ -231,12 +233,6 @@ FINAL_BLOCK_C = 128
 
 def _acc(x: Tensor):
     return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _view(t: Tensor) -> tuple[int, int, int]:

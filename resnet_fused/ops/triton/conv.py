@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from resnet_fused.ops.common import memory_format
+
 from resnet_fused.ops.triton import interpreting  # noqa: F401  (re-exported for tuning)
 
 
@@ -221,12 +223,7 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def output_like(x: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
 
 
 def needs_int64(*tensors: Optional[Tensor]) -> bool:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
-from resnet_fused.ops import reference
+from resnet_fused.ops import common, reference
 from resnet_fused.ops.triton import batch_norm, conv, tuning
 
 
@@ -135,52 +135,15 @@ def triton_batch_norm_act_bwd(
     return batch_norm.backward(grad_out, x, out, weight, mean, invstd, relu, residual_grad, kernels)
 
 
-def _bn_setup_context(ctx, inputs, output):
-    x, weight, bias, eps, residual, relu = inputs
-    out, mean, invstd, _ = output
-    # Saved: x and out (the next layer's input, which it keeps anyway) and
-    # 2·C statistics — see README "What training saves". out only feeds the
-    # ReLU mask: without ReLU it is not kept (it would be one activation more
-    # than eager keeps, e.g. for the downsample BN).
-    ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
-    ctx.relu = relu
-    ctx.has_residual = residual is not None
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _bn_backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
-    x, out, weight, mean, invstd = ctx.saved_tensors
-    out = x if out is None else out  # unread without ReLU
-    residual_grad = ctx.has_residual and ctx.needs_input_grad[4]
-    grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.triton_batch_norm_act_bwd(
-        grad_out, x, out, weight, mean, invstd, ctx.relu, residual_grad
-    )
-    return (
-        grad_x if ctx.needs_input_grad[0] else None,
-        grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
-        grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None,
-        None,
-        grad_res if residual_grad else None,
-        None,
-    )
-
-
+_bn_setup_context, _bn_backward = common.bn_autograd(triton_batch_norm_act_bwd)
 triton_batch_norm_act_fwd.register_autograd(_bn_backward, setup_context=_bn_setup_context)
 
 
 # ---- the `triton` backend's op implementations ------------------------------
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups) -> Tensor:
-    # Inference op: with autograd recording (fine-tuning with frozen BN) or
-    # float64 the differentiable reference runs instead.
-    if x.dtype == torch.float64 or _needs_grad(x, weight, scale, shift, residual):
+    if common.conv_bn_act_needs_reference(x, weight, scale, shift, residual):
         return reference.conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups)
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
@@ -190,38 +153,8 @@ def conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilati
     )
 
 
-def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu) -> Tensor:
-    from resnet_fused.ops.native import update_running_stats
-
-    if not training:
-        return reference.batch_norm_act(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu
-        )
-    if residual is not None and residual.dtype != x.dtype:
-        residual = residual.to(x.dtype)
-    out, mean, _, var = torch.ops.resnet_fused.triton_batch_norm_act_fwd(x, weight, bias, eps, residual, relu)
-    if running_mean is not None:
-        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum, x.numel() // x.shape[1])
-    return out
-
-
-def _parts_forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
-    from resnet_fused.ops.native import update_running_stats
-
-    if residual is not None and residual.dtype != x.dtype:
-        residual = residual.to(x.dtype)
-    out, mean, invstd, var = torch.ops.resnet_fused.triton_batch_norm_act_fwd(x, weight, bias, eps, residual, relu)
-    if running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
-    return out, mean, invstd
-
-
-def _parts_backward(grad_out, x, out, weight, mean, invstd, eps, relu, residual_grad):
-    grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.triton_batch_norm_act_bwd(
-        grad_out, x, out, weight, mean, invstd, relu, residual_grad
-    )
-    return grad_x, grad_w, grad_b, (grad_res if residual_grad else None)
-
-
-# for ops.conv_bn_act_train
-BATCH_NORM_ACT_PARTS = (_parts_forward, _parts_backward)
+OPS = {
+    "conv_bn_act": conv_bn_act,
+    **common.train_batch_norm_ops(triton_batch_norm_act_fwd, triton_batch_norm_act_bwd),
+}
+batch_norm_act = OPS["batch_norm_act"]

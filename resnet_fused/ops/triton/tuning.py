@@ -23,6 +23,8 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
+from resnet_fused.ops.common import is_channels_last
+
 from resnet_fused.ops.triton import conv
 
 CUDNN = "cudnn"
@@ -34,7 +36,7 @@ _choices: dict[tuple, Choice] = {}
 
 def key(x: Tensor, weight: Tensor, residual, relu, stride, padding, dilation, groups) -> tuple:
     return (
-        tuple(x.shape), tuple(weight.shape), x.dtype, conv._is_channels_last(x), conv._is_channels_last(weight),
+        tuple(x.shape), tuple(weight.shape), x.dtype, is_channels_last(x), is_channels_last(weight),
         residual is not None, stride, padding, dilation, groups, str(x.device),
         conv.input_precision(x.dtype),
     )

@@ -1,0 +1,117 @@
+"""What the kernel backends (`cpu`/`cuda` on `_C`, `triton`) share around
+their kernels: memory-format detection, the inference op's reference
+fallback, F.batch_norm's running-statistics update, and the train-mode
+`batch_norm_act` built from a (forward op, backward op) pair, with its
+autograd formula.
+
+A kernel pair has the schemas of `_C`'s `batch_norm_act_fwd`/`_bwd`:
+    fwd(x, weight, bias, eps, residual, relu) -> (out, mean, invstd, biased var)
+    bwd(grad_out, x, out, weight, mean, invstd, relu, residual_grad)
+        -> (grad_x, grad_weight, grad_bias, grad_residual or an empty tensor)
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from resnet_fused.ops import reference
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor that is channels_last- but not NCHW-contiguous
+    (the layout a kernel writes its output in), else contiguous_format."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def is_channels_last(t: Tensor) -> bool:
+    return memory_format(t) == torch.channels_last
+
+
+def conv_bn_act_needs_reference(x: Tensor, *tensors: Optional[Tensor]) -> bool:
+    """Whether a kernel backend's inference `conv_bn_act` hands the call to the
+    differentiable reference: float64 (the kernels' scale/shift are fp32) or
+    autograd recording through the call (BN-in-eval fine-tuning; the fused
+    inference kernels have no backward)."""
+    if x.dtype == torch.float64:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
+) -> None:
+    """F.batch_norm's update: unbiased variance, factor `momentum`, computed
+    in the batch statistics' dtype (fp32, fp64 for double) and rounded once."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean, momentum))
+        running_var.copy_(torch.lerp(running_var.to(var.dtype), unbiased, momentum))
+
+
+def bn_autograd(bwd: Callable) -> tuple[Callable, Callable]:
+    """(setup_context, backward) for a forward kernel op, to pass to
+    `torch.library.register_autograd`; `bwd` is the backward kernel op.
+
+    Saved: x, out (the next layer's input, which it keeps anyway) and 2·C
+    statistics — README "What training saves". out only feeds the ReLU mask,
+    so without ReLU it is not kept (it would be one activation more than
+    eager keeps, e.g. for the downsample BN)."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _eps, residual, relu = inputs
+        out, mean, invstd, _ = output
+        ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
+        ctx.relu = relu
+        ctx.has_residual = residual is not None
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
+        x, out, weight, mean, invstd = ctx.saved_tensors
+        out = x if out is None else out  # unread without ReLU
+        residual_grad = ctx.has_residual and ctx.needs_input_grad[4]
+        grad_x, grad_w, grad_b, grad_res = bwd(grad_out, x, out, weight, mean, invstd, ctx.relu, residual_grad)
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
+            grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None,
+            None,
+            grad_res if residual_grad else None,
+            None,
+        )
+
+    return setup_context, backward
+
+
+def train_batch_norm_ops(fwd: Callable, bwd: Callable) -> dict[str, Callable]:
+    """A backend's `batch_norm_act` and `batch_norm_act_parts` (for
+    `ops.conv_bn_act_train`, see `ops.recompute`) on a kernel pair. `fwd`
+    must be differentiable (autograd registered with `bn_autograd`)."""
+
+    def forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+        if residual is not None and residual.dtype != x.dtype:
+            residual = residual.to(x.dtype)
+        out, mean, invstd, var = fwd(x, weight, bias, eps, residual, relu)
+        if running_mean is not None:
+            update_running_stats(
+                running_mean, running_var, mean.detach(), var.detach(), momentum, x.numel() // x.shape[1]
+            )
+        return out, mean, invstd
+
+    def backward(grad_out, x, out, weight, mean, invstd, eps, relu, residual_grad):
+        grad_x, grad_w, grad_b, grad_res = bwd(grad_out, x, out, weight, mean, invstd, relu, residual_grad)
+        return grad_x, grad_w, grad_b, (grad_res if residual_grad else None)
+
+    def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu):
+        if not training:  # the inference epilogue; models use conv_bn_act for it
+            return reference.batch_norm_act(
+                x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu
+            )
+        return forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu)[0]
+
+    return {"batch_norm_act": batch_norm_act, "batch_norm_act_parts": (forward, backward)}
