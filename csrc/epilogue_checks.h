@@ -11,9 +11,12 @@ namespace resnet_fused {
 // Returns the memory format the kernels address `y` in. Both kernels need a
 // dense tensor in one of the two layouts; a strided view is rejected because
 // the op writes in place and cannot copy `y`.
+// A residual may also hold fewer channels than y, C_r, when
+// residual_channel_offset + C_r <= C: it is added to channels
+// [offset, offset + C_r) only (a zero-padded residual without the padding).
 inline at::MemoryFormat check_scale_shift_add_relu_args(
     const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-    const c10::optional<at::Tensor>& residual) {
+    const c10::optional<at::Tensor>& residual, int64_t residual_channel_offset = 0) {
   TORCH_CHECK(y.dim() == 4,
               "scale_shift_add_relu_: y must be a 4-D (N, C, H, W) tensor, got ",
               y.dim(), "-D");
@@ -47,9 +50,13 @@ inline at::MemoryFormat check_scale_shift_add_relu_args(
   at::assert_no_internal_overlap(y);
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    TORCH_CHECK(r.sizes() == y.sizes(),
-                "scale_shift_add_relu_: residual must have the shape of y ",
-                y.sizes(), ", got ", r.sizes());
+    const bool full = r.sizes() == y.sizes() && residual_channel_offset == 0;
+    TORCH_CHECK(full || (r.dim() == 4 && r.size(0) == y.size(0) && r.size(2) == y.size(2) &&
+                         r.size(3) == y.size(3) && residual_channel_offset >= 0 &&
+                         residual_channel_offset + r.size(1) <= C),
+                "scale_shift_add_relu_: residual must have the shape of y ", y.sizes(),
+                ", or y's with C_r channels where residual_channel_offset + C_r <= C; got ",
+                r.sizes(), " with residual_channel_offset=", residual_channel_offset);
     TORCH_CHECK(r.scalar_type() == y.scalar_type(),
                 "scale_shift_add_relu_: residual must have the dtype of y (",
                 y.scalar_type(), "), got ", r.scalar_type());
@@ -57,7 +64,11 @@ inline at::MemoryFormat check_scale_shift_add_relu_args(
                 r.device(), " but y is on ", y.device());
     // residual may be y itself (each element is read before it is written),
     // but not a different view into y's memory.
-    const auto overlap = at::get_overlap_status(y, r);
+    auto overlap = at::get_overlap_status(y, r);
+    // a strided residual (a subsampled view) is "too hard" to analyse; it is
+    // fine as long as it lives in other memory than y
+    if (overlap == at::MemOverlapStatus::TooHard && !y.storage().is_alias_of(r.storage()))
+      overlap = at::MemOverlapStatus::No;
     TORCH_CHECK(overlap == at::MemOverlapStatus::No ||
                     overlap == at::MemOverlapStatus::Full,
                 "scale_shift_add_relu_: residual partially overlaps y; pass y "
@@ -72,6 +83,14 @@ inline at::Tensor residual_in_layout(const c10::optional<at::Tensor>& residual,
                                      at::MemoryFormat fmt) {
   if (!residual.has_value()) return at::Tensor();
   return residual->contiguous(fmt);
+}
+
+// A residual with fewer channels than y as the full-channel tensor the
+// kernels without a channel offset need: materialised, zeros elsewhere.
+inline c10::optional<at::Tensor> residual_padded_to(const c10::optional<at::Tensor>& residual,
+                                                    int64_t channels, int64_t offset) {
+  if (!residual.has_value() || (residual->size(1) == channels && offset == 0)) return residual;
+  return at::constant_pad_nd(*residual, {0, 0, 0, 0, offset, channels - offset - residual->size(1)}, 0);
 }
 
 }  // namespace resnet_fused

@@ -22,9 +22,14 @@ TORCH_LIBRARY(resnet_fused, m) {
   // (fp64 for double y) and rounds once at the store. It returns nothing:
   // torch.compile can functionalize a custom op that mutates an input only
   // when the op does not also return an alias of it.
+  // The residual may hold fewer channels than y, C_r: it is then added to
+  // channels [residual_channel_offset, offset + C_r) only — the zero-padded
+  // option-A shortcut, whose subsampling is a strided view. The CPU kernel
+  // reads such a residual (and any strided one) in place; the CUDA kernel
+  // pads it to a dense tensor first.
   m.def(
       "scale_shift_add_relu_(Tensor(a!) y, Tensor scale, Tensor shift, "
-      "Tensor? residual, bool relu) -> ()");
+      "Tensor? residual, bool relu, int residual_channel_offset=0) -> ()");
 
   // Train-mode BatchNorm with batch statistics, + residual, ReLU:
   //   out = act((x - mean) * invstd * weight + bias + residual)

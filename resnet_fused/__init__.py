@@ -16,7 +16,18 @@ from resnet_fused.backends import (  # noqa: E402
     get_backend,
     set_backend,
 )
-from resnet_fused.convert import fuse, unfuse  # noqa: E402
+from resnet_fused.cifar import (  # noqa: E402
+    CifarBasicBlock,
+    CifarResNet,
+    cifar_resnet,
+    cifar_resnet20,
+    cifar_resnet32,
+    cifar_resnet44,
+    cifar_resnet56,
+    cifar_resnet110,
+    cifar_resnet1202,
+)
+from resnet_fused.convert import FuseReport, fuse, unfuse  # noqa: E402
 from resnet_fused.models import (  # noqa: E402
     FusedBasicBlock,
     FusedBottleneck,
@@ -44,6 +55,16 @@ __all__ = [
     "set_backend",
     "fuse",
     "unfuse",
+    "FuseReport",
+    "CifarResNet",
+    "CifarBasicBlock",
+    "cifar_resnet",
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+    "cifar_resnet110",
+    "cifar_resnet1202",
     "FusedResNet",
     "FusedBasicBlock",
     "FusedBottleneck",

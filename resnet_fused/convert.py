@@ -1,34 +1,44 @@
-"""Convert torchvision ResNet modules to fused ones and back.
+"""Convert models to fused ones and back.
 
-Conversion changes the class of each torchvision `ResNet`, `BasicBlock` and
-`Bottleneck` instance to its fused subclass (and back): parameters, buffers,
-hooks and state_dict keys are untouched, and nothing global is patched.
-Only exact torchvision classes are converted; a user subclass with its own
-forward is left alone.
+A model containing torchvision `ResNet`, `BasicBlock` or `Bottleneck`
+modules is converted by changing the class of each such instance to its fused
+subclass (and back): parameters, buffers, hooks and state_dict keys are
+untouched, and nothing global is patched. Only exact torchvision classes are
+converted; a user subclass with its own forward is left alone.
+
+Any other model is traced with torch.fx and its conv → BN [→ add] [→ ReLU]
+chains are rewritten into fused calls (`resnet_fused.fx`).
 """
 from __future__ import annotations
 
 import copy
+from typing import Union
 
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from resnet_fused.cifar import CifarBasicBlock, CifarResNet
+from resnet_fused.fx import FuseReport, fuse_graph
 from resnet_fused.models import FusedBasicBlock, FusedBottleneck, FusedResNet
 
-__all__ = ["fuse", "unfuse"]
+__all__ = ["FuseReport", "fuse", "unfuse"]
 
 _TO_FUSED = {ResNet: FusedResNet, BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 _TO_PLAIN = {fused: plain for plain, fused in _TO_FUSED.items()}
+# fused by construction, nothing to convert
+_NATIVE = (CifarResNet, CifarBasicBlock)
 
 
 def _swap_classes(model: nn.Module, mapping: dict, inplace: bool, what: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     known = set(_TO_FUSED) | set(_TO_PLAIN)
-    if not any(type(m) in known for m in model.modules()):
+    if not any(type(m) in known or (what == "fuse" and isinstance(m, _NATIVE)) for m in model.modules()):
         raise ValueError(
             f"{what}: model ({type(model).__name__}) contains no torchvision ResNet, BasicBlock or "
             "Bottleneck modules (nor fused ones) to convert"
+            + ("; the CIFAR ResNets have no unfused twin (backend('eager') runs them on torch ops)"
+               if any(isinstance(m, _NATIVE) for m in model.modules()) else "")
         )
     if not inplace:
         model = copy.deepcopy(model)
@@ -39,12 +49,41 @@ def _swap_classes(model: nn.Module, mapping: dict, inplace: bool, what: str) -> 
     return model
 
 
-def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Return `model` with its torchvision ResNet/BasicBlock/Bottleneck modules fused.
+def fuse(model: nn.Module, inplace: bool = False, report: bool = False) -> Union[nn.Module, tuple]:
+    """Return `model` fused; with `report=True`, `(model, FuseReport)`.
 
-    A copy unless `inplace=True`. Idempotent: fused modules stay as they are.
+    * Models containing torchvision ResNet/BasicBlock/Bottleneck modules (or
+      already fused ones): those modules are converted, in place with
+      `inplace=True`, else in a copy. Idempotent.
+    * Any other model: traced with torch.fx, and every conv → BN
+      [→ add(residual)] [→ ReLU] chain becomes one fused call; the result is
+      a `torch.fx.GraphModule` with the original's state_dict keys (see
+      `resnet_fused.fx` for what is fused and what is left alone, and
+      why). Always a copy (`inplace=True` is an error there). A model
+      torch.fx cannot trace, or one with nothing to fuse, is an error that
+      says why.
     """
-    return _swap_classes(model, _TO_FUSED, inplace, "fuse")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    known = tuple(_TO_FUSED) + tuple(_TO_PLAIN)
+    blocks = [name for name, m in model.named_modules() if type(m) in known or isinstance(m, _NATIVE)]
+    if blocks:
+        fused = _swap_classes(model, _TO_FUSED, inplace, "fuse")
+        summary = FuseReport("torchvision/resnet_fused modules", fused=[n or type(model).__name__ for n in blocks])
+        return (fused, summary) if report else fused
+    if inplace:
+        raise ValueError(
+            f"fuse: {type(model).__name__} has no torchvision ResNet blocks, so it is fused by a torch.fx graph "
+            "rewrite, which builds a new module; call fuse(model) without inplace=True"
+        )
+    graph_module, summary = fuse_graph(copy.deepcopy(model))
+    if not summary.fused:
+        why = "".join(f"; {name}: {reason}" for name, reason in summary.unfused)
+        raise ValueError(
+            f"fuse: {type(model).__name__} contains no torchvision ResNet blocks and no conv → BatchNorm chain "
+            f"that can be fused{why or ' (no nn.Conv2d followed by a BatchNorm2d was found)'}"
+        )
+    return (graph_module, summary) if report else graph_module
 
 
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -28,6 +28,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from resnet_fused import ops
+from resnet_fused.ops import common
 
 MODEL_NAMES = (
     "resnet18",
@@ -130,37 +131,43 @@ def conv_norm_act(
     residual: Optional[Tensor] = None,
     relu: bool = True,
     recompute: bool = False,
+    residual_channel_offset: Optional[int] = None,
 ) -> Tensor:
     """`act(norm(conv(x)) + residual)` through the fused ops where the modules
     allow. `recompute`: in training, keep no convolution output for backward
-    (`ops.conv_bn_act_train`)."""
+    (`ops.conv_bn_act_train`). `residual_channel_offset`: the residual has
+    fewer channels and fills output channels from there (see
+    `ops.conv_bn_act`)."""
     norm_type = type(norm)
     if norm_type is not nn.BatchNorm2d and norm_type is not FrozenBatchNorm2d:
         _warn_unfused(norm, "norm layer")
-        return _unfused(norm(conv(x)), residual, relu)
+        return _unfused(norm(conv(x)), residual, relu, residual_channel_offset)
     if not _fusable_conv(conv):
         _warn_unfused(conv, "convolution")
-        return _unfused(norm(conv(x)), residual, relu)
+        return _unfused(norm(conv(x)), residual, relu, residual_channel_offset)
     if norm_type is FrozenBatchNorm2d or _uses_running_stats(norm):
         scale, shift = bn_scale_shift(norm)
         if conv.bias is not None:
             shift = shift + conv.bias.float() * scale
         return ops.conv_bn_act(
-            x, conv.weight, scale, shift, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups
+            x, conv.weight, scale, shift, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups,
+            residual_channel_offset,
         )
     mean, var, momentum = _batch_norm_args(norm)
     if recompute and conv.bias is None and torch.is_grad_enabled():
         return ops.conv_bn_act_train(
             x, conv.weight, norm.weight, norm.bias, mean, var, momentum, norm.eps, residual, relu,
-            conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.stride, conv.padding, conv.dilation, conv.groups, residual_channel_offset,
         )
     return ops.batch_norm_act(
-        conv(x), norm.weight, norm.bias, mean, var, True, momentum, norm.eps, residual, relu
+        conv(x), norm.weight, norm.bias, mean, var, True, momentum, norm.eps, residual, relu, residual_channel_offset
     )
 
 
-def _unfused(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+def _unfused(y: Tensor, residual: Optional[Tensor], relu: bool, residual_channel_offset: Optional[int] = None) -> Tensor:
     if residual is not None:
+        if residual_channel_offset is not None:
+            residual = common.pad_residual(residual, y.shape[1], residual_channel_offset)
         y = y + residual
     return torch.relu(y) if relu else y
 
@@ -174,10 +181,22 @@ def memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
     backward: each conv+BN pair recomputes its convolution in backward
     (`ops.conv_bn_act_train`). Roughly halves the activations a ResNet keeps
     for backward, for one extra convolution forward per pair (README, "What
-    training saves"). Same results; affects training only. Returns `model`."""
+    training saves"). Same results; affects training only. Returns `model`.
+
+    Applies to the fused torchvision and CIFAR modules in `model`; a model
+    with none of them is an error."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = False
     for m in model.modules():
-        if isinstance(m, (FusedResNet, FusedBasicBlock, FusedBottleneck)):
+        if hasattr(type(m), "_resnet_fused_recompute"):
             m._resnet_fused_recompute = bool(enabled)
+            found = True
+    if not found:
+        raise ValueError(
+            f"memory_efficient: model ({type(model).__name__}) contains no resnet_fused modules; "
+            "build it with resnet_fused (resnet50(), cifar_resnet20(), ...) or convert it with fuse() first"
+        )
     return model
 
 
@@ -199,6 +218,8 @@ def _relu_is_plain(module: nn.Module) -> bool:
 class FusedBasicBlock(BasicBlock):
     """torchvision BasicBlock; forward = two fused conv+BN(+add)+ReLU kernels."""
 
+    _resnet_fused_recompute = False
+
     def forward(self, x: Tensor) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
@@ -210,6 +231,8 @@ class FusedBasicBlock(BasicBlock):
 
 class FusedBottleneck(Bottleneck):
     """torchvision Bottleneck; forward = three fused kernels, the last with the residual."""
+
+    _resnet_fused_recompute = False
 
     def forward(self, x: Tensor) -> Tensor:
         if not _relu_is_plain(self.relu):
@@ -230,6 +253,8 @@ class FusedResNet(ResNet):
     Takes torchvision's arguments; `block` may be a torchvision block class
     (BasicBlock/Bottleneck) or its fused counterpart.
     """
+
+    _resnet_fused_recompute = False
 
     def __init__(self, block, layers, **kwargs) -> None:
         super().__init__(_FUSED_BLOCK.get(block, block), layers, **kwargs)

@@ -47,18 +47,19 @@ def assert_equivalent(
     )
 
 
-def randomize_norms(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+def randomize_norms(model: torch.nn.Module, seed: int = 1, last_norms=()) -> torch.nn.Module:
     """Non-trivial BN state: random γ, β, running mean and variance.
 
     The last BN of each residual block gets γ in [0.1, 0.4], as in trained
     ResNets: with γ ≥ 0.5 there too, every block amplifies the residual stream
     and three SGD steps on a 100-layer net reach losses of 1e33, a chaotic
-    problem on which no two implementations (not even two fp64 ones) agree."""
+    problem on which no two implementations (not even two fp64 ones) agree.
+    `last_norms`: those BNs of models not built from torchvision blocks."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     g = torch.Generator().manual_seed(seed)
-    last_norms = set()
+    last_norms = {id(m) for m in last_norms}
     for m in model.modules():
         if isinstance(m, Bottleneck):
             last_norms.add(id(m.bn3))

@@ -71,9 +71,14 @@ def test_fuse_leaves_user_subclasses_alone():
     assert type(fused[0]) is MyBlock and type(fused[1]) is resnet_fused.FusedBasicBlock
 
 
-def test_fuse_rejects_models_without_resnet_blocks():
-    with pytest.raises(ValueError, match="contains no torchvision ResNet, BasicBlock or Bottleneck"):
-        resnet_fused.fuse(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
+def test_fuse_without_resnet_blocks_rewrites_the_graph_or_says_why_not():
+    # no torchvision blocks: the torch.fx rewrite (tests/test_fx.py) takes over
+    fused = resnet_fused.fuse(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
+    assert isinstance(fused, torch.fx.GraphModule)
+    with pytest.raises(ValueError, match="contains no torchvision ResNet blocks and no conv → BatchNorm chain"):
+        resnet_fused.fuse(torch.nn.Sequential(torch.nn.Linear(3, 8)))
+    with pytest.raises(ValueError, match="unfuse: model \\(Sequential\\) contains no torchvision ResNet, BasicBlock"):
+        resnet_fused.unfuse(torch.nn.Sequential(torch.nn.Linear(3, 8)))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         resnet_fused.fuse("resnet50")
 

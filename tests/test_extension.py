@@ -289,3 +289,48 @@ def test_batch_norm_act_residual_aliasing_input():
     ref = torch.relu((x.double() - mean) / (var + 1e-5).sqrt() * w.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1) + x.double())
     assert torch.equal(x, x_before)
     assert_equivalent(out, ref, OP_TOL[torch.float32])
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("y_format", [torch.contiguous_format, torch.channels_last], ids=["y_nchw", "y_nhwc"])
+@pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["x_nchw", "x_nhwc"])
+@pytest.mark.parametrize("offset", [0, 3, 6])
+def test_narrow_strided_residual_is_read_in_place(offset, x_format, y_format, dtype):
+    """The option-A shortcut: a stride-2 view of the block input with fewer
+    channels, added to channels [offset, offset + C_r): equal to adding the
+    zero-padded copy, without making it."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 6, 10, 9, generator=g).to(dtype).to(memory_format=x_format)
+    view = x[:, :, ::2, ::2]
+    y = torch.randn(3, 12, 5, 5, generator=g).to(dtype).to(memory_format=y_format)
+    scale, shift = torch.rand(12, generator=g) + 0.5, torch.randn(12, generator=g)
+    padded = torch.nn.functional.pad(view, (0, 0, 0, 0, offset, 12 - 6 - offset))
+    for relu in (True, False):
+        got, want = y.clone(), y.clone()
+        extension.scale_shift_add_relu_(got, scale, shift, view, relu, offset)
+        extension.scale_shift_add_relu_(want, scale, shift, padded.contiguous(memory_format=y_format), relu)
+        assert torch.equal(got, want)  # same per-element arithmetic, bit for bit
+        assert got.is_contiguous(memory_format=y_format)
+        assert_equivalent(got, reference64(y, scale, shift, padded, relu).to(dtype), OP_TOL[dtype])
+
+
+@pytestmark_ext
+def test_narrow_residual_bad_offsets():
+    y = torch.randn(2, 8, 3, 3)
+    res = torch.randn(2, 4, 3, 3)
+    for offset in (-1, 5):
+        with pytest.raises(RuntimeError, match=f"residual_channel_offset \\+ C_r <= C; got .* residual_channel_offset={offset}"):
+            extension.scale_shift_add_relu_(y, torch.ones(8), torch.zeros(8), res, True, offset)
+    with pytest.raises(RuntimeError, match="residual must have the shape of y"):
+        extension.scale_shift_add_relu_(y, torch.ones(8), torch.zeros(8), torch.randn(2, 4, 3, 2), True, 2)
+    # a strided view into y itself would be read while y is written
+    with pytest.raises(RuntimeError, match="residual partially overlaps y"):
+        extension.scale_shift_add_relu_(y, torch.ones(8), torch.zeros(8), y[:, :4], True, 4)
+
+
+@pytestmark_ext
+def test_opcheck_narrow_residual():
+    y = torch.randn(2, 8, 3, 4).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 8)
+    torch.library.opcheck(op.default, (y, torch.rand(8), torch.randn(8), x[:, :, ::2, ::2], True, 2))

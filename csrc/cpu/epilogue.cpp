@@ -12,12 +12,30 @@ namespace resnet_fused {
 namespace {
 
 void scale_shift_add_relu_cpu(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                              const c10::optional<at::Tensor>& residual, bool relu) {
-  const at::MemoryFormat fmt = check_scale_shift_add_relu_args(y, scale, shift, residual);
+                              const c10::optional<at::Tensor>& residual, bool relu,
+                              int64_t residual_channel_offset) {
+  const at::MemoryFormat fmt =
+      check_scale_shift_add_relu_args(y, scale, shift, residual, residual_channel_offset);
   if (y.numel() == 0) return;
-  const at::Tensor res = residual_in_layout(residual, fmt);
   const at::Tensor scale_c = scale.contiguous();
   const at::Tensor shift_c = shift.contiguous();
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  if (residual.has_value() && !(residual->sizes() == y.sizes() && residual->is_contiguous(fmt))) {
+    // narrower (channel offset), strided or in the other layout: read in place
+    const at::Tensor& r = *residual;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, y.scalar_type(), "scale_shift_add_relu_cpu_strided", [&] {
+          const cpu::StridedResidual<scalar_t> view{
+              r.const_data_ptr<scalar_t>(), r.stride(0), r.stride(1), r.stride(2), r.stride(3),
+              residual_channel_offset, r.size(1)};
+          cpu::scale_shift_add_act_strided<scalar_t, float>(
+              y.data_ptr<scalar_t>(), view, scale_c.const_data_ptr<float>(),
+              shift_c.const_data_ptr<float>(), channels_last, y.size(0), y.size(1), y.size(2),
+              y.size(3), relu);
+        });
+    return;
+  }
+  const at::Tensor res = residual_in_layout(residual, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, y.scalar_type(), "scale_shift_add_relu_cpu", [&] {
         cpu::scale_shift_add_act<scalar_t, float>(

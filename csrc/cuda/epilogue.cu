@@ -14,11 +14,16 @@ namespace resnet_fused {
 namespace {
 
 void scale_shift_add_relu_cuda(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                               const c10::optional<at::Tensor>& residual, bool relu) {
-  const at::MemoryFormat fmt = check_scale_shift_add_relu_args(y, scale, shift, residual);
+                               const c10::optional<at::Tensor>& residual, bool relu,
+                               int64_t residual_channel_offset) {
+  const at::MemoryFormat fmt =
+      check_scale_shift_add_relu_args(y, scale, shift, residual, residual_channel_offset);
   if (y.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(y.device());
-  const at::Tensor res = residual_in_layout(residual, fmt);
+  // the vectorised kernel reads a dense residual in y's layout: a narrower or
+  // strided one is padded/copied first (the triton backend reads it in place)
+  const at::Tensor res = residual_in_layout(
+      residual_padded_to(residual, y.size(1), residual_channel_offset), fmt);
   const at::Tensor scale_c = scale.contiguous();
   const at::Tensor shift_c = shift.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from resnet_fused import backends
-from resnet_fused.ops import recompute, reference
+from resnet_fused.ops import common, recompute, reference
 
 __all__ = ["conv_bn_act", "batch_norm_act", "conv_bn_act_train"]
 
@@ -68,13 +68,36 @@ def _check_device(name: str, t: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must be on one device")
 
 
-def _check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor) -> None:
+def _check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor, channel_offset: Optional[int] = None) -> None:
+    if channel_offset is not None and (not isinstance(channel_offset, int) or isinstance(channel_offset, bool)):
+        raise TypeError(f"residual_channel_offset must be an int or None, got {channel_offset!r}")
     if residual is None:
         return
     _check_activation("residual", residual)
     _check_device("residual", residual, x.device)
-    if tuple(residual.shape) != tuple(shape):
-        raise ValueError(f"residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
+    if channel_offset is None:
+        if tuple(residual.shape) != tuple(shape):
+            raise ValueError(f"residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
+        return
+    n, k, p, q = shape
+    c = residual.shape[1]
+    if (residual.shape[0], residual.shape[2], residual.shape[3]) != (n, p, q) or not 0 <= channel_offset <= k - c:
+        raise ValueError(
+            f"with residual_channel_offset={channel_offset}, residual must have shape ({n}, C, {p}, {q}) with "
+            f"0 <= {channel_offset} <= {k} - C (it fills output channels [offset, offset + C)); "
+            f"got {tuple(residual.shape)}"
+        )
+
+
+def _call_with_residual(impl, args_before: tuple, residual, args_after: tuple, channels: int, offset):
+    """impl(*args_before, residual, *args_after), handing a channel-padded
+    residual (DESIGN §4: residual_channel_offset) to implementations that read
+    it in place, and a materialised zero-padded copy to the others."""
+    if residual is None or offset is None:
+        return impl(*args_before, residual, *args_after)
+    if getattr(impl, "reads_padded_residual", False):
+        return impl(*args_before, residual, *args_after, residual_channel_offset=offset)
+    return impl(*args_before, common.pad_residual(residual, channels, offset), *args_after)
 
 
 def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,6 +162,7 @@ def conv_bn_act(
     padding: IntPair = 0,
     dilation: IntPair = 1,
     groups: int = 1,
+    residual_channel_offset: Optional[int] = None,
 ) -> Tensor:
     """`act(conv2d(x, weight) * scale[k] + shift[k] + residual)` in one pass.
 
@@ -146,14 +170,24 @@ def conv_bn_act(
     `γ / sqrt(var + eps)` and `β − mean·scale` from a BatchNorm in eval mode;
     see `resnet_fused.models.bn_scale_shift`. The epilogue runs in fp32 and the
     result has x's dtype and memory format (NCHW or channels_last).
+
+    `residual_channel_offset` (an int) allows a residual with fewer channels
+    than the output, (N, C_r, P, Q): it is added to output channels
+    [offset, offset + C_r) and the others get none — the zero-padded identity
+    shortcut of the ResNet paper's option A, whose spatial subsampling is a
+    strided view (`x[:, :, ::2, ::2]`) that is also read in place. Backends
+    that cannot read it in place get a zero-padded copy.
     """
     x, weight, stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
     _check_channel_vector("scale", scale, k, x.device)
     _check_channel_vector("shift", shift, k, x.device)
-    _check_residual(residual, out_shape, x)
+    _check_residual(residual, out_shape, x, residual_channel_offset)
     impl = backends.resolve("conv_bn_act", x.device)
-    return impl(x, weight, scale, shift, residual, bool(relu), stride, padding, dilation, groups)
+    return _call_with_residual(
+        impl, (x, weight, scale, shift), residual, (bool(relu), stride, padding, dilation, groups), k,
+        residual_channel_offset,
+    )
 
 
 def batch_norm_act(
@@ -167,6 +201,7 @@ def batch_norm_act(
     eps: float = 1e-5,
     residual: Optional[Tensor] = None,
     relu: bool = True,
+    residual_channel_offset: Optional[int] = None,
 ) -> Tensor:
     """`act(F.batch_norm(x, ...) + residual)` with F.batch_norm's exact semantics.
 
@@ -174,6 +209,7 @@ def batch_norm_act(
     the unbiased batch variance and factor `momentum`; the caller (the module)
     owns `num_batches_tracked` and passes the cumulative-average factor when
     its momentum is None. Differentiable in x, weight, bias and residual.
+    `residual_channel_offset`: as in `conv_bn_act`.
     """
     _check_activation("x", x)
     channels = x.shape[1]
@@ -191,9 +227,12 @@ def batch_norm_act(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}"
         )
-    _check_residual(residual, tuple(x.shape), x)
+    _check_residual(residual, tuple(x.shape), x, residual_channel_offset)
     impl = backends.resolve("batch_norm_act", x.device)
-    return impl(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps), residual, bool(relu))
+    return _call_with_residual(
+        impl, (x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps)), residual,
+        (bool(relu),), channels, residual_channel_offset,
+    )
 
 
 def conv_bn_act_train(
@@ -211,13 +250,15 @@ def conv_bn_act_train(
     padding: IntPair = 0,
     dilation: IntPair = 1,
     groups: int = 1,
+    residual_channel_offset: Optional[int] = None,
 ) -> Tensor:
     """`act(F.batch_norm(conv2d(x, weight), training=True) + residual)`,
     keeping no convolution output for backward: the convolution is recomputed
     there (one more convolution forward per call, one activation tensor less
     held per call). Same semantics, arguments and running-statistics update
     as `conv2d` followed by `batch_norm_act(..., training=True)`; the BN half
-    runs on the selected backend's train-mode kernels."""
+    runs on the selected backend's train-mode kernels. `residual_channel_offset`:
+    as in `conv_bn_act` (here the padded residual is always materialised)."""
     x, weight, stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
@@ -233,7 +274,9 @@ def conv_bn_act_train(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got a convolution output of shape {out_shape}"
         )
-    _check_residual(residual, out_shape, x)
+    _check_residual(residual, out_shape, x, residual_channel_offset)
+    if residual_channel_offset is not None:
+        residual = common.pad_residual(residual, k, residual_channel_offset)
     parts = backends.resolve("batch_norm_act_parts", x.device)
     return recompute.conv_bn_act_train(
         parts, x, weight, bn_weight, bn_bias, running_mean, running_var, float(momentum), float(eps),

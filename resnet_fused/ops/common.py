@@ -52,6 +52,15 @@ def update_running_stats(
         running_var.copy_(torch.lerp(running_var.to(var.dtype), unbiased, momentum))
 
 
+def pad_residual(residual: Optional[Tensor], channels: int, offset: int) -> Optional[Tensor]:
+    """The residual as a full `channels`-channel tensor: its channels placed at
+    [offset, offset + its channels), zeros elsewhere (materialised; for the
+    paths whose kernels cannot read a padded residual in place)."""
+    if residual is None or residual.shape[1] == channels:
+        return residual
+    return torch.nn.functional.pad(residual, (0, 0, 0, 0, offset, channels - offset - residual.shape[1]))
+
+
 def bn_autograd(bwd: Callable) -> tuple[Callable, Callable]:
     """(setup_context, backward) for a forward kernel op, to pass to
     `torch.library.register_autograd`; `bwd` is the backward kernel op.
@@ -62,7 +71,11 @@ def bn_autograd(bwd: Callable) -> tuple[Callable, Callable]:
     eager keeps, e.g. for the downsample BN)."""
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, _eps, residual, relu = inputs
+        # a forward op that reads padded residuals takes one more input, the
+        # residual's channel offset; its backward op then takes the
+        # residual's channel count and that offset
+        x, weight, bias, _eps, residual, relu, *padding = inputs
+        ctx.padding = [residual.shape[1] if residual is not None else -1, *padding] if padding else []
         out, mean, invstd, _ = output
         ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
         ctx.relu = relu
@@ -75,7 +88,9 @@ def bn_autograd(bwd: Callable) -> tuple[Callable, Callable]:
         x, out, weight, mean, invstd = ctx.saved_tensors
         out = x if out is None else out  # unread without ReLU
         residual_grad = ctx.has_residual and ctx.needs_input_grad[4]
-        grad_x, grad_w, grad_b, grad_res = bwd(grad_out, x, out, weight, mean, invstd, ctx.relu, residual_grad)
+        grad_x, grad_w, grad_b, grad_res = bwd(
+            grad_out, x, out, weight, mean, invstd, ctx.relu, residual_grad, *ctx.padding
+        )
         return (
             grad_x if ctx.needs_input_grad[0] else None,
             grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
@@ -83,20 +98,27 @@ def bn_autograd(bwd: Callable) -> tuple[Callable, Callable]:
             None,
             grad_res if residual_grad else None,
             None,
+            *([None] * (len(ctx.padding) - 1)),
         )
 
     return setup_context, backward
 
 
-def train_batch_norm_ops(fwd: Callable, bwd: Callable) -> dict[str, Callable]:
+def train_batch_norm_ops(fwd: Callable, bwd: Callable, reads_padded_residual: bool = False) -> dict[str, Callable]:
     """A backend's `batch_norm_act` and `batch_norm_act_parts` (for
     `ops.conv_bn_act_train`, see `ops.recompute`) on a kernel pair. `fwd`
-    must be differentiable (autograd registered with `bn_autograd`)."""
+    must be differentiable (autograd registered with `bn_autograd`).
+    `reads_padded_residual`: fwd takes a residual channel offset and reads a
+    residual with fewer channels in place (see `ops.batch_norm_act`)."""
 
-    def forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+    def forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu, residual_channel_offset=0):
         if residual is not None and residual.dtype != x.dtype:
             residual = residual.to(x.dtype)
-        out, mean, invstd, var = fwd(x, weight, bias, eps, residual, relu)
+        if reads_padded_residual:
+            out, mean, invstd, var = fwd(x, weight, bias, eps, residual, relu, residual_channel_offset)
+        else:
+            residual = pad_residual(residual, x.shape[1], residual_channel_offset)
+            out, mean, invstd, var = fwd(x, weight, bias, eps, residual, relu)
         if running_mean is not None:
             update_running_stats(
                 running_mean, running_var, mean.detach(), var.detach(), momentum, x.numel() // x.shape[1]
@@ -107,11 +129,17 @@ def train_batch_norm_ops(fwd: Callable, bwd: Callable) -> dict[str, Callable]:
         grad_x, grad_w, grad_b, grad_res = bwd(grad_out, x, out, weight, mean, invstd, relu, residual_grad)
         return grad_x, grad_w, grad_b, (grad_res if residual_grad else None)
 
-    def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu):
+    def batch_norm_act(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu, residual_channel_offset=0
+    ):
         if not training:  # the inference epilogue; models use conv_bn_act for it
             return reference.batch_norm_act(
-                x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu
+                x, weight, bias, running_mean, running_var, training, momentum, eps,
+                pad_residual(residual, x.shape[1], residual_channel_offset), relu,
             )
-        return forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu)[0]
+        return forward(
+            x, weight, bias, running_mean, running_var, momentum, eps, residual, relu, residual_channel_offset
+        )[0]
 
+    batch_norm_act.reads_padded_residual = reads_padded_residual
     return {"batch_norm_act": batch_norm_act, "batch_norm_act_parts": (forward, backward)}

@@ -30,6 +30,7 @@ except ImportError as e:  # not built, or built against another torch
     )
 
 OP_NAMES = ("scale_shift_add_relu_", "batch_norm_act_fwd", "batch_norm_act_bwd")
+_reasons: dict[str, Optional[str]] = {}
 
 
 def is_loaded() -> bool:
@@ -52,7 +53,15 @@ if _C is None:
 
 
 def unavailable_reason(dispatch_key: str) -> Optional[str]:
-    """None if `_C` has kernels for `dispatch_key`, else why not."""
+    """None if `_C` has kernels for `dispatch_key`, else why not. Computed
+    once per key (what `_C` registered does not change after loading), so
+    that code traced by torch.compile only reads a dict."""
+    if dispatch_key not in _reasons:
+        _reasons[dispatch_key] = _unavailable_reason(dispatch_key)
+    return _reasons[dispatch_key]
+
+
+def _unavailable_reason(dispatch_key: str) -> Optional[str]:
     if not is_loaded():
         return _load_failure_reason()
     if not all(has_kernel(op, dispatch_key) for op in OP_NAMES):
@@ -66,23 +75,27 @@ def unavailable_reason(dispatch_key: str) -> Optional[str]:
 
 
 def scale_shift_add_relu_(
-    y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None, relu: bool = True
+    y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None, relu: bool = True,
+    residual_channel_offset: int = 0,
 ) -> Tensor:
     """In place: `y = act(y * scale[c] + shift[c] + residual)`; returns y.
 
     y is NCHW- or channels_last-contiguous; scale/shift are fp32 vectors of
-    length C; residual has y's shape and dtype (any layout; y itself is allowed).
+    length C; residual has y's dtype and shape (any strides; y itself is
+    allowed) or y's shape with C_r <= C - residual_channel_offset channels,
+    added to channels [offset, offset + C_r) only. The CPU kernel reads any
+    residual in place, without a copy.
     """
     if _C is None:
         raise RuntimeError(f"scale_shift_add_relu_ needs resnet_fused._C, which could not be loaded ({load_error})")
-    torch.ops.resnet_fused.scale_shift_add_relu_(y, scale, shift, residual, relu)
+    torch.ops.resnet_fused.scale_shift_add_relu_(y, scale, shift, residual, relu, residual_channel_offset)
     return y
 
 
 if _C is not None:
 
     @torch.library.register_fake("resnet_fused::scale_shift_add_relu_")
-    def _scale_shift_add_relu_fake(y, scale, shift, residual, relu):
+    def _scale_shift_add_relu_fake(y, scale, shift, residual, relu, residual_channel_offset=0):
         # Mirrors csrc/epilogue_checks.h for tracing (torch.compile, meta tensors).
         prefix = "scale_shift_add_relu_: "
         torch._check(y.dim() == 4, lambda: f"{prefix}y must be a 4-D (N, C, H, W) tensor, got {y.dim()}-D")
@@ -157,3 +170,7 @@ if _C is not None:
     torch.library.register_autograd(
         "resnet_fused::batch_norm_act_fwd", _bn_act_backward, setup_context=_bn_act_setup_context
     )
+
+
+for _key in ("CPU", "CUDA"):
+    unavailable_reason(_key)

@@ -23,13 +23,21 @@ from resnet_fused import backends
 from resnet_fused.ops import common, extension, reference
 
 
-def conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups) -> Tensor:
+def conv_bn_act(
+    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset=0
+) -> Tensor:
     if common.conv_bn_act_needs_reference(x, weight, scale, shift, residual):
+        residual = common.pad_residual(residual, weight.shape[0], residual_channel_offset)
         return reference.conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups)
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     if residual is not None and residual.dtype != y.dtype:
         residual = residual.to(y.dtype)
-    return extension.scale_shift_add_relu_(y, scale.float(), shift.float(), residual, relu)
+    return extension.scale_shift_add_relu_(y, scale.float(), shift.float(), residual, relu, residual_channel_offset)
+
+
+# the epilogue kernel takes the narrower residual (CPU: read in place; CUDA:
+# padded inside the op)
+conv_bn_act.reads_padded_residual = True
 
 
 def _cpu_unavailable() -> Optional[str]:

@@ -47,6 +47,20 @@ def _row_offsets(rows, L, s_n, s_l):
 
 
 @triton.jit
+def _residual_offsets(rows, offs_c, L, W, r_n, r_c, r_h, r_w, R_C0, R_CN):
+    """Offsets and channel mask of a residual read through its 4 strides (so
+    a strided view such as x[:, :, ::2, ::2] is read in place), holding
+    output channels [R_C0, R_C0 + R_CN); the others get no residual (the
+    zero-padded option-A shortcut, never materialised)."""
+    n = rows // L
+    l = rows - n * L
+    h = l // W
+    rc = offs_c - R_C0
+    off = (n * r_n + h * r_h + (l - h * W) * r_w)[:, None] + (rc * r_c)[None, :]
+    return off, (rc >= 0) & (rc < R_CN)
+
+
+@triton.jit
 def _bn_stats_partial_kernel(
     x_ptr, part_ptr,
     C, L, ROWS, s_n, s_c, s_l, ROWS_PER_CHUNK,
@@ -111,7 +125,7 @@ def _bn_stats_final_kernel(
 @triton.jit
 def _bn_act_apply_kernel(
     x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
-    C, L, ROWS, s_n, s_c, s_l, r_n, r_c, r_l,
+    C, L, W, ROWS, s_n, s_c, s_l, r_n, r_c, r_h, r_w, R_C0, R_CN,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -129,8 +143,8 @@ def _bn_act_apply_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
     if HAS_RESIDUAL:
-        r_off = _row_offsets(rows, L, r_n, r_l)[:, None] + (offs_c * r_c)[None, :]
-        y += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(ACC)
+        r_off, r_mask = _residual_offsets(rows, offs_c, L, W, r_n, r_c, r_h, r_w, R_C0, R_CN)
+        y += tl.load(res_ptr + r_off, mask=mask & r_mask[None, :], other=0.0).to(ACC)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -188,7 +202,7 @@ def _bn_act_bwd_final_kernel(
 @triton.jit
 def _bn_act_bwd_apply_kernel(
     grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr, w_ptr, sum_g_ptr, grad_w_ptr, dx_ptr, dres_ptr,
-    C, L, ROWS, s_n, s_c, s_l, g_n, g_c, g_l,
+    C, L, W, ROWS, s_n, s_c, s_l, g_n, g_c, g_l, d_n, d_c, d_h, d_w, R_C0, R_CN,
     HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, RESIDUAL_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -215,7 +229,8 @@ def _bn_act_bwd_apply_kernel(
     dx = (g - mean_g[None, :] - (x - mean[None, :]) * coef[None, :]) * gamma_invstd[None, :]
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if RESIDUAL_GRAD:
-        tl.store(dres_ptr + off, g.to(dres_ptr.dtype.element_ty), mask=mask)
+        d_off, d_mask = _residual_offsets(rows, offs_c, L, W, d_n, d_c, d_h, d_w, R_C0, R_CN)
+        tl.store(dres_ptr + d_off, g.to(dres_ptr.dtype.element_ty), mask=mask & d_mask[None, :])
 
 
 # Tiles. The elementwise kernels read BLOCK_R × BLOCK_C tiles; the reductions
@@ -256,9 +271,12 @@ def forward(
     residual: Optional[Tensor],
     relu: bool,
     kernels: dict,
+    residual_channel_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, mean, invstd, biased var). `kernels` maps kernel names to the
-    launchers to use (raw or wrap_triton-wrapped)."""
+    launchers to use (raw or wrap_triton-wrapped). The residual (any strides)
+    may hold fewer channels than x: output channels [offset, offset + its
+    channels) get it, the others nothing."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     n, c, h, w = x.shape
@@ -278,13 +296,9 @@ def forward(
         x, part, mean, invstd, var, c, s_c, chunks, eps, ACC=acc_tl, BLOCK_C=FINAL_BLOCK_C
     )
     res = residual if residual is not None else x
-    r_n, r_c, _, r_l = res.stride()
-    if residual is not None and res.stride(2) != res.shape[3] * r_l:
-        res = res.contiguous(memory_format=fmt)  # (h, w) must flatten to l
-        r_n, r_c, _, r_l = res.stride()
     kernels["apply"][(triton.cdiv(rows, BLOCK_R), triton.cdiv(c, BLOCK_C))](
         x, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean, res, out,
-        c, l, rows, s_n, s_c, s_l, r_n, r_c, r_l,
+        c, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
     )
@@ -301,8 +315,12 @@ def backward(
     relu: bool,
     residual_grad: bool,
     kernels: dict,
+    residual_channels: int = -1,
+    residual_channel_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_bias, grad_residual or an empty tensor)."""
+    """(grad_x, grad_weight, grad_bias, grad_residual or an empty tensor).
+    grad_residual has `residual_channels` channels (-1: all of x's), the
+    gradient of output channels [offset, offset + residual_channels)."""
     fmt = memory_format(x)
     n, c, h, w = x.shape
     rows, l = n * h * w, h * w
@@ -323,11 +341,13 @@ def backward(
         part, invstd, grad_bias, grad_weight, c, chunks, ACC=acc_tl, BLOCK_C=FINAL_BLOCK_C
     )
     grad_x = torch.empty_like(x, memory_format=fmt)
-    grad_res = torch.empty_like(x, memory_format=fmt) if residual_grad else x.new_empty((0,))
+    c_res = c if residual_channels < 0 else residual_channels
+    grad_res = torch.empty((n, c_res, h, w), dtype=x.dtype, device=x.device, memory_format=fmt) if residual_grad else x.new_empty((0,))
+    dres = grad_res if residual_grad else grad_x
     kernels["bwd_apply"][(triton.cdiv(rows, BLOCK_R), triton.cdiv(c, BLOCK_C))](
         grad_out, x, out, mean, invstd, weight if weight is not None else mean, grad_bias, grad_weight,
-        grad_x, grad_res if residual_grad else grad_x,
-        c, l, rows, s_n, s_c, s_l, g_n, g_c, g_l,
+        grad_x, dres,
+        c, l, w, rows, s_n, s_c, s_l, g_n, g_c, g_l, *dres.stride(), residual_channel_offset, dres.shape[1],
         HAS_WEIGHT=weight is not None, RELU=relu, RESIDUAL_GRAD=residual_grad,
         ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
     )
@@ -356,7 +376,8 @@ NO_LAUNCH = {name: _NoLaunch() for name in KERNELS}
 
 
 def scale_shift_act_(
-    y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool, kernels: dict
+    y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool, kernels: dict,
+    residual_channel_offset: int = 0,
 ) -> Tensor:
     """In place: y = act(y·scale[c] + shift[c] + residual), the epilogue behind
     a cuDNN convolution. The normalise kernel with mean 0 and invstd = scale."""
@@ -367,12 +388,9 @@ def scale_shift_act_(
     s_n, s_c, s_l = _view(y)
     zeros = torch.zeros_like(scale)
     res = residual if residual is not None else y
-    if res.stride(2) != res.shape[3] * res.stride(3):
-        res = res.contiguous(memory_format=fmt)
-    r_n, r_c, _, r_l = res.stride()
     kernels["apply"][(triton.cdiv(rows, BLOCK_R), triton.cdiv(c, BLOCK_C))](
         y, zeros, scale, scale, shift, res, y,
-        c, l, rows, s_n, s_c, s_l, r_n, r_c, r_l,
+        c, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
         HAS_WEIGHT=False, HAS_BIAS=True, HAS_RESIDUAL=residual is not None,
         RELU=relu, ACC=tl.float32, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
     )

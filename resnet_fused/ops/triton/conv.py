@@ -42,6 +42,9 @@ def _conv_bn_act_kernel(
     sw_k, sw_c, sw_r, sw_s,
     sr_n, sr_c, sr_h, sr_w,
     sy_n, sy_c, sy_h, sy_w,
+    # the residual holds output channels [R_C0, R_C0 + R_CN): the zero-padded
+    # option-A shortcut reads in place, never materialised
+    R_C0, R_CN,
     HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
     FLAT_RSC: tl.constexpr,
@@ -150,8 +153,10 @@ def _conv_bn_act_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     k64 = k_out.to(tl.int64) if INDEX_64 else k_out
     if HAS_RESIDUAL:
-        res_off = (n_idx * sr_n + p_idx * sr_h + q_idx * sr_w)[:, None] + (k64 * sr_c)[None, :]
-        out += tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32)
+        k_res = k64 - R_C0
+        res_off = (n_idx * sr_n + p_idx * sr_h + q_idx * sr_w)[:, None] + (k_res * sr_c)[None, :]
+        res_mask = mask & ((k_res >= 0) & (k_res < R_CN))[None, :]
+        out += tl.load(res_ptr + res_off, mask=res_mask, other=0.0).to(tl.float32)
     if RELU:
         out = tl.where(out < 0.0, 0.0, out)  # keeps NaN, as torch.relu does
     y_off = (n_idx * sy_n + p_idx * sy_h + q_idx * sy_w)[:, None] + (k64 * sy_c)[None, :]
@@ -249,6 +254,7 @@ def launch(
     config: ConvConfig,
     kernel=None,
     index_64: Optional[bool] = None,
+    residual_channel_offset: int = 0,
 ) -> Tensor:
     """Run the kernel with one tiling, writing `out` (N, K, P, Q).
 
@@ -271,6 +277,7 @@ def launch(
         n, h, w, p, q, r, s, c_g, k_g,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+        residual_channel_offset, res.shape[1],
         HAS_RESIDUAL=residual is not None,
         RELU=relu,
         FLAT_RSC=flat_rsc(c_g),

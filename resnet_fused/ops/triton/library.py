@@ -68,6 +68,7 @@ def triton_conv_bn_act(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    residual_channel_offset: int = 0,
 ) -> Tensor:
     from resnet_fused.ops import conv_out_shape
 
@@ -79,13 +80,18 @@ def triton_conv_bn_act(
     def implicit_gemm(cfg: conv.ConvConfig) -> Tensor:
         out = conv.output_like(x, shape)
         if launchable:
-            conv.launch(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, out, cfg, kernel)
+            conv.launch(
+                x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, out, cfg, kernel,
+                residual_channel_offset=residual_channel_offset,
+            )
         return out
 
     def cudnn_then_epilogue() -> Tensor:
         y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         if launchable:
-            y = batch_norm.scale_shift_act_(y, scale, shift, residual, relu, _wrapped(batch_norm.KERNELS))
+            y = batch_norm.scale_shift_act_(
+                y, scale, shift, residual, relu, _wrapped(batch_norm.KERNELS), residual_channel_offset
+            )
         return y
 
     mode = tuning.forced()
@@ -94,6 +100,8 @@ def triton_conv_bn_act(
     else:
         configs = conv.configs_for(x.dtype, weight.shape[1], conv.needs_int64(x, weight, residual) or _out_needs_int64(shape))
         key = tuning.key(x, weight, residual, relu, stride, padding, dilation, groups) + (mode,)
+        if residual is not None and residual.shape[1] != weight.shape[0]:
+            key += (residual_channel_offset, residual.shape[1])
         candidates = {}
         if mode in ("auto", "triton"):
             candidates.update({cfg: (lambda cfg=cfg: implicit_gemm(cfg)) for cfg in configs})
@@ -113,10 +121,16 @@ def triton_conv_bn_act(
 
 @_define("resnet_fused::triton_batch_norm_act_fwd")
 def triton_batch_norm_act_fwd(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, residual: Optional[Tensor], relu: bool
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    residual: Optional[Tensor],
+    relu: bool,
+    residual_channel_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _wrapped(batch_norm.KERNELS) if _launchable(x, weight, bias, residual) else batch_norm.NO_LAUNCH
-    return batch_norm.forward(x, weight, bias, eps, residual, relu, kernels)
+    return batch_norm.forward(x, weight, bias, eps, residual, relu, kernels, residual_channel_offset)
 
 
 @_define("resnet_fused::triton_batch_norm_act_bwd")
@@ -129,10 +143,15 @@ def triton_batch_norm_act_bwd(
     invstd: Tensor,
     relu: bool,
     residual_grad: bool,
+    residual_channels: int = -1,
+    residual_channel_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     launchable = _launchable(grad_out, x, out, weight, mean, invstd)
     kernels = _wrapped(batch_norm.KERNELS) if launchable else batch_norm.NO_LAUNCH
-    return batch_norm.backward(grad_out, x, out, weight, mean, invstd, relu, residual_grad, kernels)
+    return batch_norm.backward(
+        grad_out, x, out, weight, mean, invstd, relu, residual_grad, kernels, residual_channels,
+        residual_channel_offset,
+    )
 
 
 _bn_setup_context, _bn_backward = common.bn_autograd(triton_batch_norm_act_bwd)
@@ -142,19 +161,24 @@ triton_batch_norm_act_fwd.register_autograd(_bn_backward, setup_context=_bn_setu
 # ---- the `triton` backend's op implementations ------------------------------
 
 
-def conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups) -> Tensor:
+def conv_bn_act(
+    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset=0
+) -> Tensor:
     if common.conv_bn_act_needs_reference(x, weight, scale, shift, residual):
+        residual = common.pad_residual(residual, weight.shape[0], residual_channel_offset)
         return reference.conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups)
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
     return torch.ops.resnet_fused.triton_conv_bn_act(
         x, weight, scale.float().contiguous(), shift.float().contiguous(), residual, relu,
-        list(stride), list(padding), list(dilation), groups,
+        list(stride), list(padding), list(dilation), groups, residual_channel_offset,
     )
 
 
+conv_bn_act.reads_padded_residual = True  # see ops.conv_bn_act(residual_channel_offset=)
+
 OPS = {
     "conv_bn_act": conv_bn_act,
-    **common.train_batch_norm_ops(triton_batch_norm_act_fwd, triton_batch_norm_act_bwd),
+    **common.train_batch_norm_ops(triton_batch_norm_act_fwd, triton_batch_norm_act_bwd, reads_padded_residual=True),
 }
 batch_norm_act = OPS["batch_norm_act"]

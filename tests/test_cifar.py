@@ -1,0 +1,209 @@
+"""The paper's CIFAR ResNets against a hand-written eager model written the way
+the common write-ups do (LambdaLayer + F.pad for option A)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused.ops import common
+from conftest import NET_TOL, assert_equivalent, randomize_norms
+from test_models import train_steps
+
+BACKENDS = [b for b in ("eager", "cpu", "triton") if resnet_fused.backends.reason_unavailable(b) is None]
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+class LambdaLayer(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class RefBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1, option="A", plain=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.plain = plain
+        self.shortcut = nn.Sequential()
+        if not plain and (stride != 1 or in_planes != planes):
+            if option == "A":
+                self.shortcut = LambdaLayer(
+                    lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0)
+                )
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if not self.plain:
+            out += self.shortcut(x)
+        return F.relu(out)
+
+
+class RefResNet(nn.Module):
+    def __init__(self, n, num_classes=10, option="A", plain=False):
+        super().__init__()
+        self.in_planes = 16
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(16, n, 1, option, plain)
+        self.layer2 = self._make_layer(32, n, 2, option, plain)
+        self.layer3 = self._make_layer(64, n, 2, option, plain)
+        self.fc = nn.Linear(64, num_classes)
+
+    def _make_layer(self, planes, n, stride, option, plain):
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(RefBlock(self.in_planes, planes, s, option, plain))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.fc(out.view(out.size(0), -1))
+
+
+def cifar_pair(depth=20, shortcut="A", plain=False):
+    fused = resnet_fused.cifar_resnet(depth, shortcut=shortcut, plain=plain)
+    ref = RefResNet((depth - 2) // 6, option=shortcut, plain=plain)
+    randomize_norms(fused, last_norms=[b.bn2 for b in fused.modules() if isinstance(b, resnet_fused.CifarBasicBlock)])
+    ref.load_state_dict(fused.state_dict(), strict=True)  # same names, both ways
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fused
+
+
+# the paper's Table 6 parameter counts (option A), rounded as printed there
+@pytest.mark.parametrize("depth,millions", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7), (1202, 19.4)])
+def test_constructors_build_the_papers_networks(depth, millions):
+    model = getattr(resnet_fused, f"cifar_resnet{depth}")()
+    params = sum(p.numel() for p in model.parameters())
+    assert round(params / 1e6, 2 if millions < 1 else 1) == millions
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) + 1 == depth  # 6n + 1 convolutions + the fc layer, option A adds none
+    assert model.fc.out_features == 10
+    blocks = [m for m in model.modules() if isinstance(m, resnet_fused.CifarBasicBlock)]
+    assert len(blocks) == 3 * (depth - 2) // 6
+
+
+def test_option_b_and_plain_structure():
+    b = resnet_fused.cifar_resnet20(shortcut="B", num_classes=100)
+    projections = [m for m in b.modules() if isinstance(m, resnet_fused.CifarBasicBlock) and hasattr(m, "shortcut")]
+    assert len(projections) == 2 and b.fc.out_features == 100
+    assert projections[0].shortcut[0].weight.shape == (32, 16, 1, 1)
+    plain = resnet_fused.cifar_resnet20(plain=True)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in resnet_fused.cifar_resnet20().parameters())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("variant", ["A", "B", "plain"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_matches_hand_written_model(backend, variant, fmt):
+    ref, fused = cifar_pair(20, "A" if variant == "plain" else variant, plain=variant == "plain")
+    # 16x16 keeps the interpreted triton runs short; layer3 still sees 4x4
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(memory_format=FORMATS[fmt])
+    ref.eval().to(memory_format=FORMATS[fmt]), fused.eval().to(memory_format=FORMATS[fmt])
+    with torch.no_grad(), resnet_fused.backend(backend):
+        out = fused(x)
+    with torch.no_grad():
+        want = ref(x)
+    assert_equivalent(out, want, NET_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("variant", ["A", "B", "plain"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_matches_hand_written_model(backend, variant):
+    """Three float64 SGD steps: loss, every gradient, parameters, running stats."""
+    ref, fused = cifar_pair(20, "A" if variant == "plain" else variant, plain=variant == "plain")
+    with resnet_fused.backend(backend):
+        train_steps(ref, fused, (4, 3, 16, 16), memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("depth", [32, 56, 110])
+def test_deeper_networks_match(depth):
+    ref, fused = cifar_pair(depth)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_equivalent(fused.eval()(x), ref.eval()(x), NET_TOL[torch.float32])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS or "cpu" not in BACKENDS, reason="needs the triton and cpu backends")
+def test_option_a_shortcut_is_never_materialised(monkeypatch):
+    """The zero-padded shortcut tensor is never built: not in eval on the cpu
+    backend (its epilogue kernel reads the stride-2 view in place), nor in
+    eval and train on the triton backend."""
+    calls = []
+    real = common.pad_residual
+
+    def spy(residual, channels, offset):
+        if residual is not None and residual.shape[1] != channels:
+            calls.append(tuple(residual.shape))
+        return real(residual, channels, offset)
+
+    monkeypatch.setattr(common, "pad_residual", spy)
+    _, fused = cifar_pair(20)
+    x = torch.randn(2, 3, 16, 16)
+    with resnet_fused.backend("cpu"), torch.no_grad():
+        fused.eval()(x)
+    with resnet_fused.backend("triton"):
+        with torch.no_grad():
+            fused.eval()(x)
+        fused.train()(x).sum().backward()
+    assert calls == []
+    with resnet_fused.backend("eager"):  # the reference composition does build it: the spy sees it
+        with torch.no_grad():
+            fused.eval()(x)
+    assert calls == [(2, 16, 8, 8), (2, 32, 4, 4)]
+
+
+def test_memory_efficient_cifar():
+    ref, fused = cifar_pair(20, "B")
+    assert resnet_fused.memory_efficient(fused) is fused
+    assert all(m._resnet_fused_recompute for m in fused.modules() if isinstance(m, resnet_fused.CifarBasicBlock))
+    train_steps(ref, fused, (4, 3, 16, 16), steps=2)
+
+
+def test_fuse_and_unfuse_on_cifar_models():
+    model = resnet_fused.cifar_resnet20()
+    assert resnet_fused.fuse(model, inplace=True) is model  # already fused: nothing to do
+    with pytest.raises(ValueError, match="CIFAR ResNets have no unfused twin"):
+        resnet_fused.unfuse(model)
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="shortcut must be 'A' .* or 'B'"):
+        resnet_fused.cifar_resnet20(shortcut="C")
+    with pytest.raises(ValueError, match="depth must be 6n \\+ 2"):
+        resnet_fused.cifar_resnet(21)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        resnet_fused.cifar_resnet56(num_classes=0)
+    with pytest.raises(TypeError):
+        resnet_fused.cifar_resnet20(10)  # keyword-only, as the torchvision builders' options
+    with pytest.raises(ValueError, match="blocks_per_stage must be a positive int"):
+        resnet_fused.CifarResNet(0)
+    with pytest.raises(ValueError, match="memory_efficient: model \\(Linear\\) contains no resnet_fused modules"):
+        resnet_fused.memory_efficient(nn.Linear(2, 2))
+
+
+def test_state_dict_round_trip_keeps_outputs():
+    ref, fused = cifar_pair(20)
+    again = resnet_fused.cifar_resnet20()
+    again.load_state_dict(copy.deepcopy(fused.state_dict()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), fused.eval()(x))

@@ -1,0 +1,359 @@
+"""fuse() on models not built from torchvision blocks: the torch.fx rewrite,
+on ResNets written the way popular write-ups write them, a VGG-style stack,
+and timm's ResNets when timm is installed."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused.fx import fused_conv_bn
+from conftest import NET_TOL, assert_equivalent, randomize_norms
+from test_models import TRAIN_TOL
+
+BACKENDS = [b for b in ("eager", "cpu", "triton") if resnet_fused.backends.reason_unavailable(b) is None]
+
+
+# ---- write-up style 1: F.relu(self.bn1(self.conv1(x))), `out += shortcut` ----
+class WriteupBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        out = F.relu(out)
+        return out
+
+
+# ---- write-up style 2: residual_function / shortcut Sequentials, ReLU built in forward ----
+class WriteupBottleNeck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.residual_function = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, stride=stride, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels * WriteupBottleNeck.expansion, kernel_size=1, bias=False),
+            nn.BatchNorm2d(out_channels * WriteupBottleNeck.expansion),
+        )
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels * WriteupBottleNeck.expansion:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels * WriteupBottleNeck.expansion, stride=stride, kernel_size=1,
+                          bias=False),
+                nn.BatchNorm2d(out_channels * WriteupBottleNeck.expansion),
+            )
+
+    def forward(self, x):
+        return nn.ReLU(inplace=True)(self.residual_function(x) + self.shortcut(x))
+
+
+class WriteupResNet(nn.Module):
+    def __init__(self, block, num_block, num_classes=10):
+        super().__init__()
+        self.in_channels = 16
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(3, 16, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        self.conv2_x = self._make_layer(block, 16, num_block[0], 1)
+        self.conv3_x = self._make_layer(block, 32, num_block[1], 2)
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(32 * block.expansion, num_classes)
+
+    def _make_layer(self, block, out_channels, num_blocks, stride):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(block(self.in_channels, out_channels, s))
+            self.in_channels = out_channels * block.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        output = self.conv1(x)
+        output = self.conv2_x(output)
+        output = self.conv3_x(output)
+        output = self.avg_pool(output)
+        output = output.view(output.size(0), -1)
+        return self.fc(output)
+
+
+class VGGStack(nn.Module):
+    """Plain conv-BN-ReLU layers in every spelling fuse() accepts, plus a conv
+    with bias and a conv+BN without activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)  # conv bias
+        self.c3, self.b3 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.c4, self.b4, self.r4 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+        self.c5, self.b5 = nn.Conv2d(32, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)), inplace=True)
+        x = self.b3(self.c3(x)).relu_()
+        x = self.r4(self.b4(self.c4(x)))
+        x = self.b5(self.c5(x))  # no activation
+        return self.fc(x.mean((2, 3)))
+
+
+def _writeup_models():
+    return {
+        "basic": WriteupResNet(WriteupBasicBlock, [2, 2]),
+        "bottleneck": WriteupResNet(WriteupBottleNeck, [2, 1]),
+        "vgg": VGGStack(),
+    }
+
+
+def _norms_last_in_block(model):
+    last = []
+    for m in model.modules():
+        if isinstance(m, WriteupBasicBlock):
+            last.append(m.bn2)
+        elif isinstance(m, WriteupBottleNeck):
+            last.append(m.residual_function[7])
+    return last
+
+
+def _prepared(name):
+    torch.manual_seed(0)
+    model = _writeup_models()[name]
+    return randomize_norms(model, last_norms=_norms_last_in_block(model))
+
+
+def _fused_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_conv_bn]
+
+
+@pytest.mark.parametrize("name,expect_fused", [("basic", 10), ("bottleneck", 12), ("vgg", 5)])
+def test_fx_fuse_finds_every_chain(name, expect_fused):
+    model = _prepared(name)
+    fused, report = resnet_fused.fuse(model, report=True)
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert len(report.fused) == expect_fused == len(_fused_calls(fused)), str(report)
+    assert report.unfused == []
+    # nothing left of the chains: no BN module calls, no ReLU/add after them
+    assert not [n for n in fused.graph.nodes if n.op == "call_module" and isinstance(
+        fused.get_submodule(n.target), (nn.BatchNorm2d, nn.ReLU))]
+    assert list(fused.state_dict()) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(fused.state_dict()[key], value), key
+    assert "fused" in str(report)
+
+
+def test_residual_chains_are_fused_with_the_add_and_relu():
+    fused, report = resnet_fused.fuse(_prepared("bottleneck"), report=True)
+    with_add = [line for line in report.fused if "add" in line]
+    assert len(with_add) == 3  # one per block
+    assert all(line.endswith("add → relu") for line in with_add)
+    assert "conv2_x.0.residual_function.6 → conv2_x.0.residual_function.7 → add → relu" in report.fused
+    assert "conv2_x.0.shortcut.0 → conv2_x.0.shortcut.1" in report.fused
+    # the residual operand of the fused call is the shortcut's fused call
+    calls = _fused_calls(fused)
+    residuals = [c.args[3] for c in calls if c.args[3] is not None]
+    assert len(residuals) == 3
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["basic", "bottleneck", "vgg"])
+def test_fx_fused_eval_equals_the_model(name, backend, fmt):
+    model = _prepared(name).eval()
+    fused = resnet_fused.fuse(model).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(memory_format=fmt)
+    with torch.no_grad():
+        want = model(x)
+        with resnet_fused.backend(backend):
+            got = fused(x)
+    assert_equivalent(got, want, NET_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["basic", "bottleneck", "vgg"])
+def test_fx_fused_train_equals_the_model(name, backend):
+    """Two float64 SGD steps: loss, every gradient, parameters and running
+    statistics (num_batches_tracked exactly)."""
+    model = _prepared(name).double().train()
+    fused = resnet_fused.fuse(model).train()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, fused)]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(4, 3, 12, 12, generator=g, dtype=torch.float64)
+        for m, opt in zip((model, fused), opts):
+            opt.zero_grad()
+            with resnet_fused.backend(backend):
+                m(x).square().mean().backward()
+        for (key, p), (_, q) in zip(model.named_parameters(), fused.named_parameters()):
+            if key == "c2.bias":  # a conv bias before train-mode BN: its gradient is 0 up to rounding
+                scale = model.c2.weight.grad.abs().max()  # of the sums it comes from
+                assert p.grad.abs().max() <= 1e-8 * scale and q.grad.abs().max() <= 1e-8 * scale
+            else:
+                assert_equivalent(q.grad, p.grad, TRAIN_TOL, key)
+        for opt in opts:
+            opt.step()
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(fused.state_dict()[key], value) and value.item() == 2, key
+        else:
+            assert_equivalent(fused.state_dict()[key], value, TRAIN_TOL, key)
+
+
+def test_follows_live_module_state_and_state_dict_loads():
+    model = _prepared("vgg").eval()
+    fused = resnet_fused.fuse(model).eval()
+    other = _writeup_models()["vgg"].eval()
+    other.load_state_dict(fused.state_dict(), strict=True)
+    fused.load_state_dict(randomize_norms(copy.deepcopy(model), seed=7).state_dict(), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = fused(x)
+        fused.b1.eps = 0.5  # read at call time, as in the torchvision models
+        assert not torch.allclose(fused(x), before)
+
+
+class Unfusable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.c_multi, self.bn_multi = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.c_stats, self.bn_stats = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8, track_running_stats=False)
+        self.c_reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect", bias=False)
+        self.bn_reflect = nn.BatchNorm2d(8)
+        self.c_gn, self.gn = nn.Conv2d(8, 8, 1, bias=False), nn.GroupNorm(2, 8)
+        self.c_ok, self.bn_ok = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        a = self.bn_a(self.shared(x))
+        b = self.bn_b(self.shared(a))  # shared conv, called twice
+        y = self.c_multi(b)
+        z = self.bn_multi(y) + y  # the conv output has another user
+        w = self.bn_stats(self.c_stats(z))
+        v = self.bn_reflect(self.c_reflect(w))
+        u = self.gn(self.c_gn(v))
+        return torch.relu(self.bn_ok(self.c_ok(u)))
+
+
+def test_unfusable_patterns_are_left_alone_and_reported():
+    model = randomize_norms(Unfusable()).eval()
+    fused, report = resnet_fused.fuse(model, report=True)
+    assert report.fused == ["c_ok → bn_ok → relu"]
+    reasons = dict(report.unfused)
+    assert reasons["shared"] == "the module is called more than once (shared)"
+    assert reasons["c_multi"] == "the convolution's output has other users"
+    assert "no running statistics" in reasons["c_stats"]
+    assert "padding_mode='reflect'" in reasons["c_reflect"]
+    assert "GroupNorm is not nn.BatchNorm2d" in reasons["c_gn"]
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert_equivalent(fused(x), model(x), NET_TOL[torch.float32])
+
+
+def test_in_place_add_into_the_residual_is_not_fused():
+    """`identity.add_(bn(conv(x)))` writes into the identity tensor, which may
+    be used again: only the conv+BN is fused, the add stays. (torch.fx records
+    `a += b` as `a + b`, so `+=` is an ordinary add to it.)"""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            identity = x * 2
+            identity.add_(self.bn(self.conv(x)))
+            return identity.relu()
+
+    model = randomize_norms(M()).eval()
+    fused, report = resnet_fused.fuse(model, report=True)
+    assert report.fused == ["conv → bn"]
+    assert any(n.op == "call_method" and n.target == "add_" for n in fused.graph.nodes)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        assert_equivalent(fused(x), model(x), NET_TOL[torch.float32])
+
+
+def test_untraceable_model_and_nothing_to_fuse_are_clear_errors():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a tensor value
+                return self.bn(self.conv(x))
+            return x
+
+    with pytest.raises(TypeError, match="DataDependent is not built from torchvision ResNet blocks, and torch.fx "
+                                        "cannot trace it"):
+        resnet_fused.fuse(DataDependent())
+    with pytest.raises(ValueError, match="no nn.Conv2d followed by a BatchNorm2d was found"):
+        resnet_fused.fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    with pytest.raises(ValueError, match="without inplace=True"):
+        resnet_fused.fuse(VGGStack(), inplace=True)
+    model = VGGStack()
+    assert resnet_fused.fuse(model) is not model  # a copy; the original is untouched
+    assert all(type(m) is not torch.fx.GraphModule for m in model.modules())
+
+
+def test_fx_fused_model_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = _prepared("basic").eval()
+    fused = resnet_fused.fuse(model).eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_equivalent(compiled(x), model(x), NET_TOL[torch.float32])
+
+
+def test_torchvision_path_reports_the_converted_modules():
+    import torchvision
+
+    _, report = resnet_fused.fuse(torchvision.models.resnet18(), report=True)
+    assert report.method == "torchvision/resnet_fused modules"
+    assert "layer1.0" in report.fused and len(report.fused) == 1 + 8
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet26d"])
+def test_timm_resnets(arch):
+    timm = pytest.importorskip("timm", reason="timm is an optional test dependency: pip install timm")
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model(arch, pretrained=False, num_classes=10))
+    last = [m.bn3 for m in model.modules() if hasattr(m, "bn3")]
+    randomize_norms(model, last_norms=last)
+    fused, report = resnet_fused.fuse(model, report=True)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(report.fused) == len(convs) and report.unfused == [], str(report)
+    blocks = {"resnet50": 16, "resnet26d": 8}[arch]
+    assert sum(1 for line in report.fused if line.endswith("add → relu")) == blocks
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_equivalent(fused.eval()(x), model.eval()(x), NET_TOL[torch.float32])
+    model.train(), fused.train()
+    model.double(), fused.double()
+    xd = x.double()
+    model(xd).sum().backward()
+    fused(xd).sum().backward()
+    for (key, p), (_, q) in zip(model.named_parameters(), fused.named_parameters()):
+        assert_equivalent(q.grad, p.grad, TRAIN_TOL, key)
