@@ -119,8 +119,14 @@ setup(
     packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "torchvision>=0.21"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": ["resnet-fused-check = resnet_fused.check:main"]},
+    # plot: only for `python -m resnet_fused.bench --plot`
+    extras_require={"test": ["pytest", "pytest-benchmark"], "plot": ["matplotlib"]},
+    entry_points={
+        "console_scripts": [
+            "resnet-fused-check = resnet_fused.check:main",
+            "resnet-fused-bench = resnet_fused.bench:main",
+        ]
+    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

@@ -4,7 +4,8 @@
 
 One benchmark group per model; compare the rows of a group (images/s is in
 extra_info). fp32 on CPU; on a GPU the same rows run on CUDA under bf16
-autocast (--bench-dtype to change). --bench-compile adds torch.compile rows.
+autocast (--bench-dtype to change). --bench-compile adds torch.compile rows
+(inductor with freezing = True).
 """
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torchvision
 import resnet_fused
 from run_info import autocast, record_run_info
 
-MODELS = ["resnet18", "resnet50"]
+MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
 
 
 def _sync(device):
@@ -40,6 +41,11 @@ def test_inference(benchmark, arch, impl, backend, memory_format, device, input_
     model = model.eval().to(device).to(memory_format=memory_format)
     x = torch.randn(*input_shape, device=device).to(memory_format=memory_format)
     if compiled:
+        # inductor with weight freezing (conv+BN folding, oneDNN prepacking on
+        # CPU): the best PyTorch itself offers for inference
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
         model = torch.compile(model)
     benchmark.group = f"inference-{arch}"
     record_run_info(benchmark, device, input_shape, amp_dtype)

@@ -13,7 +13,7 @@ import torchvision
 import resnet_fused
 from run_info import autocast, record_run_info
 
-MODELS = ["resnet18", "resnet50"]
+MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 

@@ -132,6 +132,20 @@ def _warn_once(reason: str, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def resolve_name(op: str, device: torch.device) -> str:
+    """The name of the backend that `resolve(op, device)` would use, without
+    warning or raising: an explicit selection as it is, `auto`'s first usable
+    choice, "eager" otherwise."""
+    name = get_backend()
+    if name != "auto":
+        return name
+    for candidate in _AUTO_ORDER.get((device.type, op), ("eager",)):
+        b = _REGISTRY.get(candidate)
+        if b is not None and op in b.ops and b.unavailable_reason() is None:
+            return candidate
+    return "eager"
+
+
 def resolve(op: str, device: torch.device) -> Callable:
     """The implementation of `op` for tensors on `device` under the current selection."""
     name = get_backend()

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resnet_fused.models import _recompute, conv_norm_act
+from resnet_fused.models import _recompute, _stem_layout, conv_norm_act
 
 __all__ = [
     "CIFAR_DEPTHS",
@@ -129,6 +129,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = _stem_layout(x, self.bn1)
         x = conv_norm_act(self.conv1, self.bn1, x, recompute=_recompute(self))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -27,8 +27,8 @@ from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from resnet_fused import ops
-from resnet_fused.ops import common
+from resnet_fused import backends, ops
+from resnet_fused.ops import common, onednn
 
 MODEL_NAMES = (
     "resnet18",
@@ -132,12 +132,14 @@ def conv_norm_act(
     relu: bool = True,
     recompute: bool = False,
     residual_channel_offset: Optional[int] = None,
+    consume_residual: bool = False,
 ) -> Tensor:
     """`act(norm(conv(x)) + residual)` through the fused ops where the modules
     allow. `recompute`: in training, keep no convolution output for backward
     (`ops.conv_bn_act_train`). `residual_channel_offset`: the residual has
     fewer channels and fills output channels from there (see
-    `ops.conv_bn_act`)."""
+    `ops.conv_bn_act`). `consume_residual`: the caller will not use the
+    residual again, so the oneDNN path may write the result into it."""
     norm_type = type(norm)
     if norm_type is not nn.BatchNorm2d and norm_type is not FrozenBatchNorm2d:
         _warn_unfused(norm, "norm layer")
@@ -146,6 +148,9 @@ def conv_norm_act(
         _warn_unfused(conv, "convolution")
         return _unfused(norm(conv(x)), residual, relu, residual_channel_offset)
     if norm_type is FrozenBatchNorm2d or _uses_running_stats(norm):
+        out = _onednn_inference(conv, norm, x, residual, relu, residual_channel_offset, consume_residual)
+        if out is not None:
+            return out
         scale, shift = bn_scale_shift(norm)
         if conv.bias is not None:
             shift = shift + conv.bias.float() * scale
@@ -162,6 +167,60 @@ def conv_norm_act(
     return ops.batch_norm_act(
         conv(x), norm.weight, norm.bias, mean, var, True, momentum, norm.eps, residual, relu, residual_channel_offset
     )
+
+
+def _onednn_applies(x: Tensor, channels_last_only: bool = True) -> bool:
+    # oneDNN writes its blocked-weight convolutions' outputs channels_last, so
+    # NCHW activations keep the composed path (same layout out as in);
+    # whole models move NCHW inputs to channels_last first (_stem_layout)
+    return (
+        x.device.type == "cpu"
+        and onednn.UNAVAILABLE is None
+        and x.dim() == 4
+        and (not channels_last_only or x.is_contiguous(memory_format=torch.channels_last))
+        and backends.resolve_name("conv_bn_act", x.device) == "cpu"
+    )
+
+
+def _stem_layout(x: Tensor, stem_norm: nn.Module) -> Tensor:
+    """A whole model's input in channels_last when its inference will run on
+    the oneDNN path: its output (logits) has no layout, so nothing is lost,
+    and no layer then has to convert back and forth."""
+    if (
+        isinstance(x, Tensor)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and (type(stem_norm) is FrozenBatchNorm2d or (type(stem_norm) is nn.BatchNorm2d and _uses_running_stats(stem_norm)))
+        and _onednn_applies(x, channels_last_only=False)
+    ):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _onednn_inference(conv, norm, x, residual, relu, residual_channel_offset, consume_residual) -> Optional[Tensor]:
+    """The `cpu` backend's inference path for modules: one oneDNN convolution
+    with BN folded into cached, pre-packed weights and the residual/ReLU as
+    post-ops (`ops.onednn`). None where it does not apply: other devices or
+    backends, a gradient being recorded (BN-in-eval fine-tuning), dtypes
+    other than fp32/bf16, a channel-offset residual (the C++ epilogue reads
+    that one in place)."""
+    if not _onednn_applies(x) or residual_channel_offset is not None:
+        return None
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, residual, conv.weight, conv.bias, getattr(norm, "weight", None), getattr(norm, "bias", None))
+    ):
+        return None
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    if dtype not in onednn.DTYPES or (not autocast and conv.weight.dtype != x.dtype):
+        return None
+    # the same argument checks as every backend gets (clear errors, not oneDNN's)
+    out_shape = ops._check_conv(
+        x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups, autocast=False
+    )[-1]
+    ops._check_residual(residual, out_shape, x)
+    packed = onednn.pack(conv, norm, dtype, tuple(x.shape))
+    return onednn.conv_bn_act(x.to(dtype), packed, residual, relu, consume_residual)
 
 
 def _unfused(y: Tensor, residual: Optional[Tensor], relu: bool, residual_channel_offset: Optional[int] = None) -> Tensor:
@@ -200,13 +259,16 @@ def memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
+def _shortcut(block: nn.Module, x: Tensor, owned: bool) -> tuple[Tensor, bool]:
+    """(identity, whether the block may overwrite it): the projection's
+    output is the block's own; the block input only when the caller says so
+    (`owned`: FusedResNet's forward with no hooks that could hold it)."""
     ds = block.downsample
     if ds is None:
-        return x
+        return x, owned
     if type(ds) is nn.Sequential and len(ds) == 2:
-        return conv_norm_act(ds[0], ds[1], x, relu=False, recompute=_recompute(block))
-    return ds(x)
+        return conv_norm_act(ds[0], ds[1], x, relu=False, recompute=_recompute(block)), True
+    return ds(x), False
 
 
 def _relu_is_plain(module: nn.Module) -> bool:
@@ -221,12 +283,15 @@ class FusedBasicBlock(BasicBlock):
     _resnet_fused_recompute = False
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._fused_forward(x, owned=False)
+
+    def _fused_forward(self, x: Tensor, owned: bool) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
-        identity = _shortcut(self, x)
+        identity, consume = _shortcut(self, x, owned)
         rc = _recompute(self)
         out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
-        return conv_norm_act(self.conv2, self.bn2, out, residual=identity, recompute=rc)
+        return conv_norm_act(self.conv2, self.bn2, out, residual=identity, recompute=rc, consume_residual=consume)
 
 
 class FusedBottleneck(Bottleneck):
@@ -235,13 +300,16 @@ class FusedBottleneck(Bottleneck):
     _resnet_fused_recompute = False
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._fused_forward(x, owned=False)
+
+    def _fused_forward(self, x: Tensor, owned: bool) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
-        identity = _shortcut(self, x)
+        identity, consume = _shortcut(self, x, owned)
         rc = _recompute(self)
         out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
         out = conv_norm_act(self.conv2, self.bn2, out, recompute=rc)
-        return conv_norm_act(self.conv3, self.bn3, out, residual=identity, recompute=rc)
+        return conv_norm_act(self.conv3, self.bn3, out, residual=identity, recompute=rc, consume_residual=consume)
 
 
 _FUSED_BLOCK = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
@@ -260,19 +328,48 @@ class FusedResNet(ResNet):
         super().__init__(_FUSED_BLOCK.get(block, block), layers, **kwargs)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        x = _stem_layout(x, self.bn1)
         rc = _recompute(self)
         if _relu_is_plain(self.relu):
             x = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
         else:
             x = self.relu(conv_norm_act(self.conv1, self.bn1, x, relu=False, recompute=rc))
         x = self.maxpool(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if self._owns_activations(x, layers):
+            # every activation from here on is ours alone: the blocks may add
+            # the residual into the identity's buffer (oneDNN's in-place sum)
+            for layer in layers:
+                for block in layer:
+                    x = block._fused_forward(x, owned=True)
+        else:
+            for layer in layers:
+                x = layer(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+
+    def _owns_activations(self, x: Tensor, layers) -> bool:
+        """Whether nothing outside this forward can hold the activations
+        between the blocks: no gradient recorded, the oneDNN path in use, no
+        forward hooks anywhere inside (a hook could keep a block's output,
+        which the next block would overwrite), plain Sequential stages of
+        fused blocks (called directly, which is the same as calling them
+        when no hooks exist)."""
+        if torch.is_grad_enabled() or not _onednn_applies(x):
+            return False
+        from torch.nn.modules import module as nn_module
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return False
+        for layer in layers:
+            if type(layer) is not nn.Sequential or layer._forward_hooks or layer._forward_pre_hooks:
+                return False
+            for block in layer:
+                if type(block) not in (FusedBasicBlock, FusedBottleneck):
+                    return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
 
 
 def _fused_constructor(torchvision_fn):

@@ -5,78 +5,15 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused.ops import common
 from conftest import NET_TOL, assert_equivalent, randomize_norms
 from test_models import train_steps
+from writeups import RefResNet
 
 BACKENDS = [b for b in ("eager", "cpu", "triton") if resnet_fused.backends.reason_unavailable(b) is None]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-
-
-class LambdaLayer(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
-class RefBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, in_planes, planes, stride=1, option="A", plain=False):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.plain = plain
-        self.shortcut = nn.Sequential()
-        if not plain and (stride != 1 or in_planes != planes):
-            if option == "A":
-                self.shortcut = LambdaLayer(
-                    lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0)
-                )
-            else:
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-                )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if not self.plain:
-            out += self.shortcut(x)
-        return F.relu(out)
-
-
-class RefResNet(nn.Module):
-    def __init__(self, n, num_classes=10, option="A", plain=False):
-        super().__init__()
-        self.in_planes = 16
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._make_layer(16, n, 1, option, plain)
-        self.layer2 = self._make_layer(32, n, 2, option, plain)
-        self.layer3 = self._make_layer(64, n, 2, option, plain)
-        self.fc = nn.Linear(64, num_classes)
-
-    def _make_layer(self, planes, n, stride, option, plain):
-        layers = []
-        for s in [stride] + [1] * (n - 1):
-            layers.append(RefBlock(self.in_planes, planes, s, option, plain))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.avg_pool2d(out, out.size()[3])
-        return self.fc(out.view(out.size(0), -1))
 
 
 def cifar_pair(depth=20, shortcut="A", plain=False):

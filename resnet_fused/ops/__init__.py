@@ -120,14 +120,16 @@ def conv_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tupl
     return n, k, p, q
 
 
-def _check_conv(x, weight, stride, padding, dilation, groups):
-    """Validate a convolution's arguments (after autocast's casts); returns
-    (x, weight, stride, padding, dilation, output shape)."""
+def _check_conv(x, weight, stride, padding, dilation, groups, autocast: bool = True):
+    """Validate a convolution's arguments (after autocast's casts, unless
+    `autocast=False`: then dtypes are not compared); returns (x, weight,
+    stride, padding, dilation, output shape)."""
     _check_activation("x", x)
     _check_activation("weight", weight)
     _check_device("weight", weight, x.device)
-    x, weight = _autocast(x, weight)
-    if weight.dtype != x.dtype:
+    if autocast:
+        x, weight = _autocast(x, weight)
+    if autocast and weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")

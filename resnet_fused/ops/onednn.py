@@ -1,0 +1,147 @@
+"""CPU inference as one oneDNN convolution per conv+BN pair, the epilogue as
+post-ops: the BN scale folded into the weights, the shift as the bias, then
+ReLU, or the residual as a binary `add` post-op followed by ReLU.
+
+Weights are folded and reordered into oneDNN's blocked layout once and kept
+in a cache keyed on the conv module, invalidated whenever a source changes
+(see `pack`: BN values compared on every call; the conv weight tracked by
+`data_ptr`/`_version`, which every in-place op, optimizer step and
+`load_state_dict` bumps, edits through `.data` excepted). The cache holds no reference
+to the modules (a WeakKeyDictionary), so deepcopy, pickling and garbage
+collection of models are unaffected; it costs one extra copy of the conv
+weights.
+
+Used by `models.conv_norm_act` for BatchNorm with running statistics on CPU
+tensors when the `cpu` backend serves `conv_bn_act` (the `auto` default on
+CPU) and no gradient is being recorded; fp32 and bf16 (including
+`torch.autocast("cpu", dtype=torch.bfloat16)`), NCHW or channels_last in,
+the same format out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> Optional[str]:
+    """None if the oneDNN fused convolution can run here, else why not."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN (mkldnn)"
+    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return "this torch has no mkldnn._convolution_pointwise op"
+    return None
+
+
+UNAVAILABLE = available()
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    weight: Tensor  # BN-scaled, reordered (an mkldnn tensor)
+    bias: Tensor  # BN shift (+ scaled conv bias), compute dtype
+    stride: list
+    padding: list
+    dilation: list
+    groups: int
+
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _stamp(t: Optional[Tensor]) -> tuple:
+    return (None,) if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+
+
+def _key(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> tuple:
+    return (
+        _stamp(conv.weight), _stamp(conv.bias), dtype, input_size,
+        tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
+    )
+
+
+def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Packed:
+    """The folded, reordered weights for (conv, bn) in `dtype`, from the cache
+    when nothing they are made of changed.
+
+    The BN's scale and shift (a few hundred floats) are recomputed from the
+    live tensors on every call and compared by value, so every BN change is
+    seen, even one made through `.data`. The convolution weight is too large
+    to compare each call: it is tracked by `data_ptr` and `_version`, which
+    in-place ops, optimizer steps and `load_state_dict` all bump — but edits
+    through `.data` do not (PyTorch gives `.data` its own version counter);
+    call `clear_cache()` after those. oneDNN picks the blocked weight layout
+    for the input size, so that is part of the key too (a new batch size
+    repacks once)."""
+    from resnet_fused.models import bn_scale_shift
+
+    with torch.no_grad():
+        scale, shift = bn_scale_shift(bn)
+        if conv.bias is not None:
+            shift = shift + conv.bias.float() * scale
+    key = _key(conv, dtype, input_size)
+    hit = _cache.get(conv)
+    if hit is not None and hit[0] == key and torch.equal(hit[1], scale) and torch.equal(hit[2], shift):
+        return hit[3]
+    with torch.no_grad():
+        weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(dtype)
+        packed = Packed(
+            weight=torch.ops.mkldnn._reorder_convolution_weight(
+                weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(input_size)
+            ),
+            bias=shift.to(dtype),
+            stride=list(conv.stride),
+            padding=list(conv.padding),
+            dilation=list(conv.dilation),
+            groups=conv.groups,
+        )
+    with _lock:
+        _cache[conv] = (key, scale, shift, packed)
+    return packed
+
+
+def clear_cache() -> None:
+    """Forget every packed weight (they are rebuilt on the next forward).
+    Needed only after editing a convolution weight through `.data`."""
+    with _lock:
+        _cache.clear()
+
+
+def conv_bn_act(
+    x: Tensor, packed: Packed, residual: Optional[Tensor], relu: bool, consume_residual: bool = False
+) -> Tensor:
+    """`act(conv(x) · scale + shift + residual)` as one oneDNN call; the output
+    is channels_last. `consume_residual`: the caller gives up `residual`, and
+    the result is written into it when its dtype and layout allow (oneDNN's
+    in-place sum: no new buffer)."""
+    fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) \
+        else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed.weight, packed.bias, packed.padding, packed.stride, packed.dilation, packed.groups,
+            "relu" if relu else "none", [], "",
+        )
+    residual = residual.to(x.dtype).contiguous(memory_format=fmt)
+    if consume_residual and fmt == torch.channels_last and residual.is_contiguous(memory_format=fmt):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, packed.weight, packed.bias, packed.padding, packed.stride, packed.dilation, packed.groups,
+            "add", 1.0, "relu" if relu else None, [], "",
+        )
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, packed.weight, packed.bias, packed.padding, packed.stride, packed.dilation, packed.groups,
+        "add", None, "relu" if relu else None, [], "",
+    )
+
+
+def cache_size() -> int:
+    """Number of conv modules with packed weights (for tests and diagnostics)."""
+    return len(_cache)

@@ -1,0 +1,117 @@
+"""`python -m resnet_fused.bench` and the traffic model behind --traffic."""
+import json
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from resnet_fused import bench, traffic
+
+
+def test_traffic_of_a_basic_block_by_hand():
+    """resnet18's layer1.0 (64 channels, 56x56, batch 1, bf16), counted by hand."""
+    block = BasicBlock(64, 64)
+    counted = traffic.count_module(block, (1, 64, 56, 56), torch.bfloat16)
+    act = 64 * 56 * 56 * 2  # one activation tensor, bytes
+    w = 64 * 64 * 3 * 3 * 2  # one 3x3 weight
+    flops = 2 * (64 * 56 * 56) * 64 * 9  # one convolution
+    eager, fused = counted["torchvision"], counted["resnet_fused"]
+    # conv1: conv (x, w -> y), bn (y -> y, 4 fp32 vectors), relu (y -> y)
+    # conv2: conv, bn, add (y, identity -> y), relu
+    assert [k.op for k in eager.kernels] == ["conv", "bn", "relu", "conv", "bn", "add", "relu"]
+    assert eager.bytes == 2 * (act + w + act) + 2 * (2 * act + 4 * 64 * 4) + 2 * (2 * act) + 3 * act
+    assert eager.launches == 7
+    # fused: each pair reads x, w, scale and shift, writes y once; conv2 also reads the identity
+    assert [k.op for k in fused.kernels] == ["conv_bn_act", "conv_bn_act"]
+    assert fused.bytes == 2 * (act + w + 2 * 64 * 4 + act) + act
+    assert eager.flops == fused.flops == 2 * flops
+    # roofline floor on an H100: each kernel at its own roof
+    h100 = traffic.GPUS["H100"]
+    expected = sum(max(k.bytes / 3.35e12, k.flops / 989e12) for k in fused.kernels)
+    assert traffic.floor_seconds(fused, h100, torch.bfloat16) == pytest.approx(expected)
+
+
+def test_traffic_of_a_bottleneck_with_projection():
+    block = Bottleneck(256, 128, stride=2, downsample=torch.nn.Sequential(
+        torch.nn.Conv2d(256, 512, 1, stride=2, bias=False), torch.nn.BatchNorm2d(512)))
+    counted = traffic.count_module(block, (2, 256, 28, 28), torch.float16)
+    eager, fused = counted["torchvision"], counted["resnet_fused"]
+    # three pairs with ReLU, the last with the add; the projection: conv + bn only
+    assert [k.op for k in eager.kernels].count("relu") == 3 and [k.op for k in eager.kernels].count("add") == 1
+    assert eager.launches == 3 * 3 + 1 + 2 and fused.launches == 4
+    out = 2 * 512 * 14 * 14 * 2
+    residual_reads = [k for k in fused.kernels if k.layer == "conv3"]
+    proj = [k for k in fused.kernels if k.layer == "downsample.0"][0]
+    assert proj.bytes == 2 * 256 * 28 * 28 * 2 + 512 * 256 * 2 + 2 * 512 * 4 + out
+    assert residual_reads[0].bytes == 2 * 128 * 14 * 14 * 2 + 512 * 128 * 2 + 2 * 512 * 4 + out + out
+
+
+def test_traffic_of_whole_models():
+    for arch in ("resnet18", "resnet50", "resnext50_32x4d"):
+        counted = traffic.count(arch, 8, torch.bfloat16)
+        tv, fused = counted["torchvision"], counted["resnet_fused"]
+        convs = sum(isinstance(m, torch.nn.Conv2d) for m in getattr(torchvision.models, arch)().modules())
+        assert fused.launches == convs + 3  # + maxpool, avgpool, fc
+        assert tv.bytes > 2 * fused.bytes
+        assert tv.flops == fused.flops
+    # resnet50's well-known 4.1 GMAC per 224x224 image
+    assert traffic.count("resnet50", 1, torch.bfloat16)["resnet_fused"].flops == pytest.approx(8.2e9, rel=0.01)
+
+
+def test_traffic_command(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert bench.main(["--traffic", "--model", "resnet18", "--batch", "1", "4", "--gpu", "H100", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "not a measurement" in text and "H100 floor ms" in text
+    data = json.loads(out.read_text())
+    assert data["kind"] == "traffic model" and len(data["results"]) == 4
+    assert data["results"][0]["launches"] == 68 and data["results"][1]["launches"] == 23
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
+def test_bench_command_measures_and_checks(tmp_path, capsys, train):
+    out = tmp_path / "b.json"
+    argv = ["--model", "resnet18", "--batch", "2", "--size", "32", "--rounds", "2", "--backend", "auto", "eager",
+            "--json", str(out)] + (["--train"] if train else [])
+    assert bench.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "round 2/2" in captured.err  # progress on stderr
+    data = json.loads(out.read_text())
+    assert data["kind"] == "measurement" and data["train"] is train
+    rows = data["results"]
+    names = [r["implementation"] for r in rows]
+    assert names == ["torchvision", "torchvision-channels_last", "resnet_fused", "resnet_fused-channels_last",
+                     "resnet_fused-eager", "resnet_fused-eager-channels_last"]
+    assert rows[0]["speedup_vs_torchvision"] == 1.0 and rows[0]["error_vs_torchvision"] == 0.0
+    for r in rows:
+        assert r["images_per_s"] > 0 and len(r["times_s"]) == 2
+        assert r["error_vs_torchvision"] <= 1e-4, r
+        assert r["implementation"] in captured.out
+    if train:
+        saved = {r["implementation"]: r["saved_activation_bytes"] for r in rows}
+        assert saved["resnet_fused"] == saved["torchvision"] > 0  # see README, "What training saves"
+
+
+def test_bench_bad_arguments():
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        bench.main(["--rounds", "0"])
+    with pytest.raises(SystemExit, match="--batch sizes must be positive"):
+        bench.main(["--batch", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "vgg16"])  # argparse names the choices
+
+
+def test_plot_needs_matplotlib_or_says_so(tmp_path, monkeypatch):
+    rows = [{"model": "resnet18", "batch": b, "implementation": "x", "images_per_s": 10.0 * b} for b in (1, 2)]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+            bench._plot(rows, str(tmp_path / "p.png"))
+        return
+    bench._plot(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        bench._plot(rows, str(tmp_path / "q.png"))

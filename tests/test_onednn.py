@@ -1,0 +1,209 @@
+"""The cpu backend's oneDNN inference path: BN folded into pre-packed weights,
+residual and ReLU as post-ops (resnet_fused.ops.onednn)."""
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import resnet_fused
+from resnet_fused.ops import onednn
+from conftest import NET_TOL, assert_equivalent, randomize_norms
+from test_models import ARCHS
+
+pytestmark = pytest.mark.skipif(
+    onednn.UNAVAILABLE is not None or resnet_fused.backends.reason_unavailable("cpu") is not None,
+    reason=f"oneDNN path unavailable: {onednn.UNAVAILABLE or resnet_fused.backends.reason_unavailable('cpu')}",
+)
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def pair(arch, **kwargs):
+    torch.manual_seed(0)
+    tv = randomize_norms(getattr(torchvision.models, arch)(**kwargs)).eval()
+    return tv, resnet_fused.fuse(tv).eval()
+
+
+def packed_convs(model):
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return sum(1 for c in convs if c in onednn._cache)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_takes_the_onednn_path(arch, fmt):
+    tv, fused = pair(arch)
+    x = torch.randn(1, 3, 57, 75, generator=torch.Generator().manual_seed(1)).to(memory_format=FORMATS[fmt])
+    tv, fused = tv.to(memory_format=FORMATS[fmt]), fused.to(memory_format=FORMATS[fmt])
+    with torch.no_grad():
+        out, ref = fused(x), tv(x)
+    assert packed_convs(fused) == sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    assert_equivalent(out, ref, NET_TOL[torch.float32])
+    with torch.no_grad():  # activations keep the input's layout
+        assert fused.layer1(torch.randn(1, fused.layer1[0].conv1.in_channels, 9, 9).to(
+            memory_format=FORMATS[fmt])).is_contiguous(memory_format=FORMATS[fmt])
+
+
+@pytest.mark.parametrize("how", ["autocast", "model.to(bfloat16)"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_bfloat16(arch, fmt, how):
+    """bf16 compute with fp32 accumulation: within 1e-2 of the fp32 reference."""
+    tv, fused = pair(arch)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).to(memory_format=FORMATS[fmt])
+    fused = fused.to(memory_format=FORMATS[fmt])
+    with torch.no_grad():
+        ref = tv(x)
+        if how == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = fused(x)
+        else:
+            out = fused.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert packed_convs(fused) > 0
+    assert_equivalent(out.float(), ref, NET_TOL[torch.bfloat16])
+
+
+def test_in_place_edits_and_load_state_dict_invalidate_the_cache():
+    tv, fused = pair("resnet18")
+    x = torch.randn(2, 3, 48, 48)
+
+    def check():
+        with torch.no_grad():
+            assert_equivalent(fused(x), tv(x), NET_TOL[torch.float32])
+
+    check()
+    packed = onednn._cache[fused.layer1[0].conv1][-1]
+    for model in (tv, fused):  # the same in-place edits on both
+        with torch.no_grad():
+            model.layer1[0].conv1.weight.mul_(1.5)
+            model.layer2[0].bn1.running_var.mul_(3.0)
+            model.layer3[1].bn2.bias.add_(0.25)
+            model.bn1.eps = 0.1
+    check()
+    assert onednn._cache[fused.layer1[0].conv1][-1] is not packed  # re-packed
+    other = pair("resnet18")[0]
+    randomize_norms(other, seed=9)
+    tv.load_state_dict(other.state_dict())
+    fused.load_state_dict(other.state_dict())
+    check()
+    # an optimizer step on the weights (BN-in-eval fine-tuning)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    opt_tv = torch.optim.SGD(tv.parameters(), lr=0.1)
+    for model, o in ((tv, opt_tv), (fused, opt)):
+        model(x).sum().backward()  # grad recording: the differentiable path, not oneDNN
+        o.step()
+    check()
+    # unchanged modules keep their packed weights
+    packed = onednn._cache[fused.layer4[1].conv2][-1]
+    check()
+    assert onednn._cache[fused.layer4[1].conv2][-1] is packed
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    _, fused = pair("resnet50")
+    x = torch.randn(3, 3, 64, 64).to(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(fused(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_gradients_still_flow_in_eval_mode():
+    """With a gradient being recorded the differentiable path runs (and the
+    cache is not consulted): BN-in-eval fine-tuning works as before."""
+    tv, fused = pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    tv(x).square().mean().backward()
+    fused(x).square().mean().backward()
+    for (name, p), q in zip(tv.named_parameters(), fused.parameters()):
+        assert_equivalent(q.grad, p.grad, 1e-4, name)
+
+
+def test_bad_inputs_give_the_same_errors_as_other_backends():
+    _, fused = pair("resnet18")
+    for backend in ("auto", "eager"):
+        with resnet_fused.backend(backend), torch.no_grad():
+            with pytest.raises(ValueError, match="x has 4 channels but weight expects 3"):
+                fused(torch.randn(1, 4, 32, 32))
+            with pytest.raises(ValueError, match="x must be a 4-D"):
+                fused.layer1(torch.randn(64, 8, 8))
+
+
+def test_other_backends_and_training_do_not_use_it():
+    _, fused = pair("resnet18")
+    onednn._cache.clear()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), resnet_fused.backend("eager"):
+        fused(x)
+    fused.train()(x)
+    assert packed_convs(fused) == 0
+    with torch.no_grad():
+        fused.eval()(x)
+    assert packed_convs(fused) == 20
+
+
+def test_deepcopy_and_pickle_after_use():
+    import io
+    import pickle
+
+    _, fused = pair("resnet18")
+    with torch.no_grad():
+        fused(torch.randn(1, 3, 32, 32))
+    copy.deepcopy(fused)
+    pickle.loads(pickle.dumps(fused))
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+
+
+def test_hooked_activations_are_never_overwritten():
+    """Without hooks the blocks add the residual into the identity's buffer;
+    a forward hook that keeps a block's output must see it unchanged after
+    the next block ran."""
+    tv, fused = pair("resnet18")
+    x = torch.randn(2, 3, 64, 64)
+    kept = {}
+    for name, model in (("tv", tv), ("fused", fused)):
+        model.layer1[0].register_forward_hook(lambda m, i, o, name=name: kept.__setitem__(name, o))
+        with torch.no_grad():
+            out = model(x)
+        kept[name + "_out"] = out
+    assert_equivalent(kept["fused"], kept["tv"], NET_TOL[torch.float32])
+    assert_equivalent(kept["fused_out"], kept["tv_out"], NET_TOL[torch.float32])
+
+
+def test_input_is_never_modified():
+    _, fused = pair("resnet18")
+    for fmt in FORMATS.values():
+        x = torch.randn(2, 3, 64, 64).to(memory_format=fmt)
+        before = x.clone()
+        with torch.no_grad():
+            fused(x)
+            fused.layer1(torch.relu(torch.randn(2, 64, 16, 16)).to(memory_format=fmt))
+        assert torch.equal(x, before)
+
+
+def test_edits_through_data():
+    """BN edits through `.data` are seen (values compared every call); a conv
+    weight edited through `.data` keeps no version count, so it needs
+    clear_cache() — the one documented exception."""
+    tv, fused = pair("resnet18")
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        fused(x)
+        for model in (tv, fused):
+            model.layer2[1].bn1.weight.data.mul_(1.7)
+            model.bn1.running_mean.data.add_(0.3)
+        assert_equivalent(fused(x), tv(x), NET_TOL[torch.float32])
+        for model in (tv, fused):
+            model.layer1[0].conv1.weight.data.mul_(2.0)
+        stale = fused(x)
+        assert not torch.allclose(stale, tv(x))  # the documented exception, shown
+        onednn.clear_cache()
+        assert_equivalent(fused(x), tv(x), NET_TOL[torch.float32])
