@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", default=["resnet18", "resnet50"], choices=resnet_fused.models.MODEL_NAMES)
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default: 1 8 on CPU, 1 32 128 on CUDA)")
     p.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="compute dtype via autocast (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
+                   help="compute dtype(s) via autocast; several give rows per dtype in the same rounds "
+                        "(default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--backend", nargs="+", default=["auto"], choices=list(resnet_fused.backends.NAMES),
                    help="resnet_fused backends to time (default: auto)")
@@ -95,8 +96,9 @@ def _saved_bytes(model, x, target) -> int:
 
 
 class _Impl:
-    def __init__(self, name, model, backend, memory_format):
+    def __init__(self, name, model, backend, memory_format, dtype=torch.float32):
         self.name, self.model, self.backend, self.memory_format = name, model, backend, memory_format
+        self.dtype = dtype
         self.times = []
         self.err = None
         self.saved_bytes = None
@@ -136,12 +138,28 @@ def _impls(arch: str, backends: list, device, compiled: bool = False, train: boo
     return impls
 
 
-def _measure(arch, batch, args, device, dtype, step, total) -> dict:
-    impls = _impls(arch, args.backend, device, args.compile, args.train)
+def _with_dtypes(impls: list, dtypes: list) -> list:
+    """Each implementation once per dtype (same rounds); the first dtype's
+    rows keep their names, the others get the dtype appended."""
+    out = []
+    for i, dtype in enumerate(dtypes):
+        for impl in impls:
+            if i > 0 and isinstance(impl.model, torch._dynamo.eval_frame.OptimizedModule):
+                continue  # compiled once, for the first dtype
+            name = impl.name if i == 0 else f"{impl.name} {str(dtype).replace('torch.', '')}"
+            model = impl.model if i == 0 else copy.deepcopy(impl.model)
+            out.append(_Impl(name, model, impl.backend, impl.memory_format, dtype))
+    return out
+
+
+def _measure(arch, batch, args, device, dtypes, step, total) -> dict:
+    impls = _with_dtypes(_impls(arch, args.backend, device, args.compile, args.train), dtypes)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(batch, 3, args.size, args.size, generator=g).to(device)
     target = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def autocast(impl):
+        return torch.autocast(device.type, dtype=impl.dtype, enabled=impl.dtype != torch.float32)
 
     def sync():
         if device.type == "cuda":
@@ -154,7 +172,7 @@ def _measure(arch, batch, args, device, dtype, step, total) -> dict:
             model.eval()
 
             def run():
-                with torch.no_grad(), impl.scope(), autocast:
+                with torch.no_grad(), impl.scope(), autocast(impl):
                     out = model(xi)
                 sync()
                 return out
@@ -166,7 +184,7 @@ def _measure(arch, batch, args, device, dtype, step, total) -> dict:
         def run():
             with impl.scope():
                 opt.zero_grad(set_to_none=True)
-                with autocast:
+                with autocast(impl):
                     loss = F.cross_entropy(model(xi), target)
                 loss.backward()
                 opt.step()
@@ -181,9 +199,9 @@ def _measure(arch, batch, args, device, dtype, step, total) -> dict:
     for impl in impls:
         if args.train:
             probe = copy.deepcopy(getattr(impl.model, "_orig_mod", impl.model)).train()
-            with impl.scope(), autocast:
+            with impl.scope(), autocast(impl):
                 out = F.cross_entropy(probe(x.to(memory_format=impl.memory_format)), target)
-            impl.saved_bytes = _probe_memory(probe, impl, x, target, device, autocast)
+            impl.saved_bytes = _probe_memory(probe, impl, x, target, device, autocast(impl))
         else:
             out = runs[impls.index(impl)]()
         refs.append(out)
@@ -203,6 +221,7 @@ def _measure(arch, batch, args, device, dtype, step, total) -> dict:
         med = statistics.median(impl.times)
         rows.append({
             "model": arch, "batch": batch, "implementation": impl.name, "backend": impl.backend,
+            "dtype": str(impl.dtype).replace("torch.", ""),
             "median_s": med, "images_per_s": batch / med, "speedup_vs_torchvision": base / med,
             "error_vs_torchvision": impl.err, "saved_activation_bytes": impl.saved_bytes,
             "times_s": impl.times,
@@ -302,7 +321,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     # --traffic describes a GPU: bf16 unless asked otherwise
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" or args.traffic else "float32")]
+    dtypes = [DTYPES[d] for d in (args.dtype or ["bfloat16" if device.type == "cuda" or args.traffic else "float32"])]
+    dtype = dtypes[0]
     if args.traffic:
         return _traffic(args, dtype)
     if args.rounds < 1:
@@ -320,20 +340,22 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"resnet_fused {resnet_fused.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}")
     print(f"{'training step' if args.train else 'inference'} on {name} ({torch.get_num_threads()} threads), "
-          f"{args.size}x{args.size}, {str(dtype).replace('torch.', '')}"
-          f"{' autocast' if dtype != torch.float32 else ''}, median of {args.rounds} interleaved rounds")
+          f"{args.size}x{args.size}, {', '.join(str(d).replace('torch.', '') for d in dtypes)}"
+          f"{' (autocast)' if any(d != torch.float32 for d in dtypes) else ''}, "
+          f"median of {args.rounds} interleaved rounds")
     rows = []
     total = len(args.model) * len(batches)
     step = 0
     for arch in args.model:
         for batch in batches:
             step += 1
-            rows += _measure(arch, batch, args, device, dtype, step, total)
+            rows += _measure(arch, batch, args, device, dtypes, step, total)
     _print_table(rows, args.train)
     meta = {
         "device": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "resnet_fused": resnet_fused.__version__,
-        "cuda": torch.version.cuda if device.type == "cuda" else None, "dtype": str(dtype),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "dtypes": [str(d).replace("torch.", "") for d in dtypes],
         "size": args.size, "train": args.train, "rounds": args.rounds,
     }
     try:

@@ -115,3 +115,19 @@ def test_plot_needs_matplotlib_or_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
         bench._plot(rows, str(tmp_path / "q.png"))
+
+
+def test_bench_several_dtypes_in_one_run(tmp_path):
+    out = tmp_path / "d.json"
+    assert bench.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--rounds", "1",
+                       "--dtype", "float32", "bfloat16", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["dtypes"] == ["float32", "bfloat16"]
+    rows = {r["implementation"]: r for r in data["results"]}
+    assert set(rows) == {"torchvision", "torchvision-channels_last", "resnet_fused", "resnet_fused-channels_last",
+                         "torchvision bfloat16", "torchvision-channels_last bfloat16", "resnet_fused bfloat16",
+                         "resnet_fused-channels_last bfloat16"}
+    assert rows["resnet_fused bfloat16"]["dtype"] == "bfloat16"
+    # bf16 rows are checked against torchvision's fp32 output: within bf16 accuracy
+    assert 0 < rows["resnet_fused-channels_last bfloat16"]["error_vs_torchvision"] <= 5e-2
+    assert rows["resnet_fused"]["error_vs_torchvision"] <= 1e-4
