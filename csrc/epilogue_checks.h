@@ -11,12 +11,13 @@ namespace resnet_fused {
 // Returns the memory format the kernels address `y` in. Both kernels need a
 // dense tensor in one of the two layouts; a strided view is rejected because
 // the op writes in place and cannot copy `y`.
-// A residual may also hold fewer channels than y, C_r, when
-// residual_channel_offset + C_r <= C: it is added to channels
-// [offset, offset + C_r) only (a zero-padded residual without the padding).
+// A residual may also hold fewer channels than y, C_r, when an offset is
+// given (residual_channel_offset >= 0) and offset + C_r <= C: it is added to
+// channels [offset, offset + C_r) only (a zero-padded residual without the
+// padding). The default offset, -1, asks for a residual of y's shape.
 inline at::MemoryFormat check_scale_shift_add_relu_args(
     const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-    const c10::optional<at::Tensor>& residual, int64_t residual_channel_offset = 0) {
+    const c10::optional<at::Tensor>& residual, int64_t residual_channel_offset = -1) {
   TORCH_CHECK(y.dim() == 4,
               "scale_shift_add_relu_: y must be a 4-D (N, C, H, W) tensor, got ",
               y.dim(), "-D");
@@ -50,7 +51,8 @@ inline at::MemoryFormat check_scale_shift_add_relu_args(
   at::assert_no_internal_overlap(y);
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    const bool full = r.sizes() == y.sizes() && residual_channel_offset == 0;
+    // residual_channel_offset < 0 (the default): the residual must match y
+    const bool full = r.sizes() == y.sizes() && residual_channel_offset <= 0;
     TORCH_CHECK(full || (r.dim() == 4 && r.size(0) == y.size(0) && r.size(2) == y.size(2) &&
                          r.size(3) == y.size(3) && residual_channel_offset >= 0 &&
                          residual_channel_offset + r.size(1) <= C),
@@ -89,7 +91,7 @@ inline at::Tensor residual_in_layout(const c10::optional<at::Tensor>& residual,
 // kernels without a channel offset need: materialised, zeros elsewhere.
 inline c10::optional<at::Tensor> residual_padded_to(const c10::optional<at::Tensor>& residual,
                                                     int64_t channels, int64_t offset) {
-  if (!residual.has_value() || (residual->size(1) == channels && offset == 0)) return residual;
+  if (!residual.has_value() || offset < 0 || (residual->size(1) == channels && offset == 0)) return residual;
   return at::constant_pad_nd(*residual, {0, 0, 0, 0, offset, channels - offset - residual->size(1)}, 0);
 }
 

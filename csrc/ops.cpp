@@ -22,14 +22,15 @@ TORCH_LIBRARY(resnet_fused, m) {
   // (fp64 for double y) and rounds once at the store. It returns nothing:
   // torch.compile can functionalize a custom op that mutates an input only
   // when the op does not also return an alias of it.
-  // The residual may hold fewer channels than y, C_r: it is then added to
-  // channels [residual_channel_offset, offset + C_r) only — the zero-padded
-  // option-A shortcut, whose subsampling is a strided view. The CPU kernel
+  // With residual_channel_offset >= 0 the residual may hold fewer channels
+  // than y, C_r: it is then added to channels [offset, offset + C_r) only —
+  // the zero-padded option-A shortcut, whose subsampling is a strided view.
+  // The default, -1, requires a residual of y's shape. The CPU kernel
   // reads such a residual (and any strided one) in place; the CUDA kernel
   // pads it to a dense tensor first.
   m.def(
       "scale_shift_add_relu_(Tensor(a!) y, Tensor scale, Tensor shift, "
-      "Tensor? residual, bool relu, int residual_channel_offset=0) -> ()");
+      "Tensor? residual, bool relu, int residual_channel_offset=-1) -> ()");
 
   // Train-mode BatchNorm with batch statistics, + residual, ReLU:
   //   out = act((x - mean) * invstd * weight + bias + residual)
@@ -38,12 +39,18 @@ TORCH_LIBRARY(resnet_fused, m) {
   // update, which the caller does). Backward needs x, out, mean and invstd.
   m.def(
       "batch_norm_act_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, "
-      "Tensor? residual, bool relu) -> (Tensor out, Tensor mean, Tensor invstd, Tensor var)");
+      "Tensor? residual, bool relu, int residual_channel_offset=-1) "
+      "-> (Tensor out, Tensor mean, Tensor invstd, Tensor var)");
   // Gradients of batch_norm_act_fwd: (grad_x, grad_weight, grad_bias,
   // grad_residual). grad_residual is dz and is only written when
-  // residual_grad is true (else it is an empty tensor).
+  // residual_grad is true (else it is an empty tensor); with a narrower
+  // residual (residual_channels >= 0) it is dz's channels
+  // [residual_channel_offset, + residual_channels).
+  // A narrower or strided residual (the option-A shortcut) is read in place
+  // by the CPU kernels and padded to a dense tensor by the CUDA ones.
   m.def(
       "batch_norm_act_bwd(Tensor grad_out, Tensor x, Tensor out, Tensor? weight, "
-      "Tensor mean, Tensor invstd, bool relu, bool residual_grad) "
+      "Tensor mean, Tensor invstd, bool relu, bool residual_grad, "
+      "int residual_channels=-1, int residual_channel_offset=0) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }

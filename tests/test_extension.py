@@ -319,7 +319,9 @@ def test_narrow_strided_residual_is_read_in_place(offset, x_format, y_format, dt
 def test_narrow_residual_bad_offsets():
     y = torch.randn(2, 8, 3, 3)
     res = torch.randn(2, 4, 3, 3)
-    for offset in (-1, 5):
+    with pytest.raises(RuntimeError, match="residual must have the shape of y"):  # no offset: must match y
+        extension.scale_shift_add_relu_(y, torch.ones(8), torch.zeros(8), res, True)
+    for offset in (-2, 5):
         with pytest.raises(RuntimeError, match=f"residual_channel_offset \\+ C_r <= C; got .* residual_channel_offset={offset}"):
             extension.scale_shift_add_relu_(y, torch.ones(8), torch.zeros(8), res, True, offset)
     with pytest.raises(RuntimeError, match="residual must have the shape of y"):
@@ -334,3 +336,51 @@ def test_opcheck_narrow_residual():
     y = torch.randn(2, 8, 3, 4).to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 6, 8)
     torch.library.opcheck(op.default, (y, torch.rand(8), torch.randn(8), x[:, :, ::2, ::2], True, 2))
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("offset", [0, 2, 5])
+def test_batch_norm_act_narrow_strided_residual(offset, fmt, dtype):
+    """Train-mode kernels with the option-A shortcut read in place: the same
+    output as with the padded residual, and grad_residual = the padded
+    gradient's channels [offset, offset + C_r)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 9, 5, 4, generator=g).to(dtype).to(memory_format=fmt)
+    block_in = torch.randn(3, 4, 10, 8, generator=g).to(dtype).to(memory_format=fmt)
+    view = block_in[:, :, ::2, ::2]
+    padded = torch.nn.functional.pad(view, (0, 0, 0, 0, offset, 9 - 4 - offset)).contiguous(memory_format=fmt)
+    w, b = torch.rand(9, generator=g) + 0.5, torch.randn(9, generator=g)
+    if dtype == torch.float64:
+        w, b = w.double(), b.double()
+    fwd = torch.ops.resnet_fused.batch_norm_act_fwd
+    got = fwd(x, w, b, 1e-5, view, True, offset)
+    want = fwd(x, w, b, 1e-5, padded, True)
+    for a, c in zip(got, want):
+        assert torch.equal(a, c)
+    grad = torch.randn(x.shape, generator=g).to(dtype)
+    bwd = torch.ops.resnet_fused.batch_norm_act_bwd
+    out, mean, invstd, _ = want
+    narrow = bwd(grad, x, out, w, mean, invstd, True, True, 4, offset)
+    full = bwd(grad, x, out, w, mean, invstd, True, True)
+    for a, c in zip(narrow[:3], full[:3]):
+        assert torch.equal(a, c)
+    assert narrow[3].shape == (3, 4, 5, 4) and narrow[3].is_contiguous(memory_format=fmt)
+    assert torch.equal(narrow[3], full[3][:, offset:offset + 4])
+
+
+@pytestmark_ext
+def test_batch_norm_act_narrow_residual_opcheck_and_errors():
+    x = torch.randn(2, 8, 3, 3)
+    r = torch.randn(2, 4, 6, 6)[:, :, ::2, ::2]
+    torch.library.opcheck(torch.ops.resnet_fused.batch_norm_act_fwd.default,
+                          (x.clone().requires_grad_(), torch.rand(8), torch.randn(8), 1e-5, r.clone().requires_grad_(),
+                           True, 2))
+    out, mean, invstd, _ = torch.ops.resnet_fused.batch_norm_act_fwd(x, None, None, 1e-5, r, True, 2)
+    torch.library.opcheck(torch.ops.resnet_fused.batch_norm_act_bwd.default,
+                          (torch.randn_like(x), x, out, None, mean, invstd, True, True, 4, 2))
+    with pytest.raises(RuntimeError, match="residual_channel_offset \\+ C_r <= C; got .* residual_channel_offset=5"):
+        torch.ops.resnet_fused.batch_norm_act_fwd(x, None, None, 1e-5, r, True, 5)
+    with pytest.raises(RuntimeError, match="residual_channel_offset \\+ residual_channels must be within"):
+        torch.ops.resnet_fused.batch_norm_act_bwd(torch.randn_like(x), x, out, None, mean, invstd, True, True, 4, 6)

@@ -25,8 +25,9 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps, const c10::optional<at::Tensor>& residual,
-    bool relu) {
-  const BatchNormActForward a = prepare_batch_norm_act_forward(x_in, weight, bias, eps, residual);
+    bool relu, int64_t residual_channel_offset) {
+  const BatchNormActForward a = prepare_batch_norm_act_forward(
+      x_in, weight, bias, eps, residual, residual_channel_offset, /*read_in_place=*/true);
   if (a.x.numel() == 0) return {a.out, a.mean, a.invstd, a.var};
   const bool cl = a.channels_last;
   const int64_t N = a.N, C = a.C, HW = a.HW, count = N * HW;
@@ -56,9 +57,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cp
       ip[c] = static_cast<acc_t>(1.0 / std::sqrt(v + eps));
       scale[c] = wp[c] * ip[c];
     }
-    cpu::scale_shift_add_act<scalar_t, acc_t>(
-        xp, out.data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
-        mp, scale.data(), bp, cl, N, C, HW, relu);
+    if (a.residual_strided) {  // narrower or strided: read in place
+      const cpu::StridedResidual<scalar_t> view{res.const_data_ptr<scalar_t>(), res.stride(0), res.stride(1),
+                                                res.stride(2), res.stride(3), a.residual_offset, res.size(1)};
+      cpu::scale_shift_add_act_strided<scalar_t, acc_t>(xp, out.data_ptr<scalar_t>(), view, mp, scale.data(), bp,
+                                                        cl, N, C, x.size(2), x.size(3), relu);
+    } else {
+      cpu::scale_shift_add_act<scalar_t, acc_t>(
+          xp, out.data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+          mp, scale.data(), bp, cl, N, C, HW, relu);
+    }
   });
   return {a.out, a.mean, a.invstd, a.var};
 }
@@ -66,9 +74,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cp
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_in,
-    const at::Tensor& invstd_in, bool relu, bool residual_grad) {
+    const at::Tensor& invstd_in, bool relu, bool residual_grad, int64_t residual_channels,
+    int64_t residual_channel_offset) {
   const BatchNormActBackward a = prepare_batch_norm_act_backward(
-      grad_out_in, x_in, out_in, weight, mean_in, invstd_in, residual_grad);
+      grad_out_in, x_in, out_in, weight, mean_in, invstd_in, residual_grad, residual_channels,
+      residual_channel_offset);
   if (a.x.numel() == 0) return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};
   const bool cl = a.channels_last;
   const int64_t N = a.N, C = a.C, HW = a.HW, count = N * HW;
@@ -101,20 +111,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
     }
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     scalar_t* grp = residual_grad ? grad_res.data_ptr<scalar_t>() : nullptr;
+    // grad_residual may hold channels [c0, c0 + CR) only (a narrower residual)
+    const int64_t CR = a.residual_channels, c0 = a.residual_offset;
+    const bool narrow = CR != C;
     auto dx_pass = [&](auto write_residual_grad) {
-      auto element = [&](int64_t c, int64_t i) {
+      auto element = [&](int64_t c, int64_t i, int64_t r) {
         const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(gp[i]), static_cast<acc_t>(op[i]), relu);
         const acc_t xhat = (static_cast<acc_t>(xp[i]) - mp[c]) * ip[c];
         gxp[i] = static_cast<scalar_t>(bn_backward_dx<acc_t>(dz, xhat, mean_dz[c], mean_dz_xhat[c], k[c]));
-        if constexpr (decltype(write_residual_grad)::value) grp[i] = static_cast<scalar_t>(dz);
+        if constexpr (decltype(write_residual_grad)::value) {
+          if (r >= 0) grp[r] = static_cast<scalar_t>(dz);
+        }
       };
       cpu::for_each_channel_run(
           cl, N, C, HW,
           [&](int64_t c, int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i) element(c, i);
+            // the plane's offset in grad_residual, or -1 outside its channels
+            const int64_t n = begin / (C * HW);
+            const bool in_range = c >= c0 && c < c0 + CR;
+            const int64_t rbase = !narrow ? begin : (n * CR + (c - c0)) * HW;
+            for (int64_t i = begin; i < end; ++i) element(c, i, in_range ? rbase + (i - begin) : -1);
           },
           [&](int64_t base) {
-            for (int64_t c = 0; c < C; ++c) element(c, base + c);
+            const int64_t rbase = !narrow ? base : (base / C) * CR - c0;
+            for (int64_t c = 0; c < C; ++c)
+              element(c, base + c, (c >= c0 && c < c0 + CR) ? rbase + c : -1);
           });
     };
     if (grp) dx_pass(std::true_type{});

@@ -1,5 +1,6 @@
 // CPU kernels of the inference epilogue (scale_shift_add_relu_).
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -27,11 +28,11 @@ void scale_shift_add_relu_cpu(at::Tensor& y, const at::Tensor& scale, const at::
         at::kHalf, at::kBFloat16, y.scalar_type(), "scale_shift_add_relu_cpu_strided", [&] {
           const cpu::StridedResidual<scalar_t> view{
               r.const_data_ptr<scalar_t>(), r.stride(0), r.stride(1), r.stride(2), r.stride(3),
-              residual_channel_offset, r.size(1)};
+              std::max<int64_t>(residual_channel_offset, 0), r.size(1)};
+          scalar_t* yp = y.data_ptr<scalar_t>();
           cpu::scale_shift_add_act_strided<scalar_t, float>(
-              y.data_ptr<scalar_t>(), view, scale_c.const_data_ptr<float>(),
-              shift_c.const_data_ptr<float>(), channels_last, y.size(0), y.size(1), y.size(2),
-              y.size(3), relu);
+              yp, yp, view, nullptr, scale_c.const_data_ptr<float>(), shift_c.const_data_ptr<float>(),
+              channels_last, y.size(0), y.size(1), y.size(2), y.size(3), relu);
         });
     return;
   }

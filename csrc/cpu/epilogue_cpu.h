@@ -50,14 +50,16 @@ struct StridedResidual {
   int64_t c0, channels;
 };
 
-// In place: y = act(y * scale[c] + shift[c] + r), r a StridedResidual (a
-// stride-2 view of the block input, a narrower tensor for a zero-padded
+// out = act((in - center[c]) * scale[c] + shift[c] + r), r a StridedResidual
+// (a stride-2 view of the block input, a narrower tensor for a zero-padded
 // shortcut, or a residual in the other layout), so no copy of it is made.
-// Same per-element arithmetic as scale_shift_add_act.
+// out may be in; center may be null. Same per-element arithmetic as
+// scale_shift_add_act.
 template <typename scalar_t, typename param_t>
-void scale_shift_add_act_strided(scalar_t* y, const StridedResidual<scalar_t>& r,
-                                 const param_t* scale, const param_t* shift, bool channels_last,
-                                 int64_t N, int64_t C, int64_t H, int64_t W, bool relu) {
+void scale_shift_add_act_strided(const scalar_t* in, scalar_t* out, const StridedResidual<scalar_t>& r,
+                                 const param_t* center, const param_t* scale, const param_t* shift,
+                                 bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
+                                 bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
   const int64_t c1 = r.c0 + r.channels;
@@ -65,22 +67,23 @@ void scale_shift_add_act_strided(scalar_t* y, const StridedResidual<scalar_t>& r
       channels_last, N, C, HW,
       [&](int64_t c, int64_t begin, int64_t /*end*/) {
         const int64_t n = begin / (C * HW);
+        const acc_t m = center ? static_cast<acc_t>(center[c]) : acc_t(0);
         const acc_t s = static_cast<acc_t>(scale[c]);
         const acc_t b = static_cast<acc_t>(shift[c]);
-        scalar_t* plane = y + begin;
+        const scalar_t* src = in + begin;
+        scalar_t* dst = out + begin;
         if (c < r.c0 || c >= c1) {
           for (int64_t i = 0; i < HW; ++i)
-            plane[i] = static_cast<scalar_t>(
-                resnet_fused::scale_shift_add_act<acc_t>(static_cast<acc_t>(plane[i]), s, b, acc_t(0), relu));
+            dst[i] = static_cast<scalar_t>(resnet_fused::scale_shift_add_act<acc_t>(
+                static_cast<acc_t>(src[i]) - m, s, b, acc_t(0), relu));
           return;
         }
         const scalar_t* rp = r.ptr + n * r.s_n + (c - r.c0) * r.s_c;
         for (int64_t h = 0; h < H; ++h) {
           const scalar_t* rrow = rp + h * r.s_h;
-          scalar_t* yrow = plane + h * W;
           for (int64_t w = 0; w < W; ++w)
-            yrow[w] = static_cast<scalar_t>(resnet_fused::scale_shift_add_act<acc_t>(
-                static_cast<acc_t>(yrow[w]), s, b, static_cast<acc_t>(rrow[w * r.s_w]), relu));
+            dst[h * W + w] = static_cast<scalar_t>(resnet_fused::scale_shift_add_act<acc_t>(
+                static_cast<acc_t>(src[h * W + w]) - m, s, b, static_cast<acc_t>(rrow[w * r.s_w]), relu));
         }
       },
       [&](int64_t base) {
@@ -89,8 +92,9 @@ void scale_shift_add_act_strided(scalar_t* y, const StridedResidual<scalar_t>& r
         const scalar_t* rp = r.ptr + n * r.s_n + (l / W) * r.s_h + (l % W) * r.s_w;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t res = (c >= r.c0 && c < c1) ? static_cast<acc_t>(rp[(c - r.c0) * r.s_c]) : acc_t(0);
-          y[base + c] = static_cast<scalar_t>(resnet_fused::scale_shift_add_act<acc_t>(
-              static_cast<acc_t>(y[base + c]), static_cast<acc_t>(scale[c]),
+          const acc_t m = center ? static_cast<acc_t>(center[c]) : acc_t(0);
+          out[base + c] = static_cast<scalar_t>(resnet_fused::scale_shift_add_act<acc_t>(
+              static_cast<acc_t>(in[base + c]) - m, static_cast<acc_t>(scale[c]),
               static_cast<acc_t>(shift[c]), res, relu));
         }
       });

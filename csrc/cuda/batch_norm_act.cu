@@ -197,9 +197,12 @@ int64_t blocks_for(int64_t n, int threads) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps, const c10::optional<at::Tensor>& residual,
-    bool relu) {
+    bool relu, int64_t residual_channel_offset) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const BatchNormActForward a = prepare_batch_norm_act_forward(x_in, weight, bias, eps, residual);
+  // a narrower/strided residual is padded to a dense tensor here (the
+  // vectorised epilogue reads residuals in x's layout)
+  const BatchNormActForward a = prepare_batch_norm_act_forward(
+      x_in, weight, bias, eps, residual, residual_channel_offset, /*read_in_place=*/false);
   if (a.x.numel() == 0) return {a.out, a.mean, a.invstd, a.var};
   const bool cl = a.channels_last;
   const int64_t N = a.N, C = a.C, HW = a.HW;
@@ -230,17 +233,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_in,
-    const at::Tensor& invstd_in, bool relu, bool residual_grad) {
+    const at::Tensor& invstd_in, bool relu, bool residual_grad, int64_t residual_channels,
+    int64_t residual_channel_offset) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BatchNormActBackward a = prepare_batch_norm_act_backward(
-      grad_out_in, x_in, out_in, weight, mean_in, invstd_in, residual_grad);
+      grad_out_in, x_in, out_in, weight, mean_in, invstd_in, residual_grad, residual_channels,
+      residual_channel_offset);
   if (a.x.numel() == 0) return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};
   const bool cl = a.channels_last;
   const int64_t N = a.N, C = a.C, HW = a.HW;
   const at::Tensor &x = a.x, &g = a.grad_out, &o = a.out, &w = a.weight, &mean = a.mean,
                    &invstd = a.invstd;
-  const at::Tensor &grad_x = a.grad_x, &grad_w = a.grad_weight, &grad_b = a.grad_bias,
-                   &grad_res = a.grad_residual;
+  const at::Tensor &grad_x = a.grad_x, &grad_w = a.grad_weight, &grad_b = a.grad_bias;
+  // the kernel writes dz for every channel: a narrower residual's gradient
+  // is copied out of a full-size buffer afterwards
+  const bool narrow = residual_grad && a.residual_channels != C;
+  const at::Tensor grad_res = narrow ? at::empty_like(grad_x) : a.grad_residual;
   const auto acc_opts = mean.options();
   at::Tensor consts = at::empty({3 * C}, acc_opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -270,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cu
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (narrow) a.grad_residual.copy_(grad_res.narrow(1, a.residual_offset, a.residual_channels));
   return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};
 }
 

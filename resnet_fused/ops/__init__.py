@@ -89,6 +89,18 @@ def _check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor, channel
         )
 
 
+def _check_batch_norm(weight: tuple, bias: tuple, running_mean, running_var, momentum, eps, channels: int, x) -> None:
+    """BatchNorm arguments; `weight` and `bias` are (name, tensor) pairs."""
+    for name, t in (weight, bias, ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(name, t, channels, x.device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
 def _call_with_residual(impl, args_before: tuple, residual, args_after: tuple, channels: int, offset):
     """impl(*args_before, residual, *args_after), handing a channel-padded
     residual (DESIGN §4: residual_channel_offset) to implementations that read
@@ -215,16 +227,9 @@ def batch_norm_act(
     """
     _check_activation("x", x)
     channels = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_vector(name, t, channels, x.device)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    _check_batch_norm(("weight", weight), ("bias", bias), running_mean, running_var, momentum, eps, channels, x)
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var")
-    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if training and x.numel() > 0 and x.numel() // channels <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}"
@@ -263,15 +268,7 @@ def conv_bn_act_train(
     as in `conv_bn_act` (here the padded residual is always materialised)."""
     x, weight, stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _check_channel_vector(name, t, k, x.device)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
-    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    _check_batch_norm(("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, momentum, eps, k, x)
     if out_shape[0] * out_shape[2] * out_shape[3] <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got a convolution output of shape {out_shape}"

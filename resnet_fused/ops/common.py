@@ -75,7 +75,9 @@ def bn_autograd(bwd: Callable) -> tuple[Callable, Callable]:
         # residual's channel offset; its backward op then takes the
         # residual's channel count and that offset
         x, weight, bias, _eps, residual, relu, *padding = inputs
-        ctx.padding = [residual.shape[1] if residual is not None else -1, *padding] if padding else []
+        # (offset < 0: the residual matched x; the backward op then takes defaults)
+        narrow = bool(padding) and residual is not None and padding[0] >= 0
+        ctx.padding = [residual.shape[1] if narrow else -1, max(padding[0], 0)] if padding else []
         out, mean, invstd, _ = output
         ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
         ctx.relu = relu

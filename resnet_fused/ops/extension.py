@@ -76,14 +76,15 @@ def _unavailable_reason(dispatch_key: str) -> Optional[str]:
 
 def scale_shift_add_relu_(
     y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None, relu: bool = True,
-    residual_channel_offset: int = 0,
+    residual_channel_offset: int = -1,
 ) -> Tensor:
     """In place: `y = act(y * scale[c] + shift[c] + residual)`; returns y.
 
     y is NCHW- or channels_last-contiguous; scale/shift are fp32 vectors of
     length C; residual has y's dtype and shape (any strides; y itself is
-    allowed) or y's shape with C_r <= C - residual_channel_offset channels,
-    added to channels [offset, offset + C_r) only. The CPU kernel reads any
+    allowed) or, with residual_channel_offset >= 0 (default -1: must match),
+    y's shape with C_r <= C - offset channels, added to channels
+    [offset, offset + C_r) only. The CPU kernel reads any
     residual in place, without a copy.
     """
     if _C is None:
@@ -95,7 +96,7 @@ def scale_shift_add_relu_(
 if _C is not None:
 
     @torch.library.register_fake("resnet_fused::scale_shift_add_relu_")
-    def _scale_shift_add_relu_fake(y, scale, shift, residual, relu, residual_channel_offset=0):
+    def _scale_shift_add_relu_fake(y, scale, shift, residual, relu, residual_channel_offset=-1):
         # Mirrors csrc/epilogue_checks.h for tracing (torch.compile, meta tensors).
         prefix = "scale_shift_add_relu_: "
         torch._check(y.dim() == 4, lambda: f"{prefix}y must be a 4-D (N, C, H, W) tensor, got {y.dim()}-D")
@@ -119,8 +120,11 @@ def batch_norm_act_train(
     eps: float,
     residual: Optional[Tensor],
     relu: bool,
+    residual_channel_offset: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch-statistics BN + residual + ReLU: (out, mean, invstd, biased var).
+    With `residual_channel_offset >= 0` the residual may be narrower than x
+    (added from that channel on); any strides; the CPU kernel reads it in place.
 
     Differentiable in x, weight, bias and residual. Saved for backward: x,
     out (the tensor the next layer keeps anyway), mean and invstd (C values
@@ -128,18 +132,21 @@ def batch_norm_act_train(
     """
     if _C is None:
         raise RuntimeError(f"batch_norm_act_train needs resnet_fused._C, which could not be loaded ({load_error})")
-    return torch.ops.resnet_fused.batch_norm_act_fwd(x, weight, bias, eps, residual, relu)
+    return torch.ops.resnet_fused.batch_norm_act_fwd(x, weight, bias, eps, residual, relu, residual_channel_offset)
 
 
 def batch_norm_act_backward(
     grad_out: Tensor, x: Tensor, out: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
-    relu: bool, residual_grad: bool,
+    relu: bool, residual_grad: bool, residual_channels: int = -1, residual_channel_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel of `batch_norm_act_train`: (grad_x, grad_weight,
-    grad_bias, grad_residual or an empty tensor)."""
+    grad_bias, grad_residual or an empty tensor); grad_residual has
+    `residual_channels` channels (-1: all of x's) from the offset."""
     if _C is None:
         raise RuntimeError(f"batch_norm_act_backward needs resnet_fused._C, which could not be loaded ({load_error})")
-    return torch.ops.resnet_fused.batch_norm_act_bwd(grad_out, x, out, weight, mean, invstd, relu, residual_grad)
+    return torch.ops.resnet_fused.batch_norm_act_bwd(
+        grad_out, x, out, weight, mean, invstd, relu, residual_grad, residual_channels, residual_channel_offset
+    )
 
 
 def _fake_channel_stats(x: Tensor) -> Tensor:
@@ -150,15 +157,22 @@ def _fake_channel_stats(x: Tensor) -> Tensor:
 if _C is not None:
 
     @torch.library.register_fake("resnet_fused::batch_norm_act_fwd")
-    def _batch_norm_act_fwd_fake(x, weight, bias, eps, residual, relu):
+    def _batch_norm_act_fwd_fake(x, weight, bias, eps, residual, relu, residual_channel_offset=-1):
         torch._check(x.dim() == 4, lambda: f"batch_norm_act: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D")
         out = torch.empty_like(x, memory_format=common.memory_format(x))
         return out, _fake_channel_stats(x), _fake_channel_stats(x), _fake_channel_stats(x)
 
     @torch.library.register_fake("resnet_fused::batch_norm_act_bwd")
-    def _batch_norm_act_bwd_fake(grad_out, x, out, weight, mean, invstd, relu, residual_grad):
+    def _batch_norm_act_bwd_fake(
+        grad_out, x, out, weight, mean, invstd, relu, residual_grad, residual_channels=-1, residual_channel_offset=0
+    ):
         fmt = common.memory_format(x)
-        grad_res = torch.empty_like(x, memory_format=fmt) if residual_grad else x.new_empty((0,))
+        n, c, h, w = x.shape
+        c_res = c if residual_channels < 0 else residual_channels
+        grad_res = (
+            torch.empty((n, c_res, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+            if residual_grad else x.new_empty((0,))
+        )
         return (
             torch.empty_like(x, memory_format=fmt),
             _fake_channel_stats(x),

@@ -24,10 +24,10 @@ from resnet_fused.ops import common, extension, reference
 
 
 def conv_bn_act(
-    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset=0
+    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset=-1
 ) -> Tensor:
     if common.conv_bn_act_needs_reference(x, weight, scale, shift, residual):
-        residual = common.pad_residual(residual, weight.shape[0], residual_channel_offset)
+        residual = common.pad_residual(residual, weight.shape[0], max(residual_channel_offset, 0))
         return reference.conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups)
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     if residual is not None and residual.dtype != y.dtype:
@@ -53,7 +53,10 @@ def _cuda_unavailable() -> Optional[str]:
 
 _OPS = {
     "conv_bn_act": conv_bn_act,
-    **common.train_batch_norm_ops(extension.batch_norm_act_train, extension.batch_norm_act_backward),
+    # the C++ train kernels take a narrower residual (CPU: read in place; CUDA: padded inside the op)
+    **common.train_batch_norm_ops(
+        extension.batch_norm_act_train, extension.batch_norm_act_backward, reads_padded_residual=True
+    ),
 }
 batch_norm_act = _OPS["batch_norm_act"]
 
