@@ -176,6 +176,9 @@ def _onednn_applies(x: Tensor, channels_last_only: bool = True) -> bool:
     return (
         x.device.type == "cpu"
         and onednn.UNAVAILABLE is None
+        # under torch.compile the composed ops are traced instead (inductor
+        # folds and pre-packs the weights itself; the cache cannot be traced)
+        and not torch.compiler.is_compiling()
         and x.dim() == 4
         and (not channels_last_only or x.is_contiguous(memory_format=torch.channels_last))
         and backends.resolve_name("conv_bn_act", x.device) == "cpu"

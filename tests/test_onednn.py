@@ -207,3 +207,14 @@ def test_edits_through_data():
         assert not torch.allclose(stale, tv(x))  # the documented exception, shown
         onednn.clear_cache()
         assert_equivalent(fused(x), tv(x), NET_TOL[torch.float32])
+
+
+def test_torch_compile_traces_the_composed_path():
+    """Under torch.compile the oneDNN cache is not traced (it cannot be): the
+    fused model compiles with fullgraph=True and gives the same numbers."""
+    torch._dynamo.reset()
+    tv, fused = pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+        assert_equivalent(out, tv(x), NET_TOL[torch.float32])
