@@ -217,11 +217,19 @@ def _onednn_inference(conv, norm, x, residual, relu, residual_channel_offset, co
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
     if dtype not in onednn.DTYPES or (not autocast and conv.weight.dtype != x.dtype):
         return None
-    # the same argument checks as every backend gets (clear errors, not oneDNN's)
-    out_shape = ops._check_conv(
-        x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups, autocast=False
-    )[-1]
-    ops._check_residual(residual, out_shape, x)
+    # Bad input gets the errors every backend gives (not oneDNN's): the full
+    # checks run whenever a cheap look finds something off, and raise.
+    w = conv.weight
+    if x.dim() != 4 or x.shape[1] != w.shape[1] * conv.groups or not x.is_floating_point():
+        ops._check_conv(x, w, conv.stride, conv.padding, conv.dilation, conv.groups, autocast=False)
+    out_shape = ops.conv_out_shape(x, w, conv.stride, conv.padding, conv.dilation)
+    if out_shape[2] < 1 or out_shape[3] < 1:
+        ops._check_conv(x, w, conv.stride, conv.padding, conv.dilation, conv.groups, autocast=False)
+    if residual is not None and (
+        not isinstance(residual, Tensor) or tuple(residual.shape) != out_shape or residual.device != x.device
+        or not residual.is_floating_point()
+    ):
+        ops._check_residual(residual, out_shape, x)
     packed = onednn.pack(conv, norm, dtype, tuple(x.shape))
     return onednn.conv_bn_act(x.to(dtype), packed, residual, relu, consume_residual)
 

@@ -4,7 +4,7 @@ ReLU, or the residual as a binary `add` post-op followed by ReLU.
 
 Weights are folded and reordered into oneDNN's blocked layout once and kept
 in a cache keyed on the conv module, invalidated whenever a source changes
-(see `pack`: BN values compared on every call; the conv weight tracked by
+(see `pack`: BN vectors and conv bias compared by value on every call; the conv weight tracked by
 `data_ptr`/`_version`, which every in-place op, optimizer step and
 `load_state_dict` bumps, edits through `.data` excepted). The cache holds no reference
 to the modules (a WeakKeyDictionary), so deepcopy, pickling and garbage
@@ -61,37 +61,48 @@ def _stamp(t: Optional[Tensor]) -> tuple:
     return (None,) if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
 
 
-def _key(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> tuple:
+def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
+    """The small tensors the folded weights and bias are made of."""
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv.bias)
+
+
+def _key(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> tuple:
     return (
-        _stamp(conv.weight), _stamp(conv.bias), dtype, input_size,
+        _stamp(conv.weight), float(bn.eps), dtype, input_size,
+        tuple(None if t is None else (t.dtype, t.device, t.shape) for t in _sources(conv, bn)),
         tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
     )
+
+
+def _unchanged(saved: tuple, current: tuple) -> bool:
+    return all(a is None if b is None else torch.equal(a, b) for a, b in zip(saved, current))
 
 
 def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Packed:
     """The folded, reordered weights for (conv, bn) in `dtype`, from the cache
     when nothing they are made of changed.
 
-    The BN's scale and shift (a few hundred floats) are recomputed from the
-    live tensors on every call and compared by value, so every BN change is
-    seen, even one made through `.data`. The convolution weight is too large
-    to compare each call: it is tracked by `data_ptr` and `_version`, which
-    in-place ops, optimizer steps and `load_state_dict` all bump — but edits
-    through `.data` do not (PyTorch gives `.data` its own version counter);
-    call `clear_cache()` after those. oneDNN picks the blocked weight layout
-    for the input size, so that is part of the key too (a new batch size
-    repacks once)."""
+    The BN's four vectors and the conv bias (a few hundred floats) are
+    compared by value with the ones the cached weights were made from, on
+    every call, so every change to them is seen, even one made through
+    `.data`. The convolution weight is too large to compare each call: it is
+    tracked by `data_ptr` and `_version`, which in-place ops, optimizer steps
+    and `load_state_dict` all bump — but edits through `.data` do not
+    (PyTorch gives `.data` its own version counter); call `clear_cache()`
+    after those. oneDNN picks the blocked weight layout for the input size,
+    so that is part of the key too (a new batch size repacks once)."""
+    key = _key(conv, bn, dtype, input_size)
+    sources = _sources(conv, bn)
+    hit = _cache.get(conv)
+    if hit is not None and hit[0] == key and _unchanged(hit[1], sources):
+        return hit[2]
     from resnet_fused.models import bn_scale_shift
 
     with torch.no_grad():
+        saved = tuple(None if t is None else t.detach().clone() for t in sources)
         scale, shift = bn_scale_shift(bn)
         if conv.bias is not None:
             shift = shift + conv.bias.float() * scale
-    key = _key(conv, dtype, input_size)
-    hit = _cache.get(conv)
-    if hit is not None and hit[0] == key and torch.equal(hit[1], scale) and torch.equal(hit[2], shift):
-        return hit[3]
-    with torch.no_grad():
         weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(dtype)
         packed = Packed(
             weight=torch.ops.mkldnn._reorder_convolution_weight(
@@ -104,7 +115,7 @@ def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) 
             groups=conv.groups,
         )
     with _lock:
-        _cache[conv] = (key, scale, shift, packed)
+        _cache[conv] = (key, saved, packed)
     return packed
 
 
