@@ -83,12 +83,21 @@ def _extension():
     use_cuda, why = _build_cuda()
     print(f"resnet_fused: building CUDA kernels: {use_cuda} ({why})")
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: no fused multiply-adds behind our back, so every
+    # target clone of csrc/cpu/kernels.cpp rounds like the eager reference
+    # -fopenmp: at::parallel_for is an OpenMP loop compiled into the caller;
+    # without the flag it silently runs on one thread. libgomp.so.1 is then
+    # the one torch already loaded (same soname), so there is one pool.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    if os.environ.get("RESNET_FUSED_VEC_REPORT", "0") not in ("", "0"):
+        cxx_flags.append("-fopt-info-vec-optimized")
     if not use_cuda:
         return CppExtension(
             "resnet_fused._C",
             cpp_sources,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # An empty list makes torch derive it from a visible GPU, and there may
@@ -102,6 +111,7 @@ def _extension():
         "resnet_fused._C",
         cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

@@ -4,12 +4,38 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace resnet_fused {
+namespace cpu {
+const char* kernel_targets();  // csrc/cpu/kernels.cpp
+}  // namespace cpu
+}  // namespace resnet_fused
+
+namespace {
+// How the library was built, for tests and bug reports: whether
+// at::parallel_for runs on threads here (it is compiled into this library and
+// falls back to one thread without -fopenmp) and which instruction sets the
+// CPU hot loops were compiled for.
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef _OPENMP
+  PyObject* openmp = Py_True;
+#else
+  PyObject* openmp = Py_False;
+#endif
+  return Py_BuildValue("{s:O,s:s}", "openmp", openmp, "cpu_targets", resnet_fused::cpu::kernel_targets());
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "How resnet_fused._C was built: {'openmp': bool, 'cpu_targets': str}."},
+    {nullptr, nullptr, 0, nullptr},
+};
+}  // namespace
+
 extern "C" {
 // Importing resnet_fused._C loads this library, which runs the TORCH_LIBRARY
-// registrations below; the Python module itself is empty.
+// registrations below; the Python module only has build_info().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods,
   };
   return PyModule_Create(&module_def);
 }

@@ -384,3 +384,91 @@ def test_batch_norm_act_narrow_residual_opcheck_and_errors():
         torch.ops.resnet_fused.batch_norm_act_fwd(x, None, None, 1e-5, r, True, 5)
     with pytest.raises(RuntimeError, match="residual_channel_offset \\+ residual_channels must be within"):
         torch.ops.resnet_fused.batch_norm_act_bwd(torch.randn_like(x), x, out, None, mean, invstd, True, True, 4, 6)
+
+
+# ---- build, threads, autograd of the C++ ops ---------------------------------
+
+
+@pytestmark_ext
+def test_build_info_openmp_and_cpu_targets():
+    # at::parallel_for is compiled into _C: without -fopenmp it silently runs
+    # on one thread (the CPU kernels did, until this test existed)
+    info = extension.build_info()
+    if torch.backends.openmp.is_available():
+        assert info["openmp"] is True, info
+    assert info["cpu_targets"].split(",")[-1] == "default", info
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_batch_norm_act_thread_count_independent(memory_format):
+    # big enough that every pass splits across threads (fwd statistics, apply,
+    # bwd sums and dx), bitwise equal whatever the thread count
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 48, 37, 29, generator=g).to(memory_format=memory_format)
+    r = torch.randn(4, 48, 37, 29, generator=g).to(memory_format=memory_format)
+    w, b = torch.rand(48, generator=g) + 0.5, torch.randn(48, generator=g)
+    grad = torch.randn(4, 48, 37, 29, generator=g).to(memory_format=memory_format)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out, mean, invstd, var = torch.ops.resnet_fused.batch_norm_act_fwd(x, w, b, 1e-5, r, True)
+            grads = torch.ops.resnet_fused.batch_norm_act_bwd(grad, x, out, w, mean, invstd, True, True)
+            results.append((out, mean, invstd, var, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
+def _bn_act_float64(x, w, b, r, relu, eps=1e-5):
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if w is not None:
+        y = y * w[None, :, None, None]
+    if b is not None:
+        y = y + b[None, :, None, None]
+    if r is not None:
+        y = y + r
+    return torch.relu(y) if relu else y
+
+
+_OPTIONAL_INPUT_CASES = [
+    (has_weight, has_bias, has_residual, grad_of)
+    for has_weight in (True, False)
+    for has_bias in (True, False)
+    for has_residual in (True, False)
+    for grad_of, present in (
+        ("all", True), ("x", True), ("weight", has_weight), ("bias", has_bias), ("residual", has_residual)
+    )
+    if present
+]
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("has_weight,has_bias,has_residual,grad_of", _OPTIONAL_INPUT_CASES)
+def test_batch_norm_act_autograd_any_optional_inputs(has_weight, has_bias, has_residual, grad_of):
+    # The C++ autograd (csrc/autograd.cpp) maps gradients onto whichever
+    # optional inputs are present and asked for; float64 against autograd of
+    # the composite.
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 6, 5, 4, generator=g, dtype=torch.float64)
+    w = torch.rand(6, generator=g, dtype=torch.float64) + 0.5 if has_weight else None
+    b = torch.randn(6, generator=g, dtype=torch.float64) if has_bias else None
+    r = torch.randn(3, 6, 5, 4, generator=g, dtype=torch.float64) if has_residual else None
+    inputs = {"x": x, "weight": w, "bias": b, "residual": r}
+    wanted = [k for k, t in inputs.items() if t is not None and grad_of in ("all", k)]
+    for k in wanted:
+        inputs[k].requires_grad_(True)
+    out = torch.ops.resnet_fused.batch_norm_act_fwd(x, w, b, 1e-5, r, True)[0]
+    ref = _bn_act_float64(x, w, b, r, True)
+    torch.testing.assert_close(out, ref)
+    dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, [inputs[k] for k in wanted], dy)
+    want = torch.autograd.grad(ref, [inputs[k] for k in wanted], dy)
+    for k, a, e in zip(wanted, got, want):
+        torch.testing.assert_close(a, e, msg=lambda m: f"grad of {k}: {m}")

@@ -36,16 +36,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cp
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const std::vector<double> sums = cpu::channel_sums<1, acc_t>(
-        cl, N, C, HW, [&](int64_t, int64_t i, acc_t* v) { v[0] = static_cast<acc_t>(xp[i]); });
+    const std::vector<double> sums =
+        cpu::channel_sums<scalar_t>(cpu::SumKind::Value, cl, N, C, HW, xp, nullptr, nullptr, nullptr, nullptr, false);
     acc_t* mp = mean.data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) mp[c] = static_cast<acc_t>(sums[c] / static_cast<double>(count));
-    // Deviations from the mean rounded to acc_t: exact enough (|x − m| is
-    // small against x exactly when cancellation would hurt) and vectorisable.
-    const std::vector<double> sq = cpu::channel_sums<1, acc_t>(cl, N, C, HW, [&](int64_t c, int64_t i, acc_t* v) {
-      const acc_t d = static_cast<acc_t>(xp[i]) - mp[c];
-      v[0] = d * d;
-    });
+    const std::vector<double> sq = cpu::channel_sums<scalar_t>(cpu::SumKind::SquaredDeviation, cl, N, C, HW, xp,
+                                                               nullptr, nullptr, mp, nullptr, false);
     acc_t* vp = var.data_ptr<acc_t>();
     acc_t* ip = invstd.data_ptr<acc_t>();
     const acc_t* wp = w.const_data_ptr<acc_t>();
@@ -63,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cp
       cpu::scale_shift_add_act_strided<scalar_t, acc_t>(xp, out.data_ptr<scalar_t>(), view, mp, scale.data(), bp,
                                                         cl, N, C, x.size(2), x.size(3), relu);
     } else {
-      cpu::scale_shift_add_act<scalar_t, acc_t>(
+      cpu::scale_shift_add_act<scalar_t>(
           xp, out.data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
           mp, scale.data(), bp, cl, N, C, HW, relu);
     }
@@ -94,11 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
     const acc_t* mp = mean.const_data_ptr<acc_t>();
     const acc_t* ip = invstd.const_data_ptr<acc_t>();
     const acc_t* wp = w.const_data_ptr<acc_t>();
-    const std::vector<double> sums = cpu::channel_sums<2, acc_t>(cl, N, C, HW, [&](int64_t c, int64_t i, acc_t* v) {
-      const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(gp[i]), static_cast<acc_t>(op[i]), relu);
-      v[0] = dz;
-      v[1] = dz * ((static_cast<acc_t>(xp[i]) - mp[c]) * ip[c]);
-    });
+    const std::vector<double> sums =
+        cpu::channel_sums<scalar_t>(cpu::SumKind::Backward, cl, N, C, HW, xp, gp, op, mp, ip, relu);
     acc_t* gwp = grad_w.data_ptr<acc_t>();
     acc_t* gbp = grad_b.data_ptr<acc_t>();
     std::vector<acc_t> mean_dz(C), mean_dz_xhat(C), k(C);
@@ -114,32 +107,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cp
     // grad_residual may hold channels [c0, c0 + CR) only (a narrower residual)
     const int64_t CR = a.residual_channels, c0 = a.residual_offset;
     const bool narrow = CR != C;
-    auto dx_pass = [&](auto write_residual_grad) {
-      auto element = [&](int64_t c, int64_t i, int64_t r) {
-        const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(gp[i]), static_cast<acc_t>(op[i]), relu);
-        const acc_t xhat = (static_cast<acc_t>(xp[i]) - mp[c]) * ip[c];
-        gxp[i] = static_cast<scalar_t>(bn_backward_dx<acc_t>(dz, xhat, mean_dz[c], mean_dz_xhat[c], k[c]));
-        if constexpr (decltype(write_residual_grad)::value) {
-          if (r >= 0) grp[r] = static_cast<scalar_t>(dz);
-        }
-      };
-      cpu::for_each_channel_run(
-          cl, N, C, HW,
-          [&](int64_t c, int64_t begin, int64_t end) {
-            // the plane's offset in grad_residual, or -1 outside its channels
-            const int64_t n = begin / (C * HW);
-            const bool in_range = c >= c0 && c < c0 + CR;
-            const int64_t rbase = !narrow ? begin : (n * CR + (c - c0)) * HW;
-            for (int64_t i = begin; i < end; ++i) element(c, i, in_range ? rbase + (i - begin) : -1);
-          },
-          [&](int64_t base) {
-            const int64_t rbase = !narrow ? base : (base / C) * CR - c0;
-            for (int64_t c = 0; c < C; ++c)
-              element(c, base + c, (c >= c0 && c < c0 + CR) ? rbase + c : -1);
-          });
-    };
-    if (grp) dx_pass(std::true_type{});
-    else dx_pass(std::false_type{});
+    cpu::for_each_channel_run(
+        cl, N, C, HW,
+        [&](int64_t c, int64_t begin, int64_t end) {
+          // the plane's offset in grad_residual; none outside its channels
+          const int64_t n = begin / (C * HW);
+          const bool in_range = grp && c >= c0 && c < c0 + CR;
+          scalar_t* gr = in_range ? grp + (!narrow ? begin : (n * CR + (c - c0)) * HW) : nullptr;
+          cpu::run_dx<scalar_t>(gp + begin, op + begin, xp + begin, gxp + begin, gr, end - begin, mp[c], ip[c],
+                                mean_dz[c], mean_dz_xhat[c], k[c], relu);
+        },
+        [&](int64_t row_begin, int64_t row_end) {
+          const int64_t base = row_begin * C;
+          cpu::rows_dx<scalar_t>(gp + base, op + base, xp + base, gxp + base, row_end - row_begin, C, mp, ip,
+                                 mean_dz.data(), mean_dz_xhat.data(), k.data(), relu,
+                                 grp ? grp + row_begin * CR : nullptr, CR, c0, c0 + CR);
+        });
   });
   return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};
 }

@@ -39,10 +39,14 @@ void scale_shift_add_relu_cpu(at::Tensor& y, const at::Tensor& scale, const at::
   const at::Tensor res = residual_in_layout(residual, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, y.scalar_type(), "scale_shift_add_relu_cpu", [&] {
-        cpu::scale_shift_add_act<scalar_t, float>(
+        using acc_t = cpu::acc_type<scalar_t>;
+        // fp32 parameters; a float64 output computes in float64
+        const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+        const at::Tensor s = scale_c.to(acc_dtype), b = shift_c.to(acc_dtype);
+        cpu::scale_shift_add_act<scalar_t>(
             y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
             res.defined() ? res.const_data_ptr<scalar_t>() : nullptr, nullptr,
-            scale_c.const_data_ptr<float>(), shift_c.const_data_ptr<float>(),
+            s.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
             fmt == at::MemoryFormat::ChannelsLast, y.size(0), y.size(1), y.size(2) * y.size(3),
             relu);
       });

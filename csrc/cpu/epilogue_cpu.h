@@ -11,32 +11,24 @@ namespace resnet_fused {
 namespace cpu {
 
 // out = act((in - center[c]) * scale[c] + shift[c] + residual); out may be
-// in; center may be null (no centring: the inference epilogue).
-template <typename scalar_t, typename param_t>
+// in; center may be null (no centring: the inference epilogue). Parameters
+// in acc_type<scalar_t>.
+template <typename scalar_t>
 void scale_shift_add_act(const scalar_t* in, scalar_t* out, const scalar_t* residual,
-                         const param_t* center, const param_t* scale, const param_t* shift,
-                         bool channels_last, int64_t N, int64_t C, int64_t HW, bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
+                         const acc_type<scalar_t>* center, const acc_type<scalar_t>* scale,
+                         const acc_type<scalar_t>* shift, bool channels_last, int64_t N, int64_t C,
+                         int64_t HW, bool relu) {
+  using acc_t = acc_type<scalar_t>;
   for_each_channel_run(
       channels_last, N, C, HW,
       [&](int64_t c, int64_t begin, int64_t end) {
-        const acc_t m = center ? static_cast<acc_t>(center[c]) : acc_t(0);
-        const acc_t s = static_cast<acc_t>(scale[c]);
-        const acc_t b = static_cast<acc_t>(shift[c]);
-        for (int64_t i = begin; i < end; ++i) {
-          const acc_t r = residual ? static_cast<acc_t>(residual[i]) : acc_t(0);
-          out[i] = static_cast<scalar_t>(
-              resnet_fused::scale_shift_add_act<acc_t>(static_cast<acc_t>(in[i]) - m, s, b, r, relu));
-        }
+        run_epilogue<scalar_t>(in + begin, out + begin, residual ? residual + begin : nullptr, end - begin,
+                               center ? center[c] : acc_t(0), scale[c], shift[c], relu);
       },
-      [&](int64_t base) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t r = residual ? static_cast<acc_t>(residual[base + c]) : acc_t(0);
-          const acc_t m = center ? static_cast<acc_t>(center[c]) : acc_t(0);
-          out[base + c] = static_cast<scalar_t>(resnet_fused::scale_shift_add_act<acc_t>(
-              static_cast<acc_t>(in[base + c]) - m, static_cast<acc_t>(scale[c]),
-              static_cast<acc_t>(shift[c]), r, relu));
-        }
+      [&](int64_t row_begin, int64_t row_end) {
+        const int64_t base = row_begin * C;
+        rows_epilogue<scalar_t>(in + base, out + base, residual ? residual + base : nullptr,
+                                row_end - row_begin, C, center, scale, shift, relu);
       });
 }
 
@@ -86,16 +78,18 @@ void scale_shift_add_act_strided(const scalar_t* in, scalar_t* out, const Stride
                 static_cast<acc_t>(src[h * W + w]) - m, s, b, static_cast<acc_t>(rrow[w * r.s_w]), relu));
         }
       },
-      [&](int64_t base) {
-        const int64_t pixel = base / C;
-        const int64_t n = pixel / HW, l = pixel % HW;
-        const scalar_t* rp = r.ptr + n * r.s_n + (l / W) * r.s_h + (l % W) * r.s_w;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t res = (c >= r.c0 && c < c1) ? static_cast<acc_t>(rp[(c - r.c0) * r.s_c]) : acc_t(0);
-          const acc_t m = center ? static_cast<acc_t>(center[c]) : acc_t(0);
-          out[base + c] = static_cast<scalar_t>(resnet_fused::scale_shift_add_act<acc_t>(
-              static_cast<acc_t>(in[base + c]) - m, static_cast<acc_t>(scale[c]),
-              static_cast<acc_t>(shift[c]), res, relu));
+      [&](int64_t row_begin, int64_t row_end) {
+        for (int64_t pixel = row_begin; pixel < row_end; ++pixel) {
+          const int64_t base = pixel * C;
+          const int64_t n = pixel / HW, l = pixel % HW;
+          const scalar_t* rp = r.ptr + n * r.s_n + (l / W) * r.s_h + (l % W) * r.s_w;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t res = (c >= r.c0 && c < c1) ? static_cast<acc_t>(rp[(c - r.c0) * r.s_c]) : acc_t(0);
+            const acc_t m = center ? static_cast<acc_t>(center[c]) : acc_t(0);
+            out[base + c] = static_cast<scalar_t>(resnet_fused::scale_shift_add_act<acc_t>(
+                static_cast<acc_t>(in[base + c]) - m, static_cast<acc_t>(scale[c]),
+                static_cast<acc_t>(shift[c]), res, relu));
+          }
         }
       });
 }

@@ -1,12 +1,14 @@
-// CPU loop skeletons shared by the epilogue and batch_norm_act kernels: an
-// element-wise pass with per-channel parameters, and per-channel sums, both
-// for NCHW and channels_last dense tensors.
+// CPU loop skeletons shared by the epilogue and batch_norm_act kernels: how
+// an element-wise pass and the per-channel sums split NCHW and channels_last
+// dense tensors over threads. The loop bodies are in kernels.h.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
+
+#include "kernels.h"
 
 namespace resnet_fused {
 namespace cpu {
@@ -16,18 +18,16 @@ namespace cpu {
 constexpr int64_t kGrainElements = 32768;
 
 // NCHW: calls plane_fn(c, begin, end) for each (n, c) plane of HW elements,
-// which share channel c. channels_last: calls row_fn(begin) for each pixel's
-// row of C elements (channel = offset in the row), so the callee's inner loop
-// over c is contiguous and vectorisable.
-template <typename PlaneFn, typename RowFn>
+// which share channel c. channels_last: calls rows_fn(row_begin, row_end) for
+// a block of pixels' rows of C elements (channel = offset in the row), so the
+// callee's inner loop over c is contiguous and vectorisable.
+template <typename PlaneFn, typename RowsFn>
 void for_each_channel_run(bool channels_last, int64_t N, int64_t C, int64_t HW,
-                          const PlaneFn& plane_fn, const RowFn& row_fn) {
+                          const PlaneFn& plane_fn, const RowsFn& rows_fn) {
   if (channels_last) {
     const int64_t rows = N * HW;
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) row_fn(row * C);
-    });
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { rows_fn(begin, end); });
   } else {
     const int64_t planes = N * C;
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(HW, 1));
@@ -37,44 +37,30 @@ void for_each_channel_run(bool channels_last, int64_t N, int64_t C, int64_t HW,
   }
 }
 
-// Per-channel sums of K quantities: returns sums[k * C + c] (double).
-// values(c, i, v) writes element i's (channel c) K contributions to v[0..K),
-// in acc_t. Accumulation is two-level so the hot loop vectorises and stays
-// exact enough: fp32 (acc_t) partial sums over short fixed blocks — 8
-// independent lanes along an NCHW plane, one lane per channel along
-// channels_last rows — each block's result then added in double. Blocks are
-// fixed by the shape alone (never by the thread count) and combined in
-// order, so the result is identical whatever torch.get_num_threads() is.
-template <int K, typename acc_t, typename Values>
-std::vector<double> channel_sums(bool channels_last, int64_t N, int64_t C, int64_t HW,
-                                 const Values& values) {
+// Per-channel sums (kernels.h SumKind: K = 1 quantity, or 2 for Backward):
+// returns sums[k * C + c] in double. Accumulation is two-level so the hot
+// loop vectorises and stays exact enough: fp32 (acc_type) partial sums over
+// short fixed blocks — kSumLanes interleaved lanes along an NCHW plane, one
+// lane per channel along channels_last rows — each block's result then added
+// in double. Blocks are fixed by the shape alone (never by the thread count)
+// and combined in order, so the result is identical whatever
+// torch.get_num_threads() is. g and o (Backward only) may be null otherwise;
+// m and invstd are per channel (null where the kind does not read them).
+template <typename T>
+std::vector<double> channel_sums(SumKind kind, bool channels_last, int64_t N, int64_t C, int64_t HW,
+                                 const T* x, const T* g, const T* o, const acc_type<T>* m,
+                                 const acc_type<T>* invstd, bool relu) {
+  using A = acc_type<T>;
+  const int K = kind == SumKind::Backward ? 2 : 1;
   std::vector<double> sums(static_cast<size_t>(C) * K, 0.0);
   if (!channels_last) {
-    constexpr int kLanes = 8;
-    constexpr int64_t kBlock = 512;  // elements per fp32 partial sum: 64 per lane
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        double total[K] = {};
+        double total[2] = {0.0, 0.0};
         for (int64_t n = 0; n < N; ++n) {
           const int64_t base = (n * C + c) * HW;
-          for (int64_t b0 = 0; b0 < HW; b0 += kBlock) {
-            const int64_t b1 = std::min(HW, b0 + kBlock);
-            acc_t lane[K][kLanes] = {};
-            acc_t v[K];
-            int64_t i = b0;
-            for (; i + kLanes <= b1; i += kLanes) {
-              for (int j = 0; j < kLanes; ++j) {
-                values(c, base + i + j, v);
-                for (int k = 0; k < K; ++k) lane[k][j] += v[k];
-              }
-            }
-            for (; i < b1; ++i) {
-              values(c, base + i, v);
-              for (int k = 0; k < K; ++k) lane[k][0] += v[k];
-            }
-            for (int k = 0; k < K; ++k)
-              for (int j = 0; j < kLanes; ++j) total[k] += static_cast<double>(lane[k][j]);
-          }
+          run_sums<T>(kind, x + base, g ? g + base : nullptr, o ? o + base : nullptr, HW,
+                      m ? m[c] : A(0), invstd ? invstd[c] : A(0), relu, total);
         }
         for (int k = 0; k < K; ++k) sums[k * C + c] = total[k];
       }
@@ -86,18 +72,12 @@ std::vector<double> channel_sums(bool channels_last, int64_t N, int64_t C, int64
   const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<double> partial(static_cast<size_t>(chunks) * C * K, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(static_cast<size_t>(C) * K);
-    acc_t v[K];
+    std::vector<A> acc(static_cast<size_t>(C) * K);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      const int64_t row_end = std::min(rows, (chunk + 1) * kRowsPerChunk);
-      for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) {
-        const int64_t base = row * C;
-        for (int64_t c = 0; c < C; ++c) {
-          values(c, base + c, v);
-          for (int k = 0; k < K; ++k) acc[k * C + c] += v[k];
-        }
-      }
+      std::fill(acc.begin(), acc.end(), A(0));
+      const int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(rows, r0 + kRowsPerChunk);
+      rows_sums<T>(kind, x + r0 * C, g ? g + r0 * C : nullptr, o ? o + r0 * C : nullptr, r1 - r0, C,
+                   m, invstd, relu, acc.data());
       double* out = partial.data() + chunk * C * K;
       for (int64_t j = 0; j < C * K; ++j) out[j] = static_cast<double>(acc[j]);
     }

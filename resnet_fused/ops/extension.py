@@ -37,6 +37,15 @@ def is_loaded() -> bool:
     return _C is not None
 
 
+def build_info() -> dict:
+    """How `_C` was built: {"openmp": whether its CPU kernels run on
+    torch.get_num_threads() threads, "cpu_targets": the instruction sets its
+    CPU hot loops were compiled for, chosen by the CPU at load time}."""
+    if _C is None:
+        raise RuntimeError(_load_failure_reason())
+    return _C.build_info()
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether `_C` registered a `dispatch_key` ("CPU", "CUDA") kernel for `op`."""
     return is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{op}", dispatch_key)
@@ -180,10 +189,8 @@ if _C is not None:
             grad_res,
         )
 
-    _bn_act_setup_context, _bn_act_backward = common.bn_autograd(batch_norm_act_backward)
-    torch.library.register_autograd(
-        "resnet_fused::batch_norm_act_fwd", _bn_act_backward, setup_context=_bn_act_setup_context
-    )
+    # autograd of batch_norm_act_fwd: csrc/autograd.cpp (C++, to keep the
+    # interpreter out of every training step's 2 x 53 BN calls)
 
 
 for _key in ("CPU", "CUDA"):
