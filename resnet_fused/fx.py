@@ -119,6 +119,16 @@ def _residual_of_add(node: torch.fx.Node, bn_node: torch.fx.Node) -> Optional[to
     return other if isinstance(other, torch.fx.Node) and other is not bn_node else None
 
 
+# `x += y` and friends, as torch.fx records them
+_INPLACE_OPERATORS = frozenset(
+    getattr(operator, name)
+    for name in (
+        "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
+        "iand", "ior", "ixor", "ilshift", "irshift", "iconcat",
+    )
+)
+
+
 def _mutates(node: torch.fx.Node, target: torch.fx.Node, modules: dict) -> bool:
     """Whether `node` may modify `target` in place."""
     if not node.args or node.args[0] is not target:
@@ -127,7 +137,7 @@ def _mutates(node: torch.fx.Node, target: torch.fx.Node, modules: dict) -> bool:
         return node.target.endswith("_")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return node.kwargs.get("inplace", False) or name.endswith("_") or name.startswith("i")
+        return node.kwargs.get("inplace", False) or name.endswith("_") or node.target in _INPLACE_OPERATORS
     if node.op == "call_module":
         return bool(getattr(modules[node.target], "inplace", False))
     return False

@@ -192,6 +192,40 @@ def test_in_place_add_into_the_residual_is_not_fused():
         assert_equivalent(fused(x), model(x), NET_TOL[torch.float32])
 
 
+class ReadsInputMidChain(nn.Module):
+    """The conv's input is read (or, with `mutate`, modified in place) between
+    the conv and the end of its chain."""
+
+    def __init__(self, mutate):
+        super().__init__()
+        self.mutate = mutate
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = x * 1.0  # a tensor of the model's own, so mutating it is allowed
+        y = self.conv(x)
+        if self.mutate:
+            x.mul_(0.5)  # before the chain ends: fusing would read the modified x
+        finite = torch.isfinite(x).all()  # a plain read; its name starts with "i"
+        out = torch.relu(self.bn(y))
+        return self.bn2(self.conv2(out * finite + x.mean()))
+
+
+@pytest.mark.parametrize("mutate", [False, True])
+def test_reads_of_the_input_mid_chain_fuse_and_in_place_edits_do_not(mutate):
+    model = randomize_norms(ReadsInputMidChain(mutate)).eval()
+    fused, report = resnet_fused.fuse(model, report=True)
+    if mutate:
+        assert report.fused == ["conv2 → bn2"], report
+        assert dict(report.unfused)["conv"] == "its input is modified in place before the chain ends"
+    else:
+        assert report.fused == ["conv → bn → relu", "conv2 → bn2"], report
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        assert_equivalent(fused(x), model(x), NET_TOL[torch.float32])
+
+
 def test_untraceable_model_and_nothing_to_fuse_are_clear_errors():
     class DataDependent(nn.Module):
         def __init__(self):
