@@ -102,17 +102,18 @@ def test_auto_uses_available_backend_and_explicit_device_mismatch(monkeypatch):
 
 
 def test_auto_choice_per_op_on_cpu():
-    """auto takes the cpu kernels for inference and the eager composition for
-    train-mode BN on CPU (what measured faster; README)."""
+    """auto takes the cpu kernels on CPU for inference and for train-mode BN
+    (level with or ahead of torch's composition in a step; README)."""
     from resnet_fused.ops import native, reference
 
     if backends.reason_unavailable("cpu") is not None:
         pytest.skip(f"cpu backend unavailable: {backends.reason_unavailable('cpu')}")
     cpu = torch.device("cpu")
     assert backends.resolve("conv_bn_act", cpu) is native.conv_bn_act
-    assert backends.resolve("batch_norm_act", cpu) is reference.batch_norm_act
-    with resnet_fused.backend("cpu"):
-        assert backends.resolve("batch_norm_act", cpu) is native.batch_norm_act
+    assert backends.resolve("batch_norm_act", cpu) is native.batch_norm_act
+    assert backends.resolve_name("batch_norm_act_parts", cpu) == "cpu"
+    with resnet_fused.backend("eager"):
+        assert backends.resolve("batch_norm_act", cpu) is reference.batch_norm_act
 
 
 def test_model_runs_under_every_available_backend():
