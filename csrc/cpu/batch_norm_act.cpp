@@ -12,7 +12,6 @@
 
 #include <cmath>
 #include <tuple>
-#include <type_traits>
 
 #include "../epilogue.h"
 #include "../batch_norm_act_args.h"
