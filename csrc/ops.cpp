@@ -2,7 +2,11 @@
 // against these schemas per dispatch key in csrc/cpu and csrc/cuda; fake
 // (meta) implementations live in resnet_fused/ops/extension.py.
 #include <Python.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
+
+#include <cstring>
 
 namespace resnet_fused {
 namespace cpu {
@@ -24,15 +28,60 @@ PyObject* build_info(PyObject*, PyObject*) {
   return Py_BuildValue("{s:O,s:s}", "openmp", openmp, "cpu_targets", resnet_fused::cpu::kernel_targets());
 }
 
+// same_values(a, b): whether two equally long tuples of tensors (or None)
+// hold the same tensors by value — dtype, device, shape and every bit (so a
+// NaN equals itself, unlike torch.equal). For the oneDNN weight cache, which
+// compares a conv+BN pair's small BN vectors with the ones its packed weights
+// were made from on every call: one C call instead of a torch.equal
+// dispatch per vector.
+PyObject* same_values(PyObject*, PyObject* args) {
+  PyObject *a = nullptr, *b = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyTuple_Type, &a, &PyTuple_Type, &b)) return nullptr;
+  const Py_ssize_t n = PyTuple_GET_SIZE(a);
+  if (PyTuple_GET_SIZE(b) != n) Py_RETURN_FALSE;
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* x = PyTuple_GET_ITEM(a, i);
+      PyObject* y = PyTuple_GET_ITEM(b, i);
+      if (x == Py_None || y == Py_None) {
+        if (x != y) Py_RETURN_FALSE;
+        continue;
+      }
+      if (!THPVariable_Check(x) || !THPVariable_Check(y)) {
+        PyErr_SetString(PyExc_TypeError, "same_values: a and b must hold only tensors or None");
+        return nullptr;
+      }
+      const at::Tensor& tx = THPVariable_Unpack(x);
+      const at::Tensor& ty = THPVariable_Unpack(y);
+      if (tx.scalar_type() != ty.scalar_type() || tx.device() != ty.device() || tx.sizes() != ty.sizes()) {
+        Py_RETURN_FALSE;
+      }
+      if (tx.is_cpu() && tx.layout() == at::kStrided && ty.layout() == at::kStrided && tx.is_contiguous() &&
+          ty.is_contiguous() && !tx.is_conj() && !ty.is_conj() && !tx.is_neg() && !ty.is_neg()) {
+        if (std::memcmp(tx.const_data_ptr(), ty.const_data_ptr(), tx.nbytes()) != 0) Py_RETURN_FALSE;
+      } else if (!at::equal(tx, ty)) {
+        Py_RETURN_FALSE;
+      }
+    }
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How resnet_fused._C was built: {'openmp': bool, 'cpu_targets': str}."},
+    {"same_values", same_values, METH_VARARGS,
+     "same_values(a, b): whether two tuples of tensors (or None) match in dtype, device, shape and bits."},
     {nullptr, nullptr, 0, nullptr},
 };
 }  // namespace
 
 extern "C" {
 // Importing resnet_fused._C loads this library, which runs the TORCH_LIBRARY
-// registrations below; the Python module only has build_info().
+// registrations below; the Python module only has build_info() and
+// same_values().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods,
@@ -79,4 +128,12 @@ TORCH_LIBRARY(resnet_fused, m) {
       "Tensor mean, Tensor invstd, bool relu, bool residual_grad, "
       "int residual_channels=-1, int residual_channel_offset=0) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+
+  // Inference max pooling (CPU): F.max_pool2d's values without computing
+  // indices; bitwise ATen's. A channels_last x gets a channels_last output
+  // from the library's kernel; other layouts are ATen's max_pool2d. No
+  // autograd: the models call it only where no gradient is recorded.
+  m.def(
+      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> Tensor");
 }

@@ -28,7 +28,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from resnet_fused import backends, ops
-from resnet_fused.ops import common, onednn
+from resnet_fused.ops import common, extension, onednn
 
 MODEL_NAMES = (
     "resnet18",
@@ -199,6 +199,28 @@ def _stem_layout(x: Tensor, stem_norm: nn.Module) -> Tensor:
     return x
 
 
+def _max_pool(pool: nn.Module, x: Tensor) -> Tensor:
+    """The stem's max-pool: on the oneDNN inference path (channels_last CPU
+    activations, no gradient) the extension's kernel, which gives the same
+    values without computing the indices ATen's max_pool2d makes and drops
+    (a quarter of the time); else the module itself. A module with hooks, or
+    not a plain MaxPool2d, is always called as such."""
+    from torch.nn.modules import module as nn_module
+
+    if (
+        type(pool) is nn.MaxPool2d
+        and not pool.return_indices
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not (pool._forward_hooks or pool._forward_pre_hooks)
+        and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and _onednn_applies(x)
+        and extension.has_kernel("max_pool2d", "CPU")
+    ):
+        return extension.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    return pool(x)
+
+
 def _onednn_inference(conv, norm, x, residual, relu, residual_channel_offset, consume_residual) -> Optional[Tensor]:
     """The `cpu` backend's inference path for modules: one oneDNN convolution
     with BN folded into cached, pre-packed weights and the residual/ReLU as
@@ -282,6 +304,19 @@ def _shortcut(block: nn.Module, x: Tensor, owned: bool) -> tuple[Tensor, bool]:
     return ds(x), False
 
 
+def _plain_projection(ds: Optional[nn.Module]) -> bool:
+    return type(ds) is nn.Sequential and len(ds) == 2
+
+
+def _projection_last(block: nn.Module, x: Tensor, main: Tensor) -> Tensor:
+    """relu(main + projection(x)) with the projection convolution last,
+    adding into `main`'s buffer (the block owns it): the order inductor
+    uses, which finds the block's freshly written output still in cache.
+    The sum is the same either way — two rounded operands, one rounding."""
+    ds = block.downsample
+    return conv_norm_act(ds[0], ds[1], x, residual=main, relu=True, consume_residual=True)
+
+
 def _relu_is_plain(module: nn.Module) -> bool:
     # Fuse only what forward computes: a block whose `relu` was swapped for
     # another activation runs torchvision's forward.
@@ -299,6 +334,9 @@ class FusedBasicBlock(BasicBlock):
     def _fused_forward(self, x: Tensor, owned: bool) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
+        if owned and _plain_projection(self.downsample):
+            out = conv_norm_act(self.conv1, self.bn1, x)
+            return _projection_last(self, x, conv_norm_act(self.conv2, self.bn2, out, relu=False))
         identity, consume = _shortcut(self, x, owned)
         rc = _recompute(self)
         out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
@@ -316,6 +354,10 @@ class FusedBottleneck(Bottleneck):
     def _fused_forward(self, x: Tensor, owned: bool) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
+        if owned and _plain_projection(self.downsample):
+            out = conv_norm_act(self.conv1, self.bn1, x)
+            out = conv_norm_act(self.conv2, self.bn2, out)
+            return _projection_last(self, x, conv_norm_act(self.conv3, self.bn3, out, relu=False))
         identity, consume = _shortcut(self, x, owned)
         rc = _recompute(self)
         out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
@@ -345,7 +387,7 @@ class FusedResNet(ResNet):
             x = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
         else:
             x = self.relu(conv_norm_act(self.conv1, self.bn1, x, relu=False, recompute=rc))
-        x = self.maxpool(x)
+        x = _max_pool(self.maxpool, x)
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
         if self._owns_activations(x, layers):
             # every activation from here on is ours alone: the blocks may add

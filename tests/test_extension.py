@@ -400,6 +400,32 @@ def test_build_info_openmp_and_cpu_targets():
 
 
 @pytestmark_ext
+def test_same_values_compares_dtype_shape_device_and_bits():
+    # the oneDNN weight cache's per-call check of the BN vectors (ops/onednn.py)
+    # and its fallback without _C (torch.equal: NaN never matches there)
+    from resnet_fused.ops import onednn
+
+    same = extension._C.same_values
+    a = torch.tensor([1.0, 2.0, -0.0, 3.0])
+    for check in (same, onednn._same_values_py):
+        assert check((a, None), (a.clone(), None))
+        assert not check((a[[0, 2, 3]],), (a[[0, 2, 3]] + 1e-7,))
+        assert not check((a,), (a.double(),))
+        assert not check((a,), (a.view(2, 2),))
+        assert not check((a, None), (a, a))
+        assert not check((None,), (a,))
+    nan = torch.tensor([float("nan"), 1.0])
+    assert same((nan,), (nan.clone(),))  # bitwise: NaN is itself, so no repacking each call
+    assert not same((a,), (a.abs(),))  # -0.0 and 0.0 differ in bits
+    strided = torch.arange(8.0)[::2]
+    assert same((strided,), (torch.tensor([0.0, 2.0, 4.0, 6.0]),))
+    assert not same((strided,), (torch.tensor([0.0, 2.0, 4.0, 7.0]),))
+    assert not same((a,), (a, a))
+    with pytest.raises(TypeError, match="only tensors or None"):
+        same((a,), (1.0,))
+
+
+@pytestmark_ext
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_batch_norm_act_thread_count_independent(memory_format):
     # big enough that every pass splits across threads (fwd statistics, apply,

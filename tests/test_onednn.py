@@ -179,6 +179,26 @@ def test_hooked_activations_are_never_overwritten():
     assert_equivalent(kept["fused_out"], kept["tv_out"], NET_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_owned_path_order_gives_the_same_bits(arch):
+    """With no hooks, projection blocks run their shortcut convolution last
+    and add it into the main path's buffer (inductor's order); a hook anywhere
+    switches to the module-by-module path (shortcut first, main path adds it).
+    Same two rounded operands, one rounding: the outputs agree bit for bit."""
+    _, fused = pair(arch)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        owned = fused(x)
+        handle = fused.avgpool.register_forward_hook(lambda m, i, o: None)
+        try:
+            assert not fused._owns_activations(x.contiguous(memory_format=torch.channels_last),
+                                               (fused.layer1, fused.layer2, fused.layer3, fused.layer4))
+            modular = fused(x)
+        finally:
+            handle.remove()
+    assert torch.equal(owned, modular)
+
+
 def test_input_is_never_modified():
     _, fused = pair("resnet18")
     for fmt in FORMATS.values():

@@ -169,6 +169,62 @@ RF_ALWAYS_INLINE void rows_dx_body(const T* __restrict__ g, const T* __restrict_
   }
 }
 
+// Max pooling's element type: the storage S the loop moves and the value
+// it compares. bf16 is handled on its bits: widening to fp32 is a shift
+// (exact), which GCC vectorises where c10::BFloat16's conversion stays scalar.
+template <typename T>
+struct PoolElem {
+  using S = T;
+  static RF_ALWAYS_INLINE acc_type<T> value(S v) { return static_cast<acc_type<T>>(v); }
+};
+template <>
+struct PoolElem<c10::BFloat16> {
+  using S = uint16_t;
+  static RF_ALWAYS_INLINE float value(uint16_t b) {
+    const uint32_t w = static_cast<uint32_t>(b) << 16;
+    float f;
+    __builtin_memcpy(&f, &w, sizeof f);
+    return f;
+  }
+};
+
+// ATen's rule: v replaces the running max m when greater or NaN.
+template <typename T, typename S = typename PoolElem<T>::S>
+RF_ALWAYS_INLINE S pool_pick(S m, S v) {
+  const auto fv = PoolElem<T>::value(v), fm = PoolElem<T>::value(m);
+  return (fv > fm || fv != fv) ? v : m;
+}
+
+// Folds R window rows (R <= 4) into the running max dst, in order; with
+// INIT, dst starts as the first of them instead. Several rows per pass keep
+// the running max in registers.
+template <typename T, int R, bool INIT>
+RF_ALWAYS_INLINE void pool_fold(const T* const* rows, T* dst_, int64_t C) {
+  using S = typename PoolElem<T>::S;
+  const S* __restrict__ r0 = reinterpret_cast<const S*>(rows[0]);
+  const S* __restrict__ r1 = reinterpret_cast<const S*>(rows[R > 1 ? 1 : 0]);
+  const S* __restrict__ r2 = reinterpret_cast<const S*>(rows[R > 2 ? 2 : 0]);
+  const S* __restrict__ r3 = reinterpret_cast<const S*>(rows[R > 3 ? 3 : 0]);
+  S* __restrict__ dst = reinterpret_cast<S*>(dst_);
+  for (int64_t c = 0; c < C; ++c) {
+    S m = INIT ? r0[c] : pool_pick<T>(dst[c], r0[c]);
+    if constexpr (R > 1) m = pool_pick<T>(m, r1[c]);
+    if constexpr (R > 2) m = pool_pick<T>(m, r2[c]);
+    if constexpr (R > 3) m = pool_pick<T>(m, r3[c]);
+    dst[c] = m;
+  }
+}
+
+template <typename T, bool INIT>
+RF_ALWAYS_INLINE void pool_fold_n(const T* const* rows, int64_t n, T* dst, int64_t C) {
+  switch (n) {
+    case 1: return pool_fold<T, 1, INIT>(rows, dst, C);
+    case 2: return pool_fold<T, 2, INIT>(rows, dst, C);
+    case 3: return pool_fold<T, 3, INIT>(rows, dst, C);
+    default: return pool_fold<T, 4, INIT>(rows, dst, C);
+  }
+}
+
 }  // namespace
 
 // Calls BODY<T, relu, RES, INPLACE, CENTER>(args) for the aliasing of in, out
@@ -260,7 +316,24 @@ RF_CPU_CLONES void rows_dx(const T* g, const T* o, const T* x, T* gx, int64_t ro
   else rows_dx_body<T, false>(g, o, x, gx, rows, C, m, invstd, mean_dz, mean_dz_xhat, k, gr, gr_row, c0, c1);
 }
 
+template <typename T>
+RF_CPU_CLONES void pool_max_rows(const T* start, int64_t step, const int64_t* offsets, int64_t count,
+                                 int64_t pixels, T* out, int64_t C) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const T* base = start + p * step;
+    T* dst = out + p * C;
+    for (int64_t k = 0; k < count; k += 4) {
+      const int64_t n = std::min<int64_t>(count - k, 4);
+      const T* rows[4];
+      for (int64_t j = 0; j < n; ++j) rows[j] = base + offsets[k + j];
+      if (k == 0) pool_fold_n<T, true>(rows, n, dst, C);
+      else pool_fold_n<T, false>(rows, n, dst, C);
+    }
+  }
+}
+
 #define RF_INSTANTIATE(T)                                                                          \
+  template void pool_max_rows<T>(const T*, int64_t, const int64_t*, int64_t, int64_t, T*, int64_t); \
   template void run_epilogue<T>(const T*, T*, const T*, int64_t, acc_type<T>, acc_type<T>,        \
                                 acc_type<T>, bool);                                                \
   template void rows_epilogue<T>(const T*, T*, const T*, int64_t, int64_t, const acc_type<T>*,    \

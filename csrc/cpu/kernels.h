@@ -72,5 +72,14 @@ void rows_dx(const T* g, const T* o, const T* x, T* gx, int64_t rows, int64_t C,
              const acc_type<T>* mean_dz_xhat, const acc_type<T>* k, bool relu, T* gr,
              int64_t gr_row, int64_t c0, int64_t c1);
 
+// Max pooling over channels_last rows of C channels, for `pixels` output
+// pixels whose windows have the same shape: pixel p's window is the `count`
+// (>= 1) input rows start + p * step + offsets[k], in window order, and
+// out[p * C + c] is their max with ATen's rule: a value replaces the running
+// max when it is greater or NaN (so NaN propagates and ties keep the first).
+template <typename T>
+void pool_max_rows(const T* start, int64_t step, const int64_t* offsets, int64_t count,
+                   int64_t pixels, T* out, int64_t C);
+
 }  // namespace cpu
 }  // namespace resnet_fused

@@ -158,6 +158,30 @@ def batch_norm_act_backward(
     )
 
 
+def max_pool2d(
+    x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False
+) -> Tensor:
+    """`F.max_pool2d(x, ...)` for inference, without the indices ATen computes
+    on the way: the same values, bit for bit (window order, NaN and tie rule).
+    CPU only. On a channels_last x the library's vectorised kernel runs and
+    the output is channels_last; any other layout is ATen's max_pool2d. Not
+    differentiable: call it where no gradient is recorded."""
+    if _C is None:
+        raise RuntimeError(f"max_pool2d needs resnet_fused._C, which could not be loaded ({load_error})")
+    pair = torch.nn.modules.utils._pair
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        stride = kernel_size
+    return torch.ops.resnet_fused.max_pool2d(
+        x, list(pair(kernel_size)), list(pair(stride)), list(pair(padding)), list(pair(dilation)), bool(ceil_mode)
+    )
+
+
+def pool_layout_is_own(x: Tensor) -> bool:
+    """Whether resnet_fused::max_pool2d runs its own kernel on x (else ATen's):
+    channels_last by its strides, unambiguously (C > 1, H·W > 1)."""
+    return x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _fake_channel_stats(x: Tensor) -> Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[1],), dtype=acc)
@@ -188,6 +212,17 @@ if _C is not None:
             _fake_channel_stats(x),
             grad_res,
         )
+
+    @torch.library.register_fake("resnet_fused::max_pool2d")
+    def _max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
+        torch._check(x.dim() == 4, lambda: f"max_pool2d: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D")
+        torch._check(
+            x.is_floating_point(),
+            lambda: f"max_pool2d: x must be float32, float64, bfloat16 or float16, got {x.dtype}",
+        )
+        # shape and argument checks: ATen's meta function
+        y = torch.ops.aten.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+        return torch.empty_like(y, memory_format=torch.channels_last) if pool_layout_is_own(x) else y
 
     # autograd of batch_norm_act_fwd: csrc/autograd.cpp (C++, to keep the
     # interpreter out of every training step's 2 x 53 BN calls)

@@ -55,10 +55,7 @@ class Packed:
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-
-
-def _stamp(t: Optional[Tensor]) -> tuple:
-    return (None,) if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+_same_values = None  # set on first use (_same_values_fn)
 
 
 def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
@@ -67,15 +64,29 @@ def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
 
 
 def _key(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> tuple:
+    # the sources' dtypes, devices and shapes are checked with their values
+    w = conv.weight
     return (
-        _stamp(conv.weight), float(bn.eps), dtype, input_size,
-        tuple(None if t is None else (t.dtype, t.device, t.shape) for t in _sources(conv, bn)),
+        w.data_ptr(), w._version, w.dtype, w.device, w.shape, float(bn.eps), dtype, input_size,
         tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
     )
 
 
-def _unchanged(saved: tuple, current: tuple) -> bool:
-    return all(a is None if b is None else torch.equal(a, b) for a, b in zip(saved, current))
+def _same_values_py(saved: tuple, current: tuple) -> bool:
+    return all(
+        a is None if b is None else (
+            a is not None and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+        )
+        for a, b in zip(saved, current)
+    )
+
+
+def _same_values_fn():
+    """`_C.same_values` (one C call: dtype, device, shape and bits of every
+    pair) when the extension is built, else torch.equal per pair."""
+    from resnet_fused.ops import extension
+
+    return extension._C.same_values if extension.is_loaded() else _same_values_py
 
 
 def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Packed:
@@ -91,10 +102,13 @@ def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) 
     (PyTorch gives `.data` its own version counter); call `clear_cache()`
     after those. oneDNN picks the blocked weight layout for the input size,
     so that is part of the key too (a new batch size repacks once)."""
+    global _same_values
     key = _key(conv, bn, dtype, input_size)
     sources = _sources(conv, bn)
     hit = _cache.get(conv)
-    if hit is not None and hit[0] == key and _unchanged(hit[1], sources):
+    if _same_values is None:
+        _same_values = _same_values_fn()
+    if hit is not None and hit[0] == key and _same_values(hit[1], sources):
         return hit[2]
     from resnet_fused.models import bn_scale_shift
 
