@@ -134,3 +134,29 @@ def test_inference_epilogue(benchmark, impl, shape, fmt):
     _info(benchmark, shape, y.dtype, nbytes)
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     _finish(benchmark, nbytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", ["torch-max_pool2d", "resnet_fused-max_pool2d"])
+def test_stem_max_pool(benchmark, impl, dtype):
+    """The stem's 3×3/2 max-pool on a resnet50 batch-8 stem output (CPU,
+    channels_last, inference): ATen's max_pool2d (which also computes
+    indices) against the extension's kernel the fused models use."""
+    from resnet_fused.ops import extension
+
+    if impl.startswith("resnet_fused") and not extension.has_kernel("max_pool2d", "CPU"):
+        pytest.skip(f"no CPU kernels: {extension.unavailable_reason('CPU')}")
+    shape = (8, 64, 112, 112)
+    g = torch.Generator().manual_seed(0)
+    x = _activation(g, shape, "nhwc", "cpu").relu().to(dtype)
+    pool = F.max_pool2d if impl == "torch-max_pool2d" else extension.max_pool2d
+
+    def step():
+        with torch.no_grad():
+            return pool(x, 3, 2, 1)
+
+    benchmark.group = f"stem max-pool {'x'.join(map(str, shape))} nhwc {dtype}"
+    nbytes = (x.numel() + x.numel() // 4) * x.element_size()  # read x once, write the output
+    _info(benchmark, shape, dtype, nbytes)
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+    _finish(benchmark, nbytes)
