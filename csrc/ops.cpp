@@ -58,7 +58,9 @@ PyObject* same_values(PyObject*, PyObject* args) {
       }
       if (tx.is_cpu() && tx.layout() == at::kStrided && ty.layout() == at::kStrided && tx.is_contiguous() &&
           ty.is_contiguous() && !tx.is_conj() && !ty.is_conj() && !tx.is_neg() && !ty.is_neg()) {
-        if (std::memcmp(tx.const_data_ptr(), ty.const_data_ptr(), tx.nbytes()) != 0) Py_RETURN_FALSE;
+        if (tx.nbytes() > 0 && std::memcmp(tx.const_data_ptr(), ty.const_data_ptr(), tx.nbytes()) != 0) {
+          Py_RETURN_FALSE;
+        }
       } else if (!at::equal(tx, ty)) {
         Py_RETURN_FALSE;
       }
@@ -130,7 +132,7 @@ TORCH_LIBRARY(resnet_fused, m) {
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 
   // Inference max pooling (CPU): F.max_pool2d's values without computing
-  // indices; bitwise ATen's. A channels_last x gets a channels_last output
+  // indices; bitwise ATen's (NaN payloads aside). A channels_last x gets a channels_last output
   // from the library's kernel; other layouts are ATen's max_pool2d. No
   // autograd: the models call it only where no gradient is recorded.
   m.def(

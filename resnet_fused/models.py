@@ -299,12 +299,13 @@ def _shortcut(block: nn.Module, x: Tensor, owned: bool) -> tuple[Tensor, bool]:
     ds = block.downsample
     if ds is None:
         return x, owned
-    if type(ds) is nn.Sequential and len(ds) == 2:
+    if _plain_projection(ds):
         return conv_norm_act(ds[0], ds[1], x, relu=False, recompute=_recompute(block)), True
     return ds(x), False
 
 
 def _plain_projection(ds: Optional[nn.Module]) -> bool:
+    # torchvision's projection shortcut: Sequential(conv1x1, norm)
     return type(ds) is nn.Sequential and len(ds) == 2
 
 

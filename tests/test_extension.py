@@ -421,6 +421,7 @@ def test_same_values_compares_dtype_shape_device_and_bits():
     assert same((strided,), (torch.tensor([0.0, 2.0, 4.0, 6.0]),))
     assert not same((strided,), (torch.tensor([0.0, 2.0, 4.0, 7.0]),))
     assert not same((a,), (a, a))
+    assert same((torch.empty(0),), (torch.empty(0),))
     with pytest.raises(TypeError, match="only tensors or None"):
         same((a,), (1.0,))
 

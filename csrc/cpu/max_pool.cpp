@@ -3,7 +3,8 @@
 // channels_last tensor each output pixel's C channels are the element-wise
 // max of the window's input rows (kernels.h pool_max_rows), so the loop is
 // contiguous and vectorised; other layouts go to ATen's max_pool2d. Results
-// are bitwise ATen's: same window order, same NaN and tie rule.
+// are bitwise ATen's: same window order, same NaN and tie rule (a NaN's
+// payload aside: ATen's vectorised bf16 path rewrites it).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

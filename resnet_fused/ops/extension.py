@@ -162,7 +162,8 @@ def max_pool2d(
     x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False
 ) -> Tensor:
     """`F.max_pool2d(x, ...)` for inference, without the indices ATen computes
-    on the way: the same values, bit for bit (window order, NaN and tie rule).
+    on the way: the same values, bit for bit (window order, NaN and tie rule;
+    a NaN's payload bits are not part of that).
     CPU only. On a channels_last x the library's vectorised kernel runs and
     the output is channels_last; any other layout is ATen's max_pool2d. Not
     differentiable: call it where no gradient is recorded."""
