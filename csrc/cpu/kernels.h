@@ -25,7 +25,7 @@ template <typename T>
 using acc_type = at::opmath_type<T>;
 
 // Elements per fp32 partial sum along a run; within it, kSumLanes interleaved
-// lanes (i mod kLanes) so the loop vectorises without reassociation.
+// lanes (i mod kSumLanes) so the loop vectorises without reassociation.
 constexpr int64_t kSumBlock = 512;
 constexpr int kSumLanes = 16;
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from resnet_fused.ops import extension
+
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -55,7 +57,6 @@ class Packed:
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-_same_values = None  # set on first use (_same_values_fn)
 
 
 def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
@@ -81,12 +82,9 @@ def _same_values_py(saved: tuple, current: tuple) -> bool:
     )
 
 
-def _same_values_fn():
-    """`_C.same_values` (one C call: dtype, device, shape and bits of every
-    pair) when the extension is built, else torch.equal per pair."""
-    from resnet_fused.ops import extension
-
-    return extension._C.same_values if extension.is_loaded() else _same_values_py
+# `_C.same_values` (one C call: dtype, device, shape and bits of every pair)
+# when the extension is built, else torch.equal per pair
+_same_values = extension._C.same_values if extension.is_loaded() else _same_values_py
 
 
 def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Packed:
@@ -102,12 +100,9 @@ def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) 
     (PyTorch gives `.data` its own version counter); call `clear_cache()`
     after those. oneDNN picks the blocked weight layout for the input size,
     so that is part of the key too (a new batch size repacks once)."""
-    global _same_values
     key = _key(conv, bn, dtype, input_size)
     sources = _sources(conv, bn)
     hit = _cache.get(conv)
-    if _same_values is None:
-        _same_values = _same_values_fn()
     if hit is not None and hit[0] == key and _same_values(hit[1], sources):
         return hit[2]
     from resnet_fused.models import bn_scale_shift
