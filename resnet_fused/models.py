@@ -256,6 +256,45 @@ def _onednn_inference(conv, norm, x, residual, relu, residual_channel_offset, co
     return onednn.conv_bn_act(x.to(dtype), packed, residual, relu, consume_residual)
 
 
+def _owned_conv(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """`conv_norm_act` inside FusedResNet's owned inference path (no
+    gradient, no hooks anywhere in the model, the oneDNN backend serving
+    CPU activations the forward made itself, `residual` one of them, given
+    up to the result): straight to the packed oneDNN call when the weight
+    cache holds this pair for this input's size — a hit means the pair
+    already ran on such inputs, so only what can change between calls is
+    looked at again (module types, eval mode, dtypes, the cache's own
+    checks). Anything else goes through `conv_norm_act`, which gives the
+    same bits or the usual errors."""
+    packed = _owned_packed(conv, norm, x)
+    if packed is not None and (
+        residual is None or (residual.shape == packed.out_shape and residual.dtype == x.dtype)
+    ):
+        return onednn.conv_bn_act(x, packed, residual, relu, consume_residual=True)
+    return conv_norm_act(conv, norm, x, residual=residual, relu=relu, consume_residual=residual is not None)
+
+
+def _owned_packed(conv: nn.Module, norm: nn.Module, x: Tensor) -> Optional[onednn.Packed]:
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+        return None
+    norm_type = type(norm)
+    if norm_type is nn.BatchNorm2d:
+        # _uses_running_stats, reading the buffers without nn.Module.__getattr__
+        if norm.training or onednn.member(norm, "running_mean") is None or onednn.member(norm, "running_var") is None:
+            return None
+    elif norm_type is not FrozenBatchNorm2d:
+        return None
+    dtype = x.dtype
+    if torch.is_autocast_enabled("cpu"):
+        if dtype != torch.get_autocast_dtype("cpu"):
+            return None
+    elif onednn.member(conv, "weight").dtype != dtype:
+        return None
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return onednn.lookup(conv, norm, dtype, tuple(x.shape))
+
+
 def _unfused(y: Tensor, residual: Optional[Tensor], relu: bool, residual_channel_offset: Optional[int] = None) -> Tensor:
     if residual is not None:
         if residual_channel_offset is not None:
@@ -292,13 +331,13 @@ def memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def _shortcut(block: nn.Module, x: Tensor, owned: bool) -> tuple[Tensor, bool]:
+def _shortcut(block: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     """(identity, whether the block may overwrite it): the projection's
-    output is the block's own; the block input only when the caller says so
-    (`owned`: FusedResNet's forward with no hooks that could hold it)."""
+    output is the block's own; the block input never is here (the owned
+    path, where it is, runs `_owned_last`)."""
     ds = block.downsample
     if ds is None:
-        return x, owned
+        return x, False
     if _plain_projection(ds):
         return conv_norm_act(ds[0], ds[1], x, relu=False, recompute=_recompute(block)), True
     return ds(x), False
@@ -309,13 +348,31 @@ def _plain_projection(ds: Optional[nn.Module]) -> bool:
     return type(ds) is nn.Sequential and len(ds) == 2
 
 
-def _projection_last(block: nn.Module, x: Tensor, main: Tensor) -> Tensor:
-    """relu(main + projection(x)) with the projection convolution last,
-    adding into `main`'s buffer (the block owns it): the order inductor
-    uses, which finds the block's freshly written output still in cache.
-    The sum is the same either way — two rounded operands, one rounding."""
-    ds = block.downsample
-    return conv_norm_act(ds[0], ds[1], x, residual=main, relu=True, consume_residual=True)
+def _owned_blocks(block: nn.Module, names: tuple) -> Optional[tuple]:
+    """(children, downsample) of a fused block for the owned path, read from
+    `_modules` (no `nn.Module.__getattr__`); None where the block's own
+    `_fused_forward` must run: a swapped activation, a shortcut other than
+    torchvision's projection, a conv or norm that is no longer a module."""
+    m = block._modules
+    ds = m["downsample"] if "downsample" in m else block.downsample
+    if type(m.get("relu")) is not nn.ReLU or not (ds is None or _plain_projection(ds)):
+        return None
+    for name in names:
+        if m.get(name) is None:
+            return None
+    return m, ds
+
+
+def _owned_last(ds: Optional[nn.Module], x: Tensor, out: Tensor, conv: nn.Module, norm: nn.Module) -> Tensor:
+    """A block's last convolution with the residual, in the owned path: the
+    identity's buffer (the block input, ours alone) takes the sum in place;
+    a projection shortcut `ds` runs last and adds into the main path's fresh
+    output — the order inductor uses, which finds that output still in
+    cache. The sum is the same either way: two rounded operands, one
+    rounding."""
+    if ds is None:
+        return _owned_conv(conv, norm, out, residual=x)
+    return _owned_conv(ds[0], ds[1], x, residual=_owned_conv(conv, norm, out, relu=False))
 
 
 def _relu_is_plain(module: nn.Module) -> bool:
@@ -330,15 +387,21 @@ class FusedBasicBlock(BasicBlock):
     _resnet_fused_recompute = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._fused_forward(x, owned=False)
+        return self._fused_forward(x)
 
-    def _fused_forward(self, x: Tensor, owned: bool) -> Tensor:
+    def _owned_forward(self, x: Tensor) -> Tensor:
+        # FusedResNet's owned inference path (see _owned_conv)
+        parts = _owned_blocks(self, ("conv1", "bn1", "conv2", "bn2"))
+        if parts is None:
+            return self._fused_forward(x)
+        m, ds = parts
+        out = _owned_conv(m["conv1"], m["bn1"], x)
+        return _owned_last(ds, x, out, m["conv2"], m["bn2"])
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
-        if owned and _plain_projection(self.downsample):
-            out = conv_norm_act(self.conv1, self.bn1, x)
-            return _projection_last(self, x, conv_norm_act(self.conv2, self.bn2, out, relu=False))
-        identity, consume = _shortcut(self, x, owned)
+        identity, consume = _shortcut(self, x)
         rc = _recompute(self)
         out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
         return conv_norm_act(self.conv2, self.bn2, out, residual=identity, recompute=rc, consume_residual=consume)
@@ -350,16 +413,22 @@ class FusedBottleneck(Bottleneck):
     _resnet_fused_recompute = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._fused_forward(x, owned=False)
+        return self._fused_forward(x)
 
-    def _fused_forward(self, x: Tensor, owned: bool) -> Tensor:
+    def _owned_forward(self, x: Tensor) -> Tensor:
+        # FusedResNet's owned inference path (see _owned_conv)
+        parts = _owned_blocks(self, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"))
+        if parts is None:
+            return self._fused_forward(x)
+        m, ds = parts
+        out = _owned_conv(m["conv1"], m["bn1"], x)
+        out = _owned_conv(m["conv2"], m["bn2"], out)
+        return _owned_last(ds, x, out, m["conv3"], m["bn3"])
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
-        if owned and _plain_projection(self.downsample):
-            out = conv_norm_act(self.conv1, self.bn1, x)
-            out = conv_norm_act(self.conv2, self.bn2, out)
-            return _projection_last(self, x, conv_norm_act(self.conv3, self.bn3, out, relu=False))
-        identity, consume = _shortcut(self, x, owned)
+        identity, consume = _shortcut(self, x)
         rc = _recompute(self)
         out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
         out = conv_norm_act(self.conv2, self.bn2, out, recompute=rc)
@@ -395,7 +464,7 @@ class FusedResNet(ResNet):
             # the residual into the identity's buffer (oneDNN's in-place sum)
             for layer in layers:
                 for block in layer:
-                    x = block._fused_forward(x, owned=True)
+                    x = block._owned_forward(x)
         else:
             for layer in layers:
                 x = layer(x)

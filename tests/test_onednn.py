@@ -239,3 +239,116 @@ def test_torch_compile_traces_the_composed_path():
     with torch.no_grad():
         out = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
         assert_equivalent(out, tv(x), NET_TOL[torch.float32])
+
+
+def _count_conv_norm_act(monkeypatch):
+    from resnet_fused import models
+
+    calls = []
+    real = models.conv_norm_act
+
+    def counting(conv, *args, **kwargs):
+        calls.append(conv)
+        return real(conv, *args, **kwargs)
+
+    monkeypatch.setattr(models, "conv_norm_act", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "autocast"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_owned_path_runs_cached_convolutions_directly(arch, dtype, monkeypatch):
+    """Once a forward has packed every convolution, the next forward's blocks
+    call oneDNN straight from the cache (no conv_norm_act), with the same bits."""
+    _, fused = pair(arch)
+    x = torch.randn(2, 3, 40, 48)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "autocast" else torch.autocast("cpu", enabled=False)
+    calls = _count_conv_norm_act(monkeypatch)
+    with torch.no_grad(), ctx:
+        first = fused(x)
+        assert fused.layer1[0].conv1 in calls  # the first forward packs through conv_norm_act
+        calls.clear()
+        second = fused(x)
+    assert calls == [fused.conv1]  # only the stem
+    assert torch.equal(first, second)
+
+
+def _edit_bn_train(m):
+    m.layer2[1].bn2.train()
+
+
+def _edit_new_conv(m):
+    torch.manual_seed(5)
+    old = m.layer3[0].conv1
+    m.layer3[0].conv1 = torch.nn.Conv2d(old.in_channels, old.out_channels, 3, old.stride, 1, bias=True)
+
+
+def _edit_new_parameter(m):
+    m.layer1[1].conv2.weight = torch.nn.Parameter(m.layer1[1].conv2.weight.detach() * 0.5)
+
+
+def _edit_eps(m):
+    m.layer4[1].bn1.eps = 0.5
+
+
+def _edit_frozen_bn(m):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    bn = m.layer2[0].bn1
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    frozen.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"})
+    m.layer2[0].bn1 = frozen
+
+
+def _edit_relu(m):
+    m.layer3[1].relu = torch.nn.LeakyReLU(0.1)
+
+
+def _edit_relu_function(m):
+    del m.layer2[1].relu
+    m.layer2[1].relu = torch.nn.functional.relu6  # not a module: an instance attribute
+
+
+def _edit_downsample(m):
+    ds = m.layer2[0].downsample
+    m.layer2[0].downsample = torch.nn.Sequential(ds[0], ds[1], torch.nn.Identity())
+
+
+def _edit_dropped_running_stats(m):
+    bn = m.layer1[0].bn2
+    bn.running_mean = None
+    bn.running_var = None
+    bn.track_running_stats = False
+
+
+EDITS = [_edit_bn_train, _edit_new_conv, _edit_new_parameter, _edit_eps, _edit_frozen_bn, _edit_relu, _edit_relu_function,
+         _edit_downsample, _edit_dropped_running_stats]
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=[e.__name__[6:] for e in EDITS])
+def test_changes_between_forwards_are_seen(edit):
+    """What a forward with the cache warm must notice: every module edit made
+    on both models between two forwards gives torchvision's numbers."""
+    tv, fused = pair("resnet18")
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        fused(x)
+        edit(tv)
+        edit(fused)
+        ref = tv(x)
+        assert_equivalent(fused(x), ref, NET_TOL[torch.float32])
+        assert_equivalent(fused(x), ref, NET_TOL[torch.float32])  # and again, warm
+
+
+def test_a_changed_block_gives_the_usual_errors():
+    """A convolution swapped for one whose output no longer matches the
+    identity fails with the residual error every path gives, warm cache or not."""
+    _, fused = pair("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        fused(x)
+        fused.layer1[1].conv2 = torch.nn.Conv2d(64, 32, 3, padding=1, bias=False)
+        fused.layer1[1].bn2 = torch.nn.BatchNorm2d(32).eval()
+        for _ in range(2):
+            with pytest.raises(ValueError, match="residual"):
+                fused(x)

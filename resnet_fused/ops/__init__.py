@@ -125,8 +125,13 @@ def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def conv_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
-    n, _, h, w = x.shape
-    k, _, r, s = weight.shape
+    return conv_out_size(x.shape, weight.shape, stride, padding, dilation)
+
+
+def conv_out_size(input_size, weight_size, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """(N, K, P, Q) of a convolution of an (N, C, H, W) input with a (K, C/g, R, S) weight."""
+    n, _, h, w = input_size
+    k, _, r, s = weight_size
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     return n, k, p, q
