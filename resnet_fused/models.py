@@ -7,8 +7,10 @@ constructor arguments are torchvision's own, so state_dicts load with
 
 What each conv+norm pair runs depends on the norm module at call time:
 * BatchNorm2d using running statistics (eval) or FrozenBatchNorm2d:
-  `ops.conv_bn_act`, with scale/shift derived from the live buffers on every
-  call (no cache to go stale);
+  on CPU with no gradient recorded and the `cpu` backend, one oneDNN
+  convolution from folded, pre-packed weights (`ops.onednn`, a cache checked
+  against the live tensors on every call); otherwise `ops.conv_bn_act`, with
+  scale/shift derived from the live buffers on every call;
 * BatchNorm2d using batch statistics (train, or track_running_stats=False):
   the convolution, then `ops.batch_norm_act` (BN + residual + ReLU);
 * any other norm layer: the modules as written, with a one-time warning.
@@ -275,6 +277,18 @@ def _owned_conv(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Optional[
 
 
 def _owned_packed(conv: nn.Module, norm: nn.Module, x: Tensor) -> Optional[onednn.Packed]:
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    autocast = torch.is_autocast_enabled("cpu")
+    if autocast and x.dtype != torch.get_autocast_dtype("cpu"):
+        return None
+    return _owned_lookup(conv, norm, tuple(x.shape), x.dtype, autocast)
+
+
+def _owned_lookup(conv: nn.Module, norm: nn.Module, size: tuple, dtype: torch.dtype, autocast: bool) -> Optional[onednn.Packed]:
+    """The cached weights of (conv, norm) for a channels_last `size` input in
+    `dtype` (the autocast dtype where autocast is on), where the oneDNN
+    inference path still applies to the pair; else None."""
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
         return None
     norm_type = type(norm)
@@ -284,15 +298,76 @@ def _owned_packed(conv: nn.Module, norm: nn.Module, x: Tensor) -> Optional[onedn
             return None
     elif norm_type is not FrozenBatchNorm2d:
         return None
-    dtype = x.dtype
-    if torch.is_autocast_enabled("cpu"):
-        if dtype != torch.get_autocast_dtype("cpu"):
+    if not autocast and onednn.member(conv, "weight").dtype != dtype:
+        return None
+    return onednn.lookup(conv, norm, dtype, size)
+
+
+def _owned_layers(blocks: list, x: Tensor) -> Tensor:
+    """FusedResNet's residual stages on the owned path. Each stretch of
+    blocks whose every convolution is in the weight cache for the sizes it
+    will see is checked first, all of it, then run as back-to-back oneDNN
+    calls: Python between two large convolutions runs with cold caches (a
+    4 µs check takes ~35 µs there), so no checking is left between them. A
+    block that cannot be planned (weights not packed yet, a swapped module)
+    runs through `_owned_forward` on its own, and planning resumes after it."""
+    autocast = torch.is_autocast_enabled("cpu")
+    i, n = 0, len(blocks)
+    while i < n:
+        run = []
+        if x.is_contiguous(memory_format=torch.channels_last) and (
+            not autocast or x.dtype == torch.get_autocast_dtype("cpu")
+        ):
+            size = tuple(x.shape)
+            while i < n:
+                step = _planned_block(blocks[i], size, x.dtype, autocast)
+                if step is None:
+                    break
+                run.append(step)
+                size = step[0][-1].out_shape
+                i += 1
+        x = _run_planned(run, x)
+        if i < n:
+            x = blocks[i]._owned_forward(x)
+            i += 1
+    return x
+
+
+def _planned_block(block: nn.Module, size: tuple, dtype: torch.dtype, autocast: bool) -> Optional[tuple]:
+    """(packed main-path convolutions, packed projection or None) for a block
+    whose input has `size`, or None when any of it is not in the cache (or
+    the block is not plain): the checks `_owned_forward` would make."""
+    pairs = block._resnet_fused_pairs
+    parts = _owned_blocks(block, pairs)
+    if parts is None:
+        return None
+    m, ds = parts
+    packs = []
+    s = size
+    for conv, norm in pairs:
+        p = _owned_lookup(m[conv], m[norm], s, dtype, autocast)
+        if p is None:
             return None
-    elif onednn.member(conv, "weight").dtype != dtype:
-        return None
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        return None
-    return onednn.lookup(conv, norm, dtype, tuple(x.shape))
+        packs.append(p)
+        s = p.out_shape
+    if ds is None:
+        return (packs, None) if s == size else None
+    ds_conv, ds_norm = ds._modules.values()  # a plain projection: two modules
+    pd = _owned_lookup(ds_conv, ds_norm, size, dtype, autocast)
+    return (packs, pd) if pd is not None and pd.out_shape == s else None
+
+
+def _run_planned(run: list, x: Tensor) -> Tensor:
+    # what _owned_forward computes, call for call (the same bits)
+    for packs, pd in run:
+        out = x
+        for p in packs[:-1]:
+            out = onednn.conv_bn_act(out, p, None, True)
+        if pd is None:
+            x = onednn.conv_bn_act(out, packs[-1], x, True, consume_residual=True)
+        else:
+            x = onednn.conv_bn_act(x, pd, onednn.conv_bn_act(out, packs[-1], None, False), True, consume_residual=True)
+    return x
 
 
 def _unfused(y: Tensor, residual: Optional[Tensor], relu: bool, residual_channel_offset: Optional[int] = None) -> Tensor:
@@ -348,7 +423,7 @@ def _plain_projection(ds: Optional[nn.Module]) -> bool:
     return type(ds) is nn.Sequential and len(ds) == 2
 
 
-def _owned_blocks(block: nn.Module, names: tuple) -> Optional[tuple]:
+def _owned_blocks(block: nn.Module, pairs: tuple) -> Optional[tuple]:
     """(children, downsample) of a fused block for the owned path, read from
     `_modules` (no `nn.Module.__getattr__`); None where the block's own
     `_fused_forward` must run: a swapped activation, a shortcut other than
@@ -357,8 +432,8 @@ def _owned_blocks(block: nn.Module, names: tuple) -> Optional[tuple]:
     ds = m["downsample"] if "downsample" in m else block.downsample
     if type(m.get("relu")) is not nn.ReLU or not (ds is None or _plain_projection(ds)):
         return None
-    for name in names:
-        if m.get(name) is None:
+    for conv, norm in pairs:
+        if m.get(conv) is None or m.get(norm) is None:
             return None
     return m, ds
 
@@ -385,13 +460,14 @@ class FusedBasicBlock(BasicBlock):
     """torchvision BasicBlock; forward = two fused conv+BN(+add)+ReLU kernels."""
 
     _resnet_fused_recompute = False
+    _resnet_fused_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._fused_forward(x)
 
     def _owned_forward(self, x: Tensor) -> Tensor:
         # FusedResNet's owned inference path (see _owned_conv)
-        parts = _owned_blocks(self, ("conv1", "bn1", "conv2", "bn2"))
+        parts = _owned_blocks(self, self._resnet_fused_pairs)
         if parts is None:
             return self._fused_forward(x)
         m, ds = parts
@@ -411,13 +487,14 @@ class FusedBottleneck(Bottleneck):
     """torchvision Bottleneck; forward = three fused kernels, the last with the residual."""
 
     _resnet_fused_recompute = False
+    _resnet_fused_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._fused_forward(x)
 
     def _owned_forward(self, x: Tensor) -> Tensor:
         # FusedResNet's owned inference path (see _owned_conv)
-        parts = _owned_blocks(self, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"))
+        parts = _owned_blocks(self, self._resnet_fused_pairs)
         if parts is None:
             return self._fused_forward(x)
         m, ds = parts
@@ -462,9 +539,7 @@ class FusedResNet(ResNet):
         if self._owns_activations(x, layers):
             # every activation from here on is ours alone: the blocks may add
             # the residual into the identity's buffer (oneDNN's in-place sum)
-            for layer in layers:
-                for block in layer:
-                    x = block._owned_forward(x)
+            x = _owned_layers([block for layer in layers for block in layer], x)
         else:
             for layer in layers:
                 x = layer(x)

@@ -352,3 +352,26 @@ def test_a_changed_block_gives_the_usual_errors():
         for _ in range(2):
             with pytest.raises(ValueError, match="residual"):
                 fused(x)
+
+
+def test_blocks_that_cannot_be_planned_run_alone_and_the_rest_stay_planned(monkeypatch):
+    """A block with a swapped activation runs its own forward; the blocks
+    before and after it are still planned and run from the cache."""
+    from resnet_fused import models
+
+    tv, fused = pair("resnet50")
+    for model in (tv, fused):
+        model.layer2[1].relu = torch.nn.LeakyReLU(0.1)
+    x = torch.randn(2, 3, 48, 40)
+    alone = []
+    real = models.FusedBottleneck._owned_forward
+    monkeypatch.setattr(models.FusedBottleneck, "_owned_forward", lambda self, x: alone.append(self) or real(self, x))
+    calls = _count_conv_norm_act(monkeypatch)
+    with torch.no_grad():
+        fused(x)
+        alone.clear()
+        calls.clear()
+        out = fused(x)
+    assert alone == [fused.layer2[1]]
+    assert calls == [fused.conv1]  # the swapped block runs torchvision's forward (plain modules)
+    assert_equivalent(out, tv(x), NET_TOL[torch.float32])

@@ -15,7 +15,9 @@ Used by `models.conv_norm_act` for BatchNorm with running statistics on CPU
 tensors when the `cpu` backend serves `conv_bn_act` (the `auto` default on
 CPU) and no gradient is being recorded; fp32 and bf16 (including
 `torch.autocast("cpu", dtype=torch.bfloat16)`), NCHW or channels_last in,
-the same format out.
+the same format out; and by FusedResNet's warm forward, which checks a
+stretch of blocks with `lookup` (the cache's checks, no packing) before
+running their `conv_bn_act` calls back to back.
 """
 from __future__ import annotations
 
