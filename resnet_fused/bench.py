@@ -219,14 +219,26 @@ def _measure(arch, batch, args, device, dtypes, step, total) -> dict:
     rows = []
     for impl in impls:
         med = statistics.median(impl.times)
+        compiled = next((c for c in impls if "compile" in c.name and c.dtype == impl.dtype), None)
+        per_round = None if compiled is None else per_round_ratio(compiled.times, impl.times)
         rows.append({
             "model": arch, "batch": batch, "implementation": impl.name, "backend": impl.backend,
             "dtype": str(impl.dtype).replace("torch.", ""),
             "median_s": med, "images_per_s": batch / med, "speedup_vs_torchvision": base / med,
+            "per_round_vs_compile": per_round,
             "error_vs_torchvision": impl.err, "saved_activation_bytes": impl.saved_bytes,
             "times_s": impl.times,
         })
     return rows
+
+
+def per_round_ratio(reference_times: list, times: list) -> float:
+    """Median over rounds of reference time / time: how much faster than the
+    reference, compared within each round. On a host whose speed drifts
+    between rounds this is steadier than the ratio of the two medians."""
+    if len(reference_times) != len(times) or not times:
+        raise ValueError("reference_times and times must be non-empty and of the same length")
+    return statistics.median(r / t for r, t in zip(reference_times, times))
 
 
 def _probe_memory(model, impl, x, target, device, autocast) -> Optional[int]:
@@ -248,13 +260,19 @@ def _print_table(rows: list, train: bool) -> None:
     for arch in dict.fromkeys(r["model"] for r in rows):
         print(f"\n{arch}")
         mem = train
+        rounds = any(r.get("per_round_vs_compile") is not None for r in rows if r["model"] == arch)
         head = f"{'batch':>5s}  {'implementation':32s} {'images/s':>10s} {'vs torchvision':>15s} {'max err':>9s}"
+        if rounds:
+            head += f" {'vs compile, per round':>22s}"
         if mem:
             head += f" {'activations MiB':>16s}"
         print(head)
         for r in (r for r in rows if r["model"] == arch):
             line = (f"{r['batch']:5d}  {r['implementation']:32s} {r['images_per_s']:10.1f} "
                     f"{r['speedup_vs_torchvision']:14.2f}x {r['error_vs_torchvision']:9.1e}")
+            if rounds:
+                pr = r.get("per_round_vs_compile")
+                line += f" {pr:21.3f}x" if pr is not None else f" {'':22s}"
             if mem:
                 line += f" {r['saved_activation_bytes'] / 2**20:16.1f}"
             print(line)

@@ -86,11 +86,20 @@ def test_bench_command_measures_and_checks(tmp_path, capsys, train):
     assert rows[0]["speedup_vs_torchvision"] == 1.0 and rows[0]["error_vs_torchvision"] == 0.0
     for r in rows:
         assert r["images_per_s"] > 0 and len(r["times_s"]) == 2
+        assert r["per_round_vs_compile"] is None  # no --compile rows to compare with
         assert r["error_vs_torchvision"] <= 1e-4, r
         assert r["implementation"] in captured.out
     if train:
         saved = {r["implementation"]: r["saved_activation_bytes"] for r in rows}
         assert saved["resnet_fused"] == saved["torchvision"] > 0  # see README, "What training saves"
+
+
+def test_per_round_ratio_compares_within_rounds():
+    # the host slows down 3x in round 2: within each round the second is 2x faster
+    assert bench.per_round_ratio([1.0, 3.0, 1.2], [0.5, 1.5, 0.6]) == 2.0
+    assert bench.per_round_ratio([1.0, 1.0, 4.0], [1.0, 2.0, 1.0]) == 1.0  # ratios 1, 0.5, 4
+    with pytest.raises(ValueError, match="same length"):
+        bench.per_round_ratio([1.0], [1.0, 2.0])
 
 
 def test_bench_bad_arguments():
