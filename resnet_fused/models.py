@@ -310,7 +310,7 @@ def _owned_layers(blocks: list, x: Tensor) -> Tensor:
     calls: Python between two large convolutions runs with cold caches (a
     4 µs check takes ~35 µs there), so no checking is left between them. A
     block that cannot be planned (weights not packed yet, a swapped module)
-    runs through `_owned_forward` on its own, and planning resumes after it."""
+    runs through `_owned_block_forward` on its own, and planning resumes after it."""
     autocast = torch.is_autocast_enabled("cpu")
     i, n = 0, len(blocks)
     while i < n:
@@ -328,7 +328,7 @@ def _owned_layers(blocks: list, x: Tensor) -> Tensor:
                 i += 1
         x = _run_planned(run, x)
         if i < n:
-            x = blocks[i]._owned_forward(x)
+            x = _owned_block_forward(blocks[i], x)
             i += 1
     return x
 
@@ -336,7 +336,7 @@ def _owned_layers(blocks: list, x: Tensor) -> Tensor:
 def _planned_block(block: nn.Module, size: tuple, dtype: torch.dtype, autocast: bool) -> Optional[tuple]:
     """(packed main-path convolutions, packed projection or None) for a block
     whose input has `size`, or None when any of it is not in the cache (or
-    the block is not plain): the checks `_owned_forward` would make."""
+    the block is not plain): the checks `_owned_block_forward` would make."""
     pairs = block._resnet_fused_pairs
     parts = _owned_blocks(block, pairs)
     if parts is None:
@@ -358,7 +358,7 @@ def _planned_block(block: nn.Module, size: tuple, dtype: torch.dtype, autocast: 
 
 
 def _run_planned(run: list, x: Tensor) -> Tensor:
-    # what _owned_forward computes, call for call (the same bits)
+    # what _owned_block_forward computes, call for call (the same bits)
     for packs, pd in run:
         out = x
         for p in packs[:-1]:
@@ -438,6 +438,21 @@ def _owned_blocks(block: nn.Module, pairs: tuple) -> Optional[tuple]:
     return m, ds
 
 
+def _owned_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """One fused block on the owned path, convolution by convolution (see
+    `_owned_conv`): what `_owned_layers` runs for a block it cannot plan."""
+    pairs = block._resnet_fused_pairs
+    parts = _owned_blocks(block, pairs)
+    if parts is None:
+        return block._fused_forward(x)
+    m, ds = parts
+    out = x
+    for conv, norm in pairs[:-1]:
+        out = _owned_conv(m[conv], m[norm], out)
+    conv, norm = pairs[-1]
+    return _owned_last(ds, x, out, m[conv], m[norm])
+
+
 def _owned_last(ds: Optional[nn.Module], x: Tensor, out: Tensor, conv: nn.Module, norm: nn.Module) -> Tensor:
     """A block's last convolution with the residual, in the owned path: the
     identity's buffer (the block input, ours alone) takes the sum in place;
@@ -465,15 +480,6 @@ class FusedBasicBlock(BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         return self._fused_forward(x)
 
-    def _owned_forward(self, x: Tensor) -> Tensor:
-        # FusedResNet's owned inference path (see _owned_conv)
-        parts = _owned_blocks(self, self._resnet_fused_pairs)
-        if parts is None:
-            return self._fused_forward(x)
-        m, ds = parts
-        out = _owned_conv(m["conv1"], m["bn1"], x)
-        return _owned_last(ds, x, out, m["conv2"], m["bn2"])
-
     def _fused_forward(self, x: Tensor) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
@@ -491,16 +497,6 @@ class FusedBottleneck(Bottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._fused_forward(x)
-
-    def _owned_forward(self, x: Tensor) -> Tensor:
-        # FusedResNet's owned inference path (see _owned_conv)
-        parts = _owned_blocks(self, self._resnet_fused_pairs)
-        if parts is None:
-            return self._fused_forward(x)
-        m, ds = parts
-        out = _owned_conv(m["conv1"], m["bn1"], x)
-        out = _owned_conv(m["conv2"], m["bn2"], out)
-        return _owned_last(ds, x, out, m["conv3"], m["bn3"])
 
     def _fused_forward(self, x: Tensor) -> Tensor:
         if not _relu_is_plain(self.relu):
