@@ -88,7 +88,7 @@ def bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
 def _uses_running_stats(bn: nn.BatchNorm2d) -> bool:
     # _BatchNorm.forward: batch statistics in training, or when no running
     # statistics exist.
-    return not bn.training and bn.running_mean is not None and bn.running_var is not None
+    return not bn.training and onednn.member(bn, "running_mean") is not None and onednn.member(bn, "running_var") is not None
 
 
 def _batch_norm_args(bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], Optional[Tensor], float]:
@@ -292,11 +292,7 @@ def _owned_lookup(conv: nn.Module, norm: nn.Module, size: tuple, dtype: torch.dt
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
         return None
     norm_type = type(norm)
-    if norm_type is nn.BatchNorm2d:
-        # _uses_running_stats, reading the buffers without nn.Module.__getattr__
-        if norm.training or onednn.member(norm, "running_mean") is None or onednn.member(norm, "running_var") is None:
-            return None
-    elif norm_type is not FrozenBatchNorm2d:
+    if norm_type is not FrozenBatchNorm2d and not (norm_type is nn.BatchNorm2d and _uses_running_stats(norm)):
         return None
     if not autocast and onednn.member(conv, "weight").dtype != dtype:
         return None
@@ -430,7 +426,7 @@ def _owned_blocks(block: nn.Module, pairs: tuple) -> Optional[tuple]:
     torchvision's projection, a conv or norm that is no longer a module."""
     m = block._modules
     ds = m["downsample"] if "downsample" in m else block.downsample
-    if type(m.get("relu")) is not nn.ReLU or not (ds is None or _plain_projection(ds)):
+    if not _relu_is_plain(m.get("relu")) or not (ds is None or _plain_projection(ds)):
         return None
     for conv, norm in pairs:
         if m.get(conv) is None or m.get(norm) is None:
