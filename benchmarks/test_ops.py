@@ -160,3 +160,49 @@ def test_stem_max_pool(benchmark, impl, dtype):
     _info(benchmark, shape, dtype, nbytes)
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     _finish(benchmark, nbytes)
+
+
+# ResNet-50's 3x3 stride-1 convolutions at batch 8, 224px input: (N, C, H, W), K = C
+CONV3X3_SHAPES = [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)]
+
+
+@pytest.mark.parametrize("shape", CONV3X3_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["torch-conv2d+relu", "onednn-direct", "resnet_fused-winograd"])
+def test_conv3x3_bias_relu(benchmark, impl, shape):
+    """A folded conv+BN+ReLU on CPU (fp32, channels_last, inference), three
+    ways: torch's conv2d then ReLU; the oneDNN convolution with bias and ReLU
+    post-ops on pre-packed weights (the cpu backend with
+    set_cpu_winograd(False), and what torch.compile's inductor calls); the
+    extension's Winograd F(4x4, 3x3) kernel (the cpu backend's default)."""
+    from resnet_fused.ops import extension, onednn
+
+    if impl == "resnet_fused-winograd" and not extension.has_kernel("winograd_conv3x3", "CPU"):
+        pytest.skip(f"no CPU kernels: {extension.unavailable_reason('CPU')}")
+    if impl == "onednn-direct" and onednn.UNAVAILABLE is not None:
+        pytest.skip(onednn.UNAVAILABLE)
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    x = _activation(g, shape, "nhwc", "cpu")
+    weight = torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5
+    bias = torch.randn(c, generator=g)
+    if impl == "torch-conv2d+relu":
+        def step():
+            with torch.no_grad():
+                return F.conv2d(x, weight, bias, padding=1).relu_()
+    elif impl == "onednn-direct":
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(shape))
+
+        def step():
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+    else:
+        transformed = torch.ops.resnet_fused.winograd_weight(weight)
+
+        def step():
+            return torch.ops.resnet_fused.winograd_conv3x3(x, transformed, bias, None, True)
+
+    benchmark.group = f"conv3x3+bias+relu {'x'.join(map(str, shape))} nhwc float32"
+    nbytes = 2 * x.numel() * x.element_size() + weight.numel() * weight.element_size()
+    _info(benchmark, shape, torch.float32, nbytes)
+    benchmark.extra_info["gflop"] = 2 * n * h * w * c * c * 9 / 1e9
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+    _finish(benchmark, nbytes)

@@ -138,4 +138,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, bool ceil_mode) -> Tensor");
+
+  // Inference 3x3 convolution, stride 1, padding 1, as Winograd F(4x4, 3x3)
+  // (CPU, float32), with the epilogue fused into the output transform:
+  //   out = act(conv(x, w) + bias + residual)
+  // `weight` is winograd_weight(w): w (K, C, 3, 3) transformed into
+  // (36, C, K), computed in double and rounded once. C and K are multiples of
+  // 16. The output has x's memory format. No autograd.
+  m.def("winograd_weight(Tensor weight) -> Tensor");
+  m.def("winograd_conv3x3(Tensor x, Tensor weight, Tensor bias, Tensor? residual, bool relu) -> Tensor");
 }

@@ -28,6 +28,7 @@ from resnet_fused.cifar import (  # noqa: E402
     cifar_resnet1202,
 )
 from resnet_fused.convert import FuseReport, fuse, unfuse  # noqa: E402
+from resnet_fused.ops.onednn import cpu_winograd, set_cpu_winograd  # noqa: E402
 from resnet_fused.models import (  # noqa: E402
     FusedBasicBlock,
     FusedBottleneck,
@@ -53,6 +54,8 @@ __all__ = [
     "backend",
     "get_backend",
     "set_backend",
+    "set_cpu_winograd",
+    "cpu_winograd",
     "fuse",
     "unfuse",
     "FuseReport",

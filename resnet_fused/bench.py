@@ -361,6 +361,10 @@ def main(argv=None) -> int:
           f"{args.size}x{args.size}, {', '.join(str(d).replace('torch.', '') for d in dtypes)}"
           f"{' (autocast)' if any(d != torch.float32 for d in dtypes) else ''}, "
           f"median of {args.rounds} interleaved rounds")
+    if device.type == "cpu":
+        print(f"cpu backend: fp32 3x3 stride-1 convolutions as "
+              f"{'Winograd F(4x4, 3x3)' if resnet_fused.cpu_winograd() else 'oneDNN direct'} "
+              f"(RESNET_FUSED_CPU_WINOGRAD={'1' if resnet_fused.cpu_winograd() else '0'})")
     rows = []
     total = len(args.model) * len(batches)
     step = 0
@@ -375,6 +379,7 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "dtypes": [str(d).replace("torch.", "") for d in dtypes],
         "size": args.size, "train": args.train, "rounds": args.rounds,
+        "cpu_winograd": resnet_fused.cpu_winograd() if device.type == "cpu" else None,
     }
     try:
         import triton

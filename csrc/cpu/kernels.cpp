@@ -11,15 +11,8 @@
 #include <type_traits>
 
 #include "../epilogue.h"
+#include "clones.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(RESNET_FUSED_NO_TARGET_CLONES)
-#define RF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define RF_CPU_TARGETS "avx512f,avx2,default"
-#else
-#define RF_CPU_CLONES
-#define RF_CPU_TARGETS "default"
-#endif
 #define RF_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace resnet_fused {

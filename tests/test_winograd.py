@@ -1,0 +1,201 @@
+"""The cpu backend's Winograd F(4x4, 3x3) convolution
+(torch.ops.resnet_fused.winograd_conv3x3, csrc/cpu/winograd.cpp) and how the
+oneDNN inference path uses it (resnet_fused.ops.onednn)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resnet_fused
+from resnet_fused.ops import extension, onednn
+from conftest import NET_TOL, OP_TOL, assert_equivalent, randomize_norms
+
+pytestmark = pytest.mark.skipif(not extension.is_loaded(), reason="resnet_fused._C is not built")
+
+ops = torch.ops.resnet_fused
+
+
+def case(n, c, k, h, w, seed=0, residual=True, fmt=torch.channels_last):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(memory_format=fmt)
+    weight = torch.randn(k, c, 3, 3, generator=g) / math.sqrt(9 * c)
+    bias = torch.randn(k, generator=g)
+    res = torch.randn(n, k, h, w, generator=g).to(memory_format=fmt) if residual else None
+    return x, weight, bias, res
+
+
+def reference(x, weight, bias, res, relu):
+    """The same epilogue order, in float64: act(conv + bias + residual)."""
+    y = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    if res is not None:
+        y = y + res.double()
+    return y.relu() if relu else y
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 16, 16, 1, 1),      # one pixel: a single tile, mostly padding
+        (1, 16, 32, 2, 3),      # C != K, smaller than a tile
+        (2, 32, 16, 5, 7),      # partial tiles on both edges
+        (3, 64, 64, 13, 9),     # odd batch and sizes
+        (1, 48, 80, 16, 16),    # whole tiles only
+        (2, 512, 512, 44, 44),  # 242 tiles: three chunks of the workspace
+    ],
+)
+def test_matches_a_float64_convolution(shape, residual, relu):
+    x, weight, bias, res = case(*shape, residual=residual)
+    out = ops.winograd_conv3x3(x, ops.winograd_weight(weight), bias, res, relu)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_equivalent(out, reference(x, weight, bias, res, relu), OP_TOL[torch.float32])
+
+
+def test_keeps_the_input_memory_format():
+    x, weight, bias, res = case(2, 32, 48, 9, 6, fmt=torch.contiguous_format)
+    out = ops.winograd_conv3x3(x, ops.winograd_weight(weight), bias, res, True)
+    assert out.is_contiguous()
+    assert_equivalent(out, reference(x, weight, bias, res, True), OP_TOL[torch.float32])
+    # a channels_last residual with an NCHW input (and the other way round)
+    res_cl = res.to(memory_format=torch.channels_last)
+    assert torch.equal(ops.winograd_conv3x3(x, ops.winograd_weight(weight), bias, res_cl, True), out)
+
+
+def test_weight_transform_is_g_w_gt_rounded_once():
+    """winograd_weight(w)[i * 6 + j, c, k] = (G w[k, c] G^T)[i, j] for the
+    points 0, 1, -1, 1/2, -2, computed here from the Lagrange basis."""
+    points = [0.0, 1.0, -1.0, 0.5, -2.0]
+    G = torch.zeros(6, 3, dtype=torch.float64)
+    for i, p in enumerate(points):
+        den = math.prod(p - q for j, q in enumerate(points) if j != i)
+        G[i] = torch.tensor([1.0, p, p * p], dtype=torch.float64) / den
+    G[5] = torch.tensor([0.0, 0.0, 1.0])
+    w = torch.randn(24, 16, 3, 3, generator=torch.Generator().manual_seed(3))
+    expected = torch.einsum("ia,kcab,jb->ijck", G, w.double(), G).reshape(36, 16, 24)
+    got = ops.winograd_weight(w)
+    assert got.dtype == torch.float32 and got.shape == (36, 16, 24)
+    # one rounding of a float64 result: within an fp32 ulp (2^-23) of it
+    torch.testing.assert_close(got.double(), expected, rtol=2.0**-23, atol=0.0)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x, weight, bias, res = case(2, 512, 512, 44, 44, seed=4)
+    v = ops.winograd_weight(weight)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(ops.winograd_conv3x3(x, v, bias, res, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_nan_in_the_input_reaches_the_outputs_that_read_it():
+    """A NaN spreads to the whole 4x4 tiles whose 6x6 patches hold it (a
+    direct convolution: its 3x3 neighbourhood), so every output the direct
+    convolution makes NaN is NaN here too; the rest stays finite."""
+    x, weight, bias, _ = case(1, 16, 16, 12, 12, seed=5)
+    x[0, 3, 5, 6] = float("nan")
+    out = ops.winograd_conv3x3(x, ops.winograd_weight(weight), bias, None, False)
+    direct = F.conv2d(x, weight, bias, padding=1)
+    assert out.isnan()[direct.isnan()].all()
+    assert out[:, :, 8:, :].isfinite().all() and out[:, :, :, :4].isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(x=a["x"].double()), "x must be float32"),
+        (lambda a: a.update(weight=a["weight"].double()), "weight must be float32"),
+        (lambda a: a.update(bias=a["bias"].half()), "bias must be float32"),
+        (lambda a: a.update(x=a["x"][0]), "x must be 4-D"),
+        (lambda a: a.update(x=a["x"][:, :8]), "x has 8 channels but weight expects 16"),
+        (lambda a: a.update(weight=a["weight"][:, :, :8].contiguous()), "multiples of 16, got C=16, K=8"),
+        (lambda a: a.update(weight=a["weight"][:35]), "weight must be a contiguous \\(36, C, K\\)"),
+        (lambda a: a.update(bias=a["bias"][:5]), "bias must be a contiguous \\(16,\\)"),
+        (lambda a: a.update(residual=a["residual"][:, :, 1:]), "residual must be \\[2, 16, 5, 5\\]"),
+        (lambda a: a.update(residual=a["residual"].double()), "residual must be float32"),
+    ],
+)
+def test_bad_arguments_are_named(change, message):
+    x, weight, bias, res = case(2, 16, 16, 5, 5)
+    args = {"x": x, "weight": ops.winograd_weight(weight), "bias": bias, "residual": res}
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.winograd_conv3x3(args["x"], args["weight"], args["bias"], args["residual"], True)
+    with pytest.raises(RuntimeError, match="weight must be \\(K, C, 3, 3\\)"):
+        ops.winograd_weight(torch.randn(4, 4, 1, 1))
+
+
+def winograd_convs(model):
+    return {c for c in model.modules() if c in onednn._cache and onednn._cache[c][-1].winograd}
+
+
+@pytest.mark.skipif(onednn.UNAVAILABLE is not None, reason=f"oneDNN path unavailable: {onednn.UNAVAILABLE}")
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "wide_resnet50_2"])
+def test_models_use_it_for_their_3x3_stride_1_convolutions(arch):
+    torch.manual_seed(0)
+    tv = randomize_norms(getattr(torchvision.models, arch)()).eval()
+    fused = resnet_fused.fuse(tv).eval()
+    x = torch.randn(2, 3, 61, 50, generator=torch.Generator().manual_seed(6))
+    expected = {
+        m for m in fused.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.groups == 1
+    }
+    assert expected and resnet_fused.cpu_winograd()
+    with torch.no_grad():
+        ref = tv(x)
+        out = fused(x)
+        assert winograd_convs(fused) == expected
+        assert_equivalent(out, ref, NET_TOL[torch.float32])
+        assert torch.equal(fused(x), out)  # the warm (planned) forward: the same calls
+        try:
+            resnet_fused.set_cpu_winograd(False)  # repacks: every conv on oneDNN
+            direct = fused(x)
+            assert not winograd_convs(fused)
+        finally:
+            resnet_fused.set_cpu_winograd(True)
+        assert_equivalent(direct, ref, NET_TOL[torch.float32])
+        assert not torch.equal(direct, out)
+        assert torch.equal(fused(x), out)
+        assert winograd_convs(fused) == expected
+        # bf16 stays on oneDNN
+        onednn.clear_cache()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused(x)
+        assert not winograd_convs(fused) and onednn.cache_size() > 0
+
+
+def test_set_cpu_winograd_wants_a_bool():
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        resnet_fused.set_cpu_winograd(1)
+
+
+@pytest.mark.parametrize(
+    "conv, dtype, fits",
+    [
+        (torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.float32, True),
+        (torch.nn.Conv2d(16, 48, 3, padding=1), torch.float32, True),
+        (torch.nn.Conv2d(64, 64, 3, padding=1), torch.bfloat16, False),
+        (torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), torch.float32, False),
+        (torch.nn.Conv2d(64, 64, 3, padding=2, dilation=2), torch.float32, False),
+        (torch.nn.Conv2d(64, 64, 3, padding=0), torch.float32, False),
+        (torch.nn.Conv2d(64, 64, 3, padding=1, groups=2), torch.float32, False),
+        (torch.nn.Conv2d(40, 64, 3, padding=1), torch.float32, False),
+        (torch.nn.Conv2d(64, 24, 3, padding=1), torch.float32, False),
+        (torch.nn.Conv2d(64, 64, 1), torch.float32, False),
+        (torch.nn.Conv2d(64, 64, 7, padding=3), torch.float32, False),
+    ],
+)
+def test_only_3x3_stride_1_float32_convolutions_with_16_channel_multiples_use_it(conv, dtype, fits):
+    assert onednn._winograd_fits(conv, dtype) is fits
+    try:
+        resnet_fused.set_cpu_winograd(False)
+        assert onednn._winograd_fits(conv, dtype) is False
+    finally:
+        resnet_fused.set_cpu_winograd(True)
