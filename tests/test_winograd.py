@@ -142,10 +142,14 @@ def test_models_use_it_for_their_3x3_stride_1_convolutions(arch):
     torch.manual_seed(0)
     tv = randomize_norms(getattr(torchvision.models, arch)()).eval()
     fused = resnet_fused.fuse(tv).eval()
-    x = torch.randn(2, 3, 61, 50, generator=torch.Generator().manual_seed(6))
+    # layer3 sees 6x8 maps: 4 tiles an image, 8 in all; layer4 3x4: 1 an image, too few for
+    # 512+ channels (test_few_tiles_of_wide_convolutions_stay_on_onednn)
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(6))
+    in_layer4 = set(fused.layer4.modules())
     expected = {
         m for m in fused.modules()
         if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.groups == 1
+        and m not in in_layer4
     }
     assert expected and resnet_fused.cpu_winograd()
     with torch.no_grad():
@@ -193,9 +197,36 @@ def test_set_cpu_winograd_wants_a_bool():
     ],
 )
 def test_only_3x3_stride_1_float32_convolutions_with_16_channel_multiples_use_it(conv, dtype, fits):
-    assert onednn._winograd_fits(conv, dtype) is fits
+    size = (2, conv.in_channels, 28, 28)
+    assert onednn._winograd_fits(conv, dtype, size) is fits
     try:
         resnet_fused.set_cpu_winograd(False)
-        assert onednn._winograd_fits(conv, dtype) is False
+        assert onednn._winograd_fits(conv, dtype, size) is False
     finally:
         resnet_fused.set_cpu_winograd(True)
+
+
+@pytest.mark.parametrize(
+    "channels, size, fits",
+    [
+        (512, (1, 512, 7, 7), False),    # 4 tiles: the filters' transform outweighs the savings
+        (256, (1, 256, 7, 7), False),
+        (256, (2, 256, 5, 5), True),     # 8 tiles
+        (512, (8, 512, 4, 4), True),
+        (128, (1, 128, 1, 1), True),     # narrow: still cheaper
+    ],
+)
+def test_few_tiles_of_wide_convolutions_stay_on_onednn(channels, size, fits):
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    assert onednn._winograd_fits(conv, torch.float32, size) is fits
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("off", False), ("False", False), ("1", True), ("", True)])
+def test_the_environment_variable_sets_the_default(value, enabled):
+    import subprocess
+    import sys
+
+    code = "import resnet_fused; print(resnet_fused.cpu_winograd())"
+    env = dict(__import__("os").environ, RESNET_FUSED_CPU_WINOGRAD=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(enabled)

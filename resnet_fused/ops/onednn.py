@@ -65,7 +65,7 @@ if extension.is_loaded():
 # 2-2.5x faster than oneDNN's direct convolution on ResNet's layers, with an
 # fp32 error of ~1e-6 (direct: ~4e-7). RESNET_FUSED_CPU_WINOGRAD=0 or
 # set_cpu_winograd(False) keeps every convolution on oneDNN.
-_winograd = os.environ.get("RESNET_FUSED_CPU_WINOGRAD", "1") != "0"
+_winograd = os.environ.get("RESNET_FUSED_CPU_WINOGRAD", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def set_cpu_winograd(enabled: bool) -> None:
@@ -87,15 +87,24 @@ def cpu_winograd() -> bool:
     return _winograd
 
 
-def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
-    """Whether `conv` in `dtype` runs as torch.ops.resnet_fused.winograd_conv3x3."""
+def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bool:
+    """Whether `conv` in `dtype` on inputs of `input_size` runs as
+    torch.ops.resnet_fused.winograd_conv3x3. With fewer than 8 output tiles
+    of 4x4 and 256 or more channels, reading the transformed filters (4x the
+    weights) costs more than the multiplications it saves: measured 0.5-1.0x
+    oneDNN there, 1.7-3.4x everywhere else (batch 1-8, 4x4 to 56x56 maps,
+    64-512 channels; README)."""
     w = member(conv, "weight")
-    return (
+    if not (
         _winograd and dtype == torch.float32 and extension.is_loaded()
         and tuple(w.shape[2:]) == (3, 3) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
         and tuple(conv.dilation) == (1, 1) and conv.groups == 1
         and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
-    )
+    ):
+        return False
+    n, _, h, wd = input_size
+    tiles = n * -(-h // 4) * -(-wd // 4)
+    return tiles >= 8 or max(w.shape[0], w.shape[1]) <= 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +212,7 @@ def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) 
         if conv.bias is not None:
             shift = shift + conv.bias.float() * scale
         weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(dtype)
-        winograd = _winograd_fits(conv, dtype)
+        winograd = _winograd_fits(conv, dtype, input_size)
         packed = Packed(
             weight=torch.ops.resnet_fused.winograd_weight(weight) if winograd else
             torch.ops.mkldnn._reorder_convolution_weight(
