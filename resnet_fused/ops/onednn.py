@@ -62,7 +62,7 @@ if extension.is_loaded():
 
 
 # Winograd F(4x4, 3x3) for the fp32 3x3 stride-1 convolutions (csrc/cpu/winograd.cpp):
-# 2-2.5x faster than oneDNN's direct convolution on ResNet's layers, with an
+# 1.5-2.5x faster than oneDNN's direct convolution on ResNet's layers, with an
 # fp32 error of ~1e-6 (direct: ~4e-7). RESNET_FUSED_CPU_WINOGRAD=0 or
 # set_cpu_winograd(False) keeps every convolution on oneDNN.
 _winograd = os.environ.get("RESNET_FUSED_CPU_WINOGRAD", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -70,7 +70,8 @@ _winograd = os.environ.get("RESNET_FUSED_CPU_WINOGRAD", "1").strip().lower() not
 
 def set_cpu_winograd(enabled: bool) -> None:
     """Whether the `cpu` backend runs fp32 3x3 stride-1 convolutions (C and K
-    multiples of 16) as Winograd F(4x4, 3x3) (the default; 2-2.5x faster
+    multiples of 16; with 256+ channels, only inputs of 8 or more 4x4 output
+    tiles) as Winograd F(4x4, 3x3) (the default; 1.5-2.5x faster
     than oneDNN on ResNet's 3x3 layers, relative error ~1e-6) or as oneDNN's
     direct convolution (~4e-7). Process-wide; the weight cache repacks on
     the next forward. The environment variable RESNET_FUSED_CPU_WINOGRAD=0
@@ -92,7 +93,7 @@ def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bo
     torch.ops.resnet_fused.winograd_conv3x3. With fewer than 8 output tiles
     of 4x4 and 256 or more channels, reading the transformed filters (4x the
     weights) costs more than the multiplications it saves: measured 0.5-1.0x
-    oneDNN there, 1.7-3.4x everywhere else (batch 1-8, 4x4 to 56x56 maps,
+    oneDNN there, 1.1-3.4x everywhere else (batch 1-8, 4x4 to 56x56 maps,
     64-512 channels; README)."""
     w = member(conv, "weight")
     if not (
