@@ -2,6 +2,9 @@
 (torch.ops.resnet_fused.winograd_conv3x3, csrc/cpu/winograd.cpp) and how the
 oneDNN inference path uses it (resnet_fused.ops.onednn)."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,6 +133,8 @@ def test_bad_arguments_are_named(change, message):
         ops.winograd_conv3x3(args["x"], args["weight"], args["bias"], args["residual"], True)
     with pytest.raises(RuntimeError, match="weight must be \\(K, C, 3, 3\\)"):
         ops.winograd_weight(torch.randn(4, 4, 1, 1))
+    with pytest.raises(RuntimeError, match="winograd_weight: weight must be float32"):
+        ops.winograd_weight(torch.randn(4, 4, 3, 3, dtype=torch.float64))
 
 
 def winograd_convs(model):
@@ -223,10 +228,7 @@ def test_few_tiles_of_wide_convolutions_stay_on_onednn(channels, size, fits):
 
 @pytest.mark.parametrize("value, enabled", [("0", False), ("off", False), ("False", False), ("1", True), ("", True)])
 def test_the_environment_variable_sets_the_default(value, enabled):
-    import subprocess
-    import sys
-
     code = "import resnet_fused; print(resnet_fused.cpu_winograd())"
-    env = dict(__import__("os").environ, RESNET_FUSED_CPU_WINOGRAD=value)
+    env = dict(os.environ, RESNET_FUSED_CPU_WINOGRAD=value)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == str(enabled)

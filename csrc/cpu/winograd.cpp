@@ -161,13 +161,13 @@ RF_CPU_CLONES void transform_outputs(const float* M, const float* bias, const fl
   }
 }
 
-void check_float_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "winograd_conv3x3: ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "winograd_conv3x3: ", name, " must be float32, got ", t.scalar_type());
+void check_float_cpu(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
 }
 
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
-  check_float_cpu(weight, "weight");
+  check_float_cpu("winograd_weight", weight, "weight");
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "winograd_weight: weight must be (K, C, 3, 3), got ", weight.sizes());
   const int64_t K = weight.size(0), C = weight.size(1);
@@ -192,9 +192,9 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
 
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                 const std::optional<at::Tensor>& residual_opt, bool relu) {
-  check_float_cpu(x, "x");
-  check_float_cpu(weight, "weight");
-  check_float_cpu(bias, "bias");
+  check_float_cpu("winograd_conv3x3", x, "x");
+  check_float_cpu("winograd_conv3x3", weight, "weight");
+  check_float_cpu("winograd_conv3x3", bias, "bias");
   TORCH_CHECK(x.dim() == 4, "winograd_conv3x3: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == kPoints && weight.is_contiguous(),
               "winograd_conv3x3: weight must be a contiguous (36, C, K) tensor from winograd_weight, got ",
@@ -207,7 +207,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
               "winograd_conv3x3: bias must be a contiguous (", K, ",) tensor, got ", bias.sizes());
   at::Tensor residual;
   if (residual_opt.has_value() && residual_opt->defined()) {
-    check_float_cpu(*residual_opt, "residual");
+    check_float_cpu("winograd_conv3x3", *residual_opt, "residual");
     TORCH_CHECK(residual_opt->sizes() == at::IntArrayRef({N, K, H, W}), "winograd_conv3x3: residual must be ",
                 at::IntArrayRef({N, K, H, W}), ", the output's shape, got ", residual_opt->sizes());
     residual = residual_opt->contiguous(at::MemoryFormat::ChannelsLast);
