@@ -31,6 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from resnet_fused import backends, ops
 from resnet_fused.ops import common, extension, onednn
+from resnet_fused.ops.fold import bn_scale_shift, conv_scale_shift
 
 MODEL_NAMES = (
     "resnet18",
@@ -66,23 +67,6 @@ __all__ = [
 
 _warned_norms: set[type] = set()
 _warned_lock = threading.Lock()
-
-
-def bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """fp32 `(scale, shift)` of a BatchNorm2d/FrozenBatchNorm2d over running stats.
-
-    `scale = γ / sqrt(var + eps)`, `shift = β − mean·scale`, computed from the
-    module's current tensors (differentiable in γ and β).
-    """
-    var = bn.running_var.float()
-    mean = bn.running_mean.float()
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = bn.weight.float() * scale
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = bn.bias.float() + shift
-    return scale, shift
 
 
 def _uses_running_stats(bn: nn.BatchNorm2d) -> bool:
@@ -153,9 +137,7 @@ def conv_norm_act(
         out = _onednn_inference(conv, norm, x, residual, relu, residual_channel_offset, consume_residual)
         if out is not None:
             return out
-        scale, shift = bn_scale_shift(norm)
-        if conv.bias is not None:
-            shift = shift + conv.bias.float() * scale
+        scale, shift = conv_scale_shift(conv, norm)
         return ops.conv_bn_act(
             x, conv.weight, scale, shift, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups,
             residual_channel_offset,
@@ -229,7 +211,10 @@ def _onednn_inference(conv, norm, x, residual, relu, residual_channel_offset, co
     post-ops (`ops.onednn`). None where it does not apply: other devices or
     backends, a gradient being recorded (BN-in-eval fine-tuning), dtypes
     other than fp32/bf16, a channel-offset residual (the C++ epilogue reads
-    that one in place)."""
+    that one in place), and NaN or infinity in x, the residual or the
+    folded weights: the composed path keeps them where torch would, oneDNN's
+    ReLU post-op and Winograd do not (one summing pass over x and the
+    residual looks)."""
     if not _onednn_applies(x) or residual_channel_offset is not None:
         return None
     if torch.is_grad_enabled() and any(
@@ -255,34 +240,9 @@ def _onednn_inference(conv, norm, x, residual, relu, residual_channel_offset, co
     ):
         ops._check_residual(residual, out_shape, x)
     packed = onednn.pack(conv, norm, dtype, tuple(x.shape))
+    if not (packed.finite and onednn.all_finite(x) and (residual is None or onednn.all_finite(residual))):
+        return None
     return onednn.conv_bn_act(x.to(dtype), packed, residual, relu, consume_residual)
-
-
-def _owned_conv(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    """`conv_norm_act` inside FusedResNet's owned inference path (no
-    gradient, no hooks anywhere in the model, the oneDNN backend serving
-    CPU activations the forward made itself, `residual` one of them, given
-    up to the result): straight to the packed oneDNN call when the weight
-    cache holds this pair for this input's size — a hit means the pair
-    already ran on such inputs, so only what can change between calls is
-    looked at again (module types, eval mode, dtypes, the cache's own
-    checks). Anything else goes through `conv_norm_act`, which gives the
-    same bits or the usual errors."""
-    packed = _owned_packed(conv, norm, x)
-    if packed is not None and (
-        residual is None or (residual.shape == packed.out_shape and residual.dtype == x.dtype)
-    ):
-        return onednn.conv_bn_act(x, packed, residual, relu, consume_residual=True)
-    return conv_norm_act(conv, norm, x, residual=residual, relu=relu, consume_residual=residual is not None)
-
-
-def _owned_packed(conv: nn.Module, norm: nn.Module, x: Tensor) -> Optional[onednn.Packed]:
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        return None
-    autocast = torch.is_autocast_enabled("cpu")
-    if autocast and x.dtype != torch.get_autocast_dtype("cpu"):
-        return None
-    return _owned_lookup(conv, norm, tuple(x.shape), x.dtype, autocast)
 
 
 def _owned_lookup(conv: nn.Module, norm: nn.Module, size: tuple, dtype: torch.dtype, autocast: bool) -> Optional[onednn.Packed]:
@@ -300,13 +260,17 @@ def _owned_lookup(conv: nn.Module, norm: nn.Module, size: tuple, dtype: torch.dt
 
 
 def _owned_layers(blocks: list, x: Tensor) -> Tensor:
-    """FusedResNet's residual stages on the owned path. Each stretch of
-    blocks whose every convolution is in the weight cache for the sizes it
-    will see is checked first, all of it, then run as back-to-back oneDNN
-    calls: Python between two large convolutions runs with cold caches (a
-    4 µs check takes ~35 µs there), so no checking is left between them. A
-    block that cannot be planned (weights not packed yet, a swapped module)
-    runs through `_owned_block_forward` on its own, and planning resumes after it."""
+    """FusedResNet's residual stages on the owned path (finite activations,
+    see `FusedResNet._forward_impl`). Each stretch of blocks whose every
+    convolution is in the weight cache for the sizes it will see is checked
+    first, all of it, then run as back-to-back oneDNN calls: Python between
+    two large convolutions runs with cold caches (a 4 µs check takes ~35 µs
+    there), so no checking is left between them. A block that cannot be
+    planned (weights not packed yet or not finite, a swapped module) runs
+    alone (`_owned_block_forward`, which checks everything), and planning resumes after it
+    — unless its output holds NaN or infinity: the planned calls assume
+    finite activations (oneDNN's ReLU post-op maps NaN to 0), so the blocks
+    after it run their own forwards too."""
     autocast = torch.is_autocast_enabled("cpu")
     i, n = 0, len(blocks)
     while i < n:
@@ -326,13 +290,37 @@ def _owned_layers(blocks: list, x: Tensor) -> Tensor:
         if i < n:
             x = _owned_block_forward(blocks[i], x)
             i += 1
+            if not onednn.all_finite(x):
+                for block in blocks[i:]:
+                    x = block._fused_forward(x)
+                return x
     return x
+
+
+def _owned_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """A block of the owned path that cannot be planned: its pairs through
+    `conv_norm_act`, which packs, checks for NaN/inf, falls back or raises,
+    with the identity's buffer taking the sum as `_run_planned` does (the
+    same bits); a block that is not plain runs its own forward."""
+    pairs = block._resnet_fused_pairs
+    parts = _owned_blocks(block, pairs)
+    if parts is None:
+        return block._fused_forward(x)
+    m, ds = parts
+    out = x
+    for conv, norm in pairs[:-1]:
+        out = conv_norm_act(m[conv], m[norm], out)
+    conv, norm = pairs[-1]
+    if ds is None:
+        return conv_norm_act(m[conv], m[norm], out, residual=x, consume_residual=True)
+    main = conv_norm_act(m[conv], m[norm], out, relu=False)
+    return conv_norm_act(ds[0], ds[1], x, residual=main, consume_residual=True)
 
 
 def _planned_block(block: nn.Module, size: tuple, dtype: torch.dtype, autocast: bool) -> Optional[tuple]:
     """(packed main-path convolutions, packed projection or None) for a block
     whose input has `size`, or None when any of it is not in the cache (or
-    the block is not plain): the checks `_owned_block_forward` would make."""
+    the block is not plain)."""
     pairs = block._resnet_fused_pairs
     parts = _owned_blocks(block, pairs)
     if parts is None:
@@ -354,7 +342,11 @@ def _planned_block(block: nn.Module, size: tuple, dtype: torch.dtype, autocast: 
 
 
 def _run_planned(run: list, x: Tensor) -> Tensor:
-    # what _owned_block_forward computes, call for call (the same bits)
+    # what the blocks' forwards compute (the same bits): the identity's
+    # buffer, the block input and ours alone, takes the sum in place; a
+    # projection shortcut runs last and adds into the main path's fresh
+    # output — the order inductor uses, which finds that output still in
+    # cache. The sum is the same either way: two rounded operands, one rounding.
     for packs, pd in run:
         out = x
         for p in packs[:-1]:
@@ -405,7 +397,7 @@ def memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
 def _shortcut(block: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     """(identity, whether the block may overwrite it): the projection's
     output is the block's own; the block input never is here (the owned
-    path, where it is, runs `_owned_last`)."""
+    path, where it is, runs `_owned_block_forward` and `_run_planned`)."""
     ds = block.downsample
     if ds is None:
         return x, False
@@ -420,7 +412,7 @@ def _plain_projection(ds: Optional[nn.Module]) -> bool:
 
 
 def _owned_blocks(block: nn.Module, pairs: tuple) -> Optional[tuple]:
-    """(children, downsample) of a fused block for the owned path, read from
+    """(children, downsample) of a fused block for the planned path, read from
     `_modules` (no `nn.Module.__getattr__`); None where the block's own
     `_fused_forward` must run: a swapped activation, a shortcut other than
     torchvision's projection, a conv or norm that is no longer a module."""
@@ -432,33 +424,6 @@ def _owned_blocks(block: nn.Module, pairs: tuple) -> Optional[tuple]:
         if m.get(conv) is None or m.get(norm) is None:
             return None
     return m, ds
-
-
-def _owned_block_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """One fused block on the owned path, convolution by convolution (see
-    `_owned_conv`): what `_owned_layers` runs for a block it cannot plan."""
-    pairs = block._resnet_fused_pairs
-    parts = _owned_blocks(block, pairs)
-    if parts is None:
-        return block._fused_forward(x)
-    m, ds = parts
-    out = x
-    for conv, norm in pairs[:-1]:
-        out = _owned_conv(m[conv], m[norm], out)
-    conv, norm = pairs[-1]
-    return _owned_last(ds, x, out, m[conv], m[norm])
-
-
-def _owned_last(ds: Optional[nn.Module], x: Tensor, out: Tensor, conv: nn.Module, norm: nn.Module) -> Tensor:
-    """A block's last convolution with the residual, in the owned path: the
-    identity's buffer (the block input, ours alone) takes the sum in place;
-    a projection shortcut `ds` runs last and adds into the main path's fresh
-    output — the order inductor uses, which finds that output still in
-    cache. The sum is the same either way: two rounded operands, one
-    rounding."""
-    if ds is None:
-        return _owned_conv(conv, norm, out, residual=x)
-    return _owned_conv(ds[0], ds[1], x, residual=_owned_conv(conv, norm, out, relu=False))
 
 
 def _relu_is_plain(module: nn.Module) -> bool:
@@ -528,7 +493,10 @@ class FusedResNet(ResNet):
             x = self.relu(conv_norm_act(self.conv1, self.bn1, x, relu=False, recompute=rc))
         x = _max_pool(self.maxpool, x)
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        if self._owns_activations(x, layers):
+        # the owned path's calls assume finite activations (oneDNN's ReLU
+        # post-op maps NaN to 0): with NaN or infinity after the stem, every
+        # block checks its own (one summing pass decides it for the forward)
+        if self._owns_activations(x, layers) and onednn.all_finite(x):
             # every activation from here on is ours alone: the blocks may add
             # the residual into the identity's buffer (oneDNN's in-place sum)
             x = _owned_layers([block for layer in layers for block in layer], x)

@@ -26,7 +26,7 @@ def pair(arch, **kwargs):
 
 def packed_convs(model):
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    return sum(1 for c in convs if c in onednn._cache)
+    return sum(1 for c in convs if onednn.cached(c))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -74,7 +74,7 @@ def test_in_place_edits_and_load_state_dict_invalidate_the_cache():
             assert_equivalent(fused(x), tv(x), NET_TOL[torch.float32])
 
     check()
-    packed = onednn._cache[fused.layer1[0].conv1][-1]
+    packed = onednn.cached(fused.layer1[0].conv1)[-1]
     for model in (tv, fused):  # the same in-place edits on both
         with torch.no_grad():
             model.layer1[0].conv1.weight.mul_(1.5)
@@ -82,7 +82,7 @@ def test_in_place_edits_and_load_state_dict_invalidate_the_cache():
             model.layer3[1].bn2.bias.add_(0.25)
             model.bn1.eps = 0.1
     check()
-    assert onednn._cache[fused.layer1[0].conv1][-1] is not packed  # re-packed
+    assert onednn.cached(fused.layer1[0].conv1)[-1] is not packed  # re-packed
     other = pair("resnet18")[0]
     randomize_norms(other, seed=9)
     tv.load_state_dict(other.state_dict())
@@ -96,9 +96,9 @@ def test_in_place_edits_and_load_state_dict_invalidate_the_cache():
         o.step()
     check()
     # unchanged modules keep their packed weights
-    packed = onednn._cache[fused.layer4[1].conv2][-1]
+    packed = onednn.cached(fused.layer4[1].conv2)[-1]
     check()
-    assert onednn._cache[fused.layer4[1].conv2][-1] is packed
+    assert onednn.cached(fused.layer4[1].conv2)[-1] is packed
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -139,7 +139,7 @@ def test_bad_inputs_give_the_same_errors_as_other_backends():
 
 def test_other_backends_and_training_do_not_use_it():
     _, fused = pair("resnet18")
-    onednn._cache.clear()
+    onednn.clear_cache()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), resnet_fused.backend("eager"):
         fused(x)
@@ -375,3 +375,101 @@ def test_blocks_that_cannot_be_planned_run_alone_and_the_rest_stay_planned(monke
     assert alone == [fused.layer2[1]]
     assert calls == [fused.conv1]  # the swapped block runs torchvision's forward (plain modules)
     assert_equivalent(out, tv(x), NET_TOL[torch.float32])
+
+
+def test_alternating_input_sizes_pack_once_and_give_the_bits_of_constant_ones(monkeypatch):
+    """Serving mixed batch sizes: each convolution packs once per size and
+    never again, Winograd transforms are shared by all sizes, and every
+    output has the bits a stream of that size alone gives."""
+    _, fused = pair("resnet18")
+    sizes = [(1, 3, 64, 64), (3, 3, 64, 64), (2, 3, 48, 56)]
+    xs = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(sizes)]
+    alone = []
+    with torch.no_grad():
+        for x in xs:
+            onednn.clear_cache()
+            alone.append(fused(x))
+        onednn.clear_cache()
+        reorders = []
+        real = torch.ops.mkldnn._reorder_convolution_weight
+        monkeypatch.setattr(
+            torch.ops.mkldnn, "_reorder_convolution_weight", lambda *a: reorders.append(1) or real(*a)
+        )
+        for round_ in range(3):
+            for x, ref in zip(xs, alone):
+                assert torch.equal(fused(x), ref)
+            if round_ == 0:
+                first = len(reorders)
+    assert first > 0 and len(reorders) == first  # rounds 2 and 3 packed nothing
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        packs = onednn.cached(conv)
+        assert len(packs) == len(sizes)
+        wino = [p.weight for p in packs if p.winograd]
+        assert all(w is wino[0] for w in wino)  # one transform for every size
+
+
+def test_the_cache_holds_a_bounded_number_of_sizes():
+    _, fused = pair("resnet18")
+    conv = fused.layer1[0].conv1
+    with torch.no_grad():
+        for n in range(1, onednn.SIZES_PER_CONV + 4):
+            fused(torch.randn(n, 3, 32, 32))
+    sizes = [p.out_shape[0] for p in onednn.cached(conv)]
+    assert sizes == list(range(4, onednn.SIZES_PER_CONV + 4))  # the oldest went first
+
+
+@pytest.mark.parametrize("how", ["autocast", "model.to(bfloat16)"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_bfloat16_without_onednn_bf16_kernels(arch, how, monkeypatch):
+    """CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT (AVX2-only EPYCs) have
+    no oneDNN bf16 convolution: bf16 layers compute in fp32 there (Winograd
+    included), bf16 in and out, within bf16's tolerance of fp32 torchvision.
+    Forced here on any CPU; `test_bfloat16` runs whichever this CPU has."""
+    monkeypatch.setattr(onednn, "BF16_NATIVE", False)
+    onednn.clear_cache()
+    tv, fused = pair(arch)
+    x = torch.randn(2, 3, 57, 75, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = tv(x)
+        if how == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = fused(x)
+                again = fused(x)
+        else:
+            fused = fused.to(torch.bfloat16)
+            out, again = fused(x.bfloat16()), fused(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, again)
+    packs = [p for m in fused.modules() for p in onednn.cached(m)]
+    assert packs and all(p.dtype == torch.float32 for p in packs)
+    assert any(p.winograd for p in packs) == (arch != "resnext50_32x4d")  # resnext's 3x3s are grouped
+    assert_equivalent(out.float(), ref, NET_TOL[torch.bfloat16])
+    onednn.clear_cache()
+
+
+def test_bfloat16_on_a_cpu_limited_to_avx2():
+    """The whole bf16 path in a process whose oneDNN may use AVX2 at most
+    (ONEDNN_MAX_CPU_ISA, as on an AVX2-only CPU): it detects the missing bf16
+    kernels and runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torchvision, resnet_fused\n"
+        "from resnet_fused.ops import onednn\n"
+        "assert not onednn.BF16_NATIVE\n"
+        "torch.manual_seed(0)\n"
+        "m = resnet_fused.resnet18().eval()\n"
+        "x = torch.randn(1, 3, 64, 64)\n"
+        "with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    out = m(x)\n"
+        "with torch.no_grad():\n"
+        "    ref = m(x)\n"
+        "assert out.dtype == torch.bfloat16\n"
+        "err = ((out.float() - ref).norm() / ref.norm()).item()\n"
+        "assert err < 1e-2, err\n"
+        "print('ok', err)\n"
+    )
+    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]

@@ -138,7 +138,7 @@ def test_bad_arguments_are_named(change, message):
 
 
 def winograd_convs(model):
-    return {c for c in model.modules() if c in onednn._cache and onednn._cache[c][-1].winograd}
+    return {c for c in model.modules() if any(p.winograd for p in onednn.cached(c))}
 
 
 @pytest.mark.skipif(onednn.UNAVAILABLE is not None, reason=f"oneDNN path unavailable: {onednn.UNAVAILABLE}")
@@ -232,3 +232,19 @@ def test_the_environment_variable_sets_the_default(value, enabled):
     env = dict(os.environ, RESNET_FUSED_CPU_WINOGRAD=value)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == str(enabled)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_opcheck(fmt, residual):
+    """Schema, fake kernels (shapes, dtype and memory format under tracing)
+    and dispatch of both ops agree (torch.library.opcheck)."""
+    x, weight, bias, res = case(2, 16, 32, 7, 9, seed=11, residual=residual, fmt=fmt)
+    torch.library.opcheck(ops.winograd_weight, (weight,))
+    torch.library.opcheck(ops.winograd_conv3x3, (x, ops.winograd_weight(weight), bias, res, True))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        fw = ops.winograd_weight(mode.from_tensor(weight))
+        out = ops.winograd_conv3x3(fx, fw, mode.from_tensor(bias), None, False)
+    assert fw.shape == (36, 16, 32) and out.shape == (2, 32, 7, 9)
+    assert out.is_contiguous(memory_format=fmt)

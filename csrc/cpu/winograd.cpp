@@ -153,7 +153,7 @@ RF_CPU_CLONES void transform_outputs(const float* M, const float* bias, const fl
           const int64_t at = ((n * g.H + h0 + i) * g.W + w0 + j) * g.K + k;
           lanes v = o[j] + b;
           if (residual) v += load(residual + at);
-          if (relu) v = v > zero ? v : zero;
+          if (relu) v = v < zero ? zero : v;  // NaN stays NaN, as in torch.relu (relu_keep_nan)
           store(y + at, v);
         }
       }

@@ -177,6 +177,21 @@ def max_pool2d(
     )
 
 
+def winograd_weight(weight: Tensor) -> Tensor:
+    """The (36, C, K) Winograd F(4x4, 3x3) transform G g Gᵀ of a (K, C, 3, 3)
+    fp32 CPU weight, computed in float64 and rounded once."""
+    if _C is None:
+        raise RuntimeError(f"winograd_weight needs resnet_fused._C, which could not be loaded ({load_error})")
+    return torch.ops.resnet_fused.winograd_weight(weight)
+
+
+# The inference hot path calls the op overload itself (bound once: an
+# OpOverloadPacket resolves one on every call): act(conv3x3(x) + bias +
+# residual), stride 1, padding 1, weight from winograd_weight; fp32 CPU, C and
+# K multiples of 16; the output in x's memory format; no autograd.
+winograd_conv3x3 = None if _C is None else torch.ops.resnet_fused.winograd_conv3x3.default
+
+
 def pool_layout_is_own(x: Tensor) -> bool:
     """Whether resnet_fused::max_pool2d runs its own kernel on x (else ATen's):
     channels_last by its strides, unambiguously (C > 1, H·W > 1)."""
@@ -224,6 +239,25 @@ if _C is not None:
         # shape and argument checks: ATen's meta function
         y = torch.ops.aten.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
         return torch.empty_like(y, memory_format=torch.channels_last) if pool_layout_is_own(x) else y
+
+    @torch.library.register_fake("resnet_fused::winograd_weight")
+    def _winograd_weight_fake(weight):
+        torch._check(
+            weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
+            lambda: f"winograd_weight: weight must be (K, C, 3, 3), got {tuple(weight.shape)}",
+        )
+        return weight.new_empty((36, weight.shape[1], weight.shape[0]))
+
+    @torch.library.register_fake("resnet_fused::winograd_conv3x3")
+    def _winograd_conv3x3_fake(x, weight, bias, residual, relu):
+        torch._check(x.dim() == 4, lambda: f"winograd_conv3x3: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        torch._check(
+            weight.dim() == 3 and weight.shape[0] == 36 and weight.shape[1] == x.shape[1],
+            lambda: f"winograd_conv3x3: weight must be (36, C={x.shape[1]}, K), got {tuple(weight.shape)}",
+        )
+        n, _, h, w = x.shape
+        return torch.empty((n, weight.shape[2], h, w), dtype=x.dtype, device=x.device,
+                           memory_format=common.memory_format(x))
 
     # autograd of batch_norm_act_fwd: csrc/autograd.cpp (C++, to keep the
     # interpreter out of every training step's 2 x 53 BN calls)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resnet_fused.ops import extension
+from resnet_fused.ops import extension, fold
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -57,8 +57,6 @@ if UNAVAILABLE is None:
     _pointwise = torch.ops.mkldnn._convolution_pointwise.default
     _pointwise_binary = torch.ops.mkldnn._convolution_pointwise.binary
     _pointwise_binary_inplace = torch.ops.mkldnn._convolution_pointwise_.binary
-if extension.is_loaded():
-    _winograd_conv = torch.ops.resnet_fused.winograd_conv3x3.default
 
 
 # Winograd F(4x4, 3x3) for the fp32 3x3 stride-1 convolutions (csrc/cpu/winograd.cpp):
@@ -108,10 +106,23 @@ def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bo
     return tiles >= 8 or max(w.shape[0], w.shape[1]) <= 128
 
 
+# bf16 convolutions need oneDNN's bf16 kernels, which need AVX-512 (BW, VL,
+# DQ) or AVX-NE-CONVERT; without them (e.g. AVX2-only CPUs) bf16 layers
+# compute in fp32 on bf16-rounded weights and inputs and round each output to
+# bf16 (`Packed.dtype` is then float32): bf16 in and out, fp32 inside.
+BF16_NATIVE = UNAVAILABLE is None and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the oneDNN path computes a `dtype` layer in (see BF16_NATIVE)."""
+    return torch.float32 if dtype == torch.bfloat16 and not BF16_NATIVE else dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class Packed:
     # BN-scaled and reordered: an mkldnn tensor, or with `winograd` the
-    # (36, C, K) Winograd transform (torch.ops.resnet_fused.winograd_weight)
+    # (36, C, K) Winograd transform (torch.ops.resnet_fused.winograd_weight),
+    # shared by every input size
     weight: Tensor
     bias: Tensor  # BN shift (+ scaled conv bias), compute dtype
     stride: list
@@ -120,9 +131,33 @@ class Packed:
     groups: int
     out_shape: tuple  # the output's (N, K, P, Q) for the input size it was packed for
     winograd: bool = False
+    # every folded weight and bias value is finite (else `lookup` never
+    # returns it, and the layer runs the composed path: see conv_bn_act)
+    finite: bool = True
+    dtype: torch.dtype = torch.float32  # what it computes in (compute_dtype of the layer's)
 
 
-_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Packed weights per input size, at most this many per convolution: oneDNN
+# picks its blocked weight layout for the input size, so each size gets its
+# own reorder, kept until the convolution has seen more sizes than this
+# (the oldest goes first). The BN fold and the Winograd transform do not
+# depend on the size and are shared by all of them.
+SIZES_PER_CONV = 8
+
+
+class _Entry:
+    """One convolution's cache entry: what its packed weights were made of
+    (checked on every call) and the packed weights per input size."""
+
+    __slots__ = ("key", "saved", "bias", "finite", "winograd_weight", "by_size")
+
+    def __init__(self, key: tuple, saved: tuple, bias: Tensor, finite: bool) -> None:
+        self.key, self.saved, self.bias, self.finite = key, saved, bias, finite
+        self.winograd_weight: Optional[Tensor] = None
+        self.by_size: dict = {}
+
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -151,11 +186,12 @@ def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
     )
 
 
-def _key(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> tuple:
-    # the sources' dtypes, devices and shapes are checked with their values
+def _key(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple:
+    # the sources' dtypes, devices and shapes are checked with their values;
+    # the input size is not part of it (see SIZES_PER_CONV)
     w = member(conv, "weight")
     return (
-        w.data_ptr(), w._version, w.dtype, w.device, w.shape, float(bn.eps), dtype, input_size,
+        w.data_ptr(), w._version, w.dtype, w.device, w.shape, float(bn.eps), dtype,
         tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, _winograd,
     )
 
@@ -174,21 +210,26 @@ def _same_values_py(saved: tuple, current: tuple) -> bool:
 _same_values = extension._C.same_values if extension.is_loaded() else _same_values_py
 
 
-def lookup(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Optional[Packed]:
-    """The cached `Packed` for (conv, bn) in `dtype` for inputs of
-    `input_size` when nothing it is made of changed (the checks `pack`
-    makes), else None; never packs. A hit also says that this convolution
-    already ran on inputs of this size (packing follows the argument checks),
-    so its shapes need no checking again."""
-    hit = _cache.get(conv)
-    if hit is not None and hit[0] == _key(conv, bn, dtype, input_size) and _same_values(hit[1], _sources(conv, bn)):
-        return hit[2]
+def _valid_entry(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> Optional[_Entry]:
+    entry = _cache.get(conv)
+    if entry is not None and entry.key == _key(conv, bn, dtype) and _same_values(entry.saved, _sources(conv, bn)):
+        return entry
     return None
 
 
+def lookup(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Optional[Packed]:
+    """The cached `Packed` for (conv, bn) in `dtype` for inputs of
+    `input_size` when nothing it is made of changed (the checks `pack`
+    makes) and its weights are finite, else None; never packs. A hit also says that this convolution
+    already ran on inputs of this size (packing follows the argument checks),
+    so its shapes need no checking again."""
+    entry = _valid_entry(conv, bn, dtype)
+    return None if entry is None or not entry.finite else entry.by_size.get(input_size)
+
+
 def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Packed:
-    """The folded, reordered weights for (conv, bn) in `dtype`, from the cache
-    when nothing they are made of changed.
+    """The folded, reordered weights for (conv, bn) in `dtype` for inputs of
+    `input_size`, from the cache when nothing they are made of changed.
 
     The BN's four vectors and the conv bias (a few hundred floats) are
     compared by value with the ones the cached weights were made from, on
@@ -198,38 +239,52 @@ def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) 
     and `load_state_dict` all bump — but edits through `.data` do not
     (PyTorch gives `.data` its own version counter); call `clear_cache()`
     after those. oneDNN picks the blocked weight layout for the input size,
-    so that is part of the key too (a new batch size repacks once)."""
-    hit = lookup(conv, bn, dtype, input_size)
+    so each new size reorders once (see SIZES_PER_CONV); a Winograd
+    convolution's transform serves every size."""
+    entry = _valid_entry(conv, bn, dtype)
+    hit = None if entry is None else entry.by_size.get(input_size)
     if hit is not None:
         return hit
-    key = _key(conv, bn, dtype, input_size)
-    sources = _sources(conv, bn)
     from resnet_fused import ops
-    from resnet_fused.models import bn_scale_shift
 
+    compute = compute_dtype(dtype)
     with torch.no_grad():
-        saved = tuple(None if t is None else t.detach().clone() for t in sources)
-        scale, shift = bn_scale_shift(bn)
-        if conv.bias is not None:
-            shift = shift + conv.bias.float() * scale
-        weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(dtype)
-        winograd = _winograd_fits(conv, dtype, input_size)
+        weight, shift = fold.folded(conv, bn)
+        if entry is None:
+            saved = tuple(None if t is None else t.detach().clone() for t in _sources(conv, bn))
+            finite = bool(torch.isfinite(weight).all()) and bool(torch.isfinite(shift).all())
+            entry = _Entry(_key(conv, bn, dtype), saved, shift.to(compute), finite)
+        winograd = entry.finite and _winograd_fits(conv, compute, input_size)
+        if winograd and entry.winograd_weight is None:
+            entry.winograd_weight = extension.winograd_weight(weight)
         packed = Packed(
-            weight=torch.ops.resnet_fused.winograd_weight(weight) if winograd else
-            torch.ops.mkldnn._reorder_convolution_weight(
-                weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(input_size)
+            weight=entry.winograd_weight if winograd else torch.ops.mkldnn._reorder_convolution_weight(
+                weight.to(compute), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                list(input_size),
             ),
-            bias=shift.to(dtype),
+            bias=entry.bias,
             stride=list(conv.stride),
             padding=list(conv.padding),
             dilation=list(conv.dilation),
             groups=conv.groups,
             out_shape=ops.conv_out_size(input_size, conv.weight.shape, conv.stride, conv.padding, conv.dilation),
             winograd=winograd,
+            finite=entry.finite,
+            dtype=compute,
         )
     with _lock:
-        _cache[conv] = (key, saved, packed)
+        if len(entry.by_size) >= SIZES_PER_CONV:
+            del entry.by_size[next(iter(entry.by_size))]
+        entry.by_size[input_size] = packed
+        _cache[conv] = entry
     return packed
+
+
+def cached(conv: nn.Module) -> tuple:
+    """The `Packed` weights cached for `conv`, one per input size, oldest
+    first (for tests and diagnostics)."""
+    entry = _cache.get(conv)
+    return () if entry is None else tuple(entry.by_size.values())
 
 
 def clear_cache() -> None:
@@ -239,16 +294,33 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def conv_bn_act(
-    x: Tensor, packed: Packed, residual: Optional[Tensor], relu: bool, consume_residual: bool = False
-) -> Tensor:
+def all_finite(t: Tensor) -> bool:
+    """Whether every value of `t` is finite, from one summing pass: a NaN or
+    an infinity makes the sum non-finite. A sum that overflows from finite
+    values says False too, which only costs the composed path's speed."""
+    return bool(torch.isfinite(t.sum()))
+
+
+def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: bool, consume_residual: bool = False) -> Tensor:
     """`act(conv(x) · scale + shift + residual)` as one call (oneDNN, or the
     Winograd kernel where `packed.winograd`); the output has x's memory
-    format. `consume_residual`: the caller gives up `residual`, and oneDNN
-    writes the result into it when its dtype and layout allow (in-place sum:
-    no new buffer)."""
+    format and dtype. `consume_residual`: the caller gives up `residual`, and
+    oneDNN writes the result into it when its dtype and layout allow
+    (in-place sum: no new buffer). For finite x, residual and weights only
+    (see `lookup`, `all_finite`): oneDNN's ReLU post-op maps NaN to 0, and
+    Winograd spreads a NaN or an infinity over whole tiles."""
+    if x.dtype != packed.dtype:
+        # bf16 without oneDNN's bf16 kernels: the convolution in fp32, its
+        # output rounded to bf16, then the residual added as bf16 + bf16 (one
+        # rounding; the sum of two rounded operands, so the same bits
+        # whichever of a projection block's two convolutions runs first)
+        out = conv_bn_act(x.to(packed.dtype), packed, None, relu and residual is None).to(x.dtype)
+        if residual is None:
+            return out
+        out = out.add_(residual.to(x.dtype))
+        return out.relu_() if relu else out
     if packed.winograd:
-        return _winograd_conv(x, packed.weight, packed.bias, None if residual is None else residual.to(x.dtype), relu)
+        return extension.winograd_conv3x3(x, packed.weight, packed.bias, None if residual is None else residual.to(x.dtype), relu)
     fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) \
         else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
