@@ -49,10 +49,11 @@ namespace resnet_fused {
 //   dβ = Σ dz,   dγ = Σ dz·x̂,   dr = dz
 //   dx = γ·s · (dz − Σdz/n − x̂·Σ(dz·x̂)/n)
 
-// dz from the saved output: out > 0 exactly where z > 0.
+// dz from the saved output: out > 0 exactly where z > 0. As torch's
+// threshold_backward: 0 where out <= 0, so a NaN output passes its gradient.
 template <typename acc_t>
 RF_HOST_DEVICE acc_t relu_backward(acc_t grad_out, acc_t out, bool relu) {
-  return (!relu || out > acc_t(0)) ? grad_out : acc_t(0);
+  return (relu && out <= acc_t(0)) ? acc_t(0) : grad_out;
 }
 
 // dx given dz, x̂ and the per-channel means of dz and dz·x̂; k = γ·s.

@@ -70,6 +70,8 @@ def conv_args(**over):
         (dict(weight=torch.randn(16, 8, 3, 3, device="meta")), ValueError, "weight is on meta but x is on cpu"),
         (dict(scale=torch.rand(16, device="meta")), ValueError, "scale is on meta but x is on cpu"),
         (dict(residual=torch.randn(2, 16, 9, 9, device="meta")), ValueError, "residual is on meta"),
+        (dict(relu="no"), TypeError, "relu must be a bool, got str 'no'"),
+        (dict(relu=1), TypeError, "relu must be a bool, got int 1"),
     ],
 )
 def test_conv_bn_act_bad_input(over, exc, pattern):
@@ -110,6 +112,8 @@ def bn_args(**over):
         (dict(residual=torch.randn(2, 6, 5, 4)), ValueError, "residual must have the output's shape"),
         (dict(weight=torch.rand(6, device="meta")), ValueError, "weight is on meta but x is on cpu"),
         (dict(x=torch.randn(1, 6, 1, 1)), ValueError, "Expected more than 1 value per channel when training"),
+        (dict(eps=0.0), ValueError, r"eps must be positive in training \(as in F.batch_norm\), got 0.0"),
+        (dict(relu="no"), TypeError, "relu must be a bool, got str 'no'"),
     ],
 )
 def test_batch_norm_act_bad_input(over, exc, pattern):
@@ -123,3 +127,24 @@ def test_unknown_backend_name():
     with pytest.raises(ValueError, match="got 'cudnn'"):
         with resnet_fused.backend("cudnn"):
             pass
+
+
+def test_eps_zero_is_refused_in_training_like_torch():
+    """torch refuses eps=0 with batch statistics (a constant channel would
+    divide by zero); in eval it is allowed, as in torch."""
+    with pytest.raises(ValueError, match="eps must be positive"):
+        torch.nn.functional.batch_norm(torch.randn(2, 6, 5, 5), None, None, training=True, eps=0.0)
+    for f in (lambda: ops.batch_norm_act(**bn_args(eps=0.0)),
+              lambda: ops.conv_bn_act_train(torch.randn(2, 3, 5, 5), torch.randn(6, 3, 1, 1), None, None, None,
+                                            None, eps=0.0)):
+        with pytest.raises(ValueError, match="eps must be positive in training"):
+            f()
+    out = ops.batch_norm_act(**bn_args(eps=0.0, training=False))
+    ref = torch.relu(torch.nn.functional.batch_norm(
+        bn_args()["x"], torch.zeros(6), torch.ones(6), bn_args()["weight"], bn_args()["bias"], False, 0.1, 0.0))
+    assert out.shape == ref.shape
+
+
+def test_conv_bn_act_train_relu_must_be_a_bool():
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        ops.conv_bn_act_train(torch.randn(2, 3, 5, 5), torch.randn(6, 3, 1, 1), None, None, None, None, relu="no")

@@ -1,4 +1,4 @@
-"""Functional fused ops: the contracts every backend honours (DESIGN §4).
+"""Functional fused ops: the contracts every backend honours (docs/design.md §4).
 
 Each public function validates its arguments once, here, with errors that name
 the argument, then hands the call to the backend selected for the input's
@@ -89,7 +89,9 @@ def _check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor, channel
         )
 
 
-def _check_batch_norm(weight: tuple, bias: tuple, running_mean, running_var, momentum, eps, channels: int, x) -> None:
+def _check_batch_norm(
+    weight: tuple, bias: tuple, running_mean, running_var, momentum, eps, channels: int, x, training: bool
+) -> None:
     """BatchNorm arguments; `weight` and `bias` are (name, tensor) pairs."""
     for name, t in (weight, bias, ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(name, t, channels, x.device)
@@ -99,11 +101,19 @@ def _check_batch_norm(weight: tuple, bias: tuple, running_mean, running_var, mom
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if training and eps == 0:  # torch's rule: batch statistics of a constant channel would divide by 0
+        raise ValueError(f"eps must be positive in training (as in F.batch_norm), got {eps!r}")
+
+
+def _check_relu(relu) -> None:
+    # a string or a tensor would be truthy: "no" must not mean yes
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__} {relu!r}")
 
 
 def _call_with_residual(impl, args_before: tuple, residual, args_after: tuple, channels: int, offset):
     """impl(*args_before, residual, *args_after), handing a channel-padded
-    residual (DESIGN §4: residual_channel_offset) to implementations that read
+    residual (docs/design.md §4: residual_channel_offset) to implementations that read
     it in place, and a materialised zero-padded copy to the others."""
     if residual is None or offset is None:
         return impl(*args_before, residual, *args_after)
@@ -116,7 +126,8 @@ def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Apply autocast's conv2d policy explicitly, so that every backend (not
     only the ones built from autocast-aware torch ops) sees one dtype."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # meta (and other devices autocast does not know) have no autocast state
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return x, weight
     dtype = torch.get_autocast_dtype(device_type)
     # autocast leaves float64 alone
@@ -187,7 +198,7 @@ def conv_bn_act(
 
     `scale`/`shift` are per-output-channel vectors (fp32 recommended), usually
     `γ / sqrt(var + eps)` and `β − mean·scale` from a BatchNorm in eval mode;
-    see `resnet_fused.models.bn_scale_shift`. The epilogue runs in fp32 and the
+    see `resnet_fused.bn_scale_shift` (ops/fold.py). The epilogue runs in fp32 and the
     result has x's dtype and memory format (NCHW or channels_last).
 
     `residual_channel_offset` (an int) allows a residual with fewer channels
@@ -202,9 +213,10 @@ def conv_bn_act(
     _check_channel_vector("scale", scale, k, x.device)
     _check_channel_vector("shift", shift, k, x.device)
     _check_residual(residual, out_shape, x, residual_channel_offset)
+    _check_relu(relu)
     impl = backends.resolve("conv_bn_act", x.device)
     return _call_with_residual(
-        impl, (x, weight, scale, shift), residual, (bool(relu), stride, padding, dilation, groups), k,
+        impl, (x, weight, scale, shift), residual, (relu, stride, padding, dilation, groups), k,
         residual_channel_offset,
     )
 
@@ -232,7 +244,9 @@ def batch_norm_act(
     """
     _check_activation("x", x)
     channels = x.shape[1]
-    _check_batch_norm(("weight", weight), ("bias", bias), running_mean, running_var, momentum, eps, channels, x)
+    _check_batch_norm(
+        ("weight", weight), ("bias", bias), running_mean, running_var, momentum, eps, channels, x, training
+    )
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var")
     if training and x.numel() > 0 and x.numel() // channels <= 1:
@@ -240,10 +254,11 @@ def batch_norm_act(
             f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}"
         )
     _check_residual(residual, tuple(x.shape), x, residual_channel_offset)
+    _check_relu(relu)
     impl = backends.resolve("batch_norm_act", x.device)
     return _call_with_residual(
         impl, (x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps)), residual,
-        (bool(relu),), channels, residual_channel_offset,
+        (relu,), channels, residual_channel_offset,
     )
 
 
@@ -273,16 +288,19 @@ def conv_bn_act_train(
     as in `conv_bn_act` (here the padded residual is always materialised)."""
     x, weight, stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
-    _check_batch_norm(("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, momentum, eps, k, x)
-    if out_shape[0] * out_shape[2] * out_shape[3] <= 1:
+    _check_batch_norm(
+        ("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, momentum, eps, k, x, True
+    )
+    if 0 < out_shape[0] * out_shape[2] * out_shape[3] <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got a convolution output of shape {out_shape}"
         )
     _check_residual(residual, out_shape, x, residual_channel_offset)
+    _check_relu(relu)
     if residual_channel_offset is not None:
         residual = common.pad_residual(residual, k, residual_channel_offset)
     parts = backends.resolve("batch_norm_act_parts", x.device)
     return recompute.conv_bn_act_train(
         parts, x, weight, bn_weight, bn_bias, running_mean, running_var, float(momentum), float(eps),
-        residual, bool(relu), stride, padding, dilation, groups,
+        residual, relu, stride, padding, dilation, groups,
     )

@@ -126,7 +126,7 @@ def train_batch_norm_ops(fwd: Callable, bwd: Callable, reads_padded_residual: bo
         else:
             residual = pad_residual(residual, x.shape[1], residual_channel_offset)
             out, mean, invstd, var = fwd(x, weight, bias, eps, residual, relu)
-        if running_mean is not None:
+        if running_mean is not None and x.numel() > 0:  # F.batch_norm leaves them alone on an empty batch
             update_running_stats(
                 running_mean, running_var, mean.detach(), var.detach(), momentum, x.numel() // x.shape[1]
             )

@@ -29,9 +29,16 @@ from resnet_fused.ops.common import memory_format
 
 
 def eager_forward(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
-    out, mean, invstd = torch.ops.aten.native_batch_norm(
-        x, weight, bias, running_mean, running_var, True, momentum, eps
-    )
+    if x.numel() == 0:
+        # native_batch_norm refuses an empty batch; F.batch_norm gives an
+        # empty output and leaves the running statistics alone
+        out = F.batch_norm(x, None, None, weight, bias, True, momentum, eps)
+        stats = torch.zeros(x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        mean, invstd = stats, stats
+    else:
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
     if residual is not None:
         out = out + residual
     if relu:
@@ -40,7 +47,11 @@ def eager_forward(x, weight, bias, running_mean, running_var, momentum, eps, res
 
 
 def eager_backward(grad_out, x, out, weight, mean, invstd, eps, relu, residual_grad):
-    grad = grad_out * (out > 0) if relu else grad_out
+    # torch's ReLU backward: 0 where out <= 0 (a NaN output passes its gradient)
+    grad = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+    if x.numel() == 0:  # as autograd through F.batch_norm's empty-batch output
+        zeros = None if weight is None else torch.zeros_like(weight)
+        return torch.zeros_like(x), zeros, zeros, (grad if residual_grad else None)
     grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         grad, x, weight, None, None, mean, invstd, True, eps, [True, weight is not None, weight is not None]
     )
