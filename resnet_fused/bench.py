@@ -2,6 +2,7 @@
 
     python -m resnet_fused.bench [--model resnet18 resnet50] [--batch 1 8] [--train]
                                  [--dtype float32] [--device auto] [--backend auto]
+                                 [--compile] [--peers onnxruntime openvino] [--mixed]
                                  [--json out.json] [--plot out.png]
     python -m resnet_fused.bench --traffic [--gpu H100] [--dtype bfloat16]
 
@@ -14,7 +15,11 @@ eager (NCHW) and the maximum error against torchvision's output on that input
 speed is never shown without correctness. Both models get the same weights
 and the same random, non-trivial BatchNorm state. With --train each row is one
 step (forward, backward, SGD) and the activation memory kept for backward is
-shown too.
+shown too. --peers adds the CPU engines a user would pick instead
+(onnxruntime, OpenVINO; fp32 on the exported torchvision model, see
+resnet_fused.peers); --mixed adds a row per model that serves the batch sizes
+in turn (1, 8, 1, 8, ...: each timed round runs each size once), to show
+that changing sizes costs what constant ones do.
 
 --traffic prints a model instead of measurements: kernel launches, bytes moved
 through device memory and FLOPs per forward, and the roofline floor on an
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fused
-from resnet_fused import traffic
+from resnet_fused import peers, traffic
 from resnet_fused.check import _randomize_bn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="add torchvision under torch.compile (inference: inductor freezing, channels_last); "
                         "compiling takes minutes")
+    p.add_argument("--peers", nargs="+", default=[], choices=list(peers.NAMES),
+                   help="add these CPU inference engines (fp32, on the ONNX export of the torchvision model)")
+    p.add_argument("--mixed", action="store_true",
+                   help="add a row per model serving the --batch sizes in turn (inference)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE", help="plot images/s against batch size (needs matplotlib)")
     p.add_argument("--traffic", action="store_true", help="print the launch/bytes/FLOPs model instead of timing")
@@ -109,7 +118,8 @@ class _Impl:
         return resnet_fused.backend(self.backend) if self.backend else contextlib.nullcontext()
 
 
-def _impls(arch: str, backends: list, device, compiled: bool = False, train: bool = False) -> list:
+def _impls(arch: str, backends: list, device, compiled: bool = False, train: bool = False, engines=(),
+           size: int = 224) -> list:
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)()
     _randomize_bn(tv, seed=1)
@@ -127,6 +137,11 @@ def _impls(arch: str, backends: list, device, compiled: bool = False, train: boo
             model.eval()
         impls.append(_Impl("torchvision-compile" + ("" if train else "-freezing") + "-channels_last",
                            torch.compile(model), None, torch.channels_last))
+    if engines:
+        onnx_model = peers.export_onnx(copy.deepcopy(tv), size)
+        for name in engines:
+            impls.append(_Impl(name, peers.Engine(name, onnx_model, torch.get_num_threads()), None,
+                               torch.contiguous_format))
     for backend in backends:
         label = "resnet_fused" if backend == "auto" else f"resnet_fused-{backend}"
         fused = resnet_fused.fuse(tv)
@@ -144,8 +159,8 @@ def _with_dtypes(impls: list, dtypes: list) -> list:
     out = []
     for i, dtype in enumerate(dtypes):
         for impl in impls:
-            if i > 0 and isinstance(impl.model, torch._dynamo.eval_frame.OptimizedModule):
-                continue  # compiled once, for the first dtype
+            if i > 0 and isinstance(impl.model, (torch._dynamo.eval_frame.OptimizedModule, peers.Engine)):
+                continue  # compiled once, for the first dtype; the engines run fp32
             name = impl.name if i == 0 else f"{impl.name} {str(dtype).replace('torch.', '')}"
             model = impl.model if i == 0 else copy.deepcopy(impl.model)
             out.append(_Impl(name, model, impl.backend, impl.memory_format, dtype))
@@ -153,10 +168,17 @@ def _with_dtypes(impls: list, dtypes: list) -> list:
 
 
 def _measure(arch, batch, args, device, dtypes, step, total) -> dict:
-    impls = _with_dtypes(_impls(arch, args.backend, device, args.compile, args.train), dtypes)
+    """Rows for `batch`, an int, or a tuple of sizes served in turn (--mixed:
+    each run does one forward per size, and the outputs are compared
+    concatenated)."""
+    impls = _with_dtypes(
+        _impls(arch, args.backend, device, args.compile, args.train, args.peers, args.size), dtypes
+    )
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, 3, args.size, args.size, generator=g).to(device)
-    target = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    sizes = batch if isinstance(batch, tuple) else (batch,)
+    xs = [torch.randn(b, 3, args.size, args.size, generator=g).to(device) for b in sizes]
+    x = xs[0]
+    target = torch.randint(0, 1000, (sizes[0],), generator=g).to(device)
 
     def autocast(impl):
         return torch.autocast(device.type, dtype=impl.dtype, enabled=impl.dtype != torch.float32)
@@ -170,12 +192,13 @@ def _measure(arch, batch, args, device, dtypes, step, total) -> dict:
         model = impl.model
         if not args.train:
             model.eval()
+            inputs = [t.to(memory_format=impl.memory_format) for t in xs]
 
             def run():
                 with torch.no_grad(), impl.scope(), autocast(impl):
-                    out = model(xi)
+                    outs = [model(t) for t in inputs]
                 sync()
-                return out
+                return outs[0] if len(outs) == 1 else torch.cat(outs)
 
             return run
         model.train()
@@ -222,9 +245,10 @@ def _measure(arch, batch, args, device, dtypes, step, total) -> dict:
         compiled = next((c for c in impls if "compile" in c.name and c.dtype == impl.dtype), None)
         per_round = None if compiled is None else per_round_ratio(compiled.times, impl.times)
         rows.append({
-            "model": arch, "batch": batch, "implementation": impl.name, "backend": impl.backend,
+            "model": arch, "batch": "+".join(map(str, sizes)) if len(sizes) > 1 else batch,
+            "implementation": impl.name, "backend": impl.backend,
             "dtype": str(impl.dtype).replace("torch.", ""),
-            "median_s": med, "images_per_s": batch / med, "speedup_vs_torchvision": base / med,
+            "median_s": med, "images_per_s": sum(sizes) / med, "speedup_vs_torchvision": base / med,
             "per_round_vs_compile": per_round,
             "error_vs_torchvision": impl.err, "saved_activation_bytes": impl.saved_bytes,
             "times_s": impl.times,
@@ -268,7 +292,7 @@ def _print_table(rows: list, train: bool) -> None:
             head += f" {'activations MiB':>16s}"
         print(head)
         for r in (r for r in rows if r["model"] == arch):
-            line = (f"{r['batch']:5d}  {r['implementation']:32s} {r['images_per_s']:10.1f} "
+            line = (f"{r['batch']!s:>5s}  {r['implementation']:32s} {r['images_per_s']:10.1f} "
                     f"{r['speedup_vs_torchvision']:14.2f}x {r['error_vs_torchvision']:9.1e}")
             if rounds:
                 pr = r.get("per_round_vs_compile")
@@ -290,7 +314,8 @@ def _plot(rows: list, path: str) -> None:
     fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.5), squeeze=False)
     for ax, arch in zip(axes[0], archs):
         for impl in dict.fromkeys(r["implementation"] for r in rows if r["model"] == arch):
-            pts = sorted((r["batch"], r["images_per_s"]) for r in rows if r["model"] == arch and r["implementation"] == impl)
+            pts = sorted((r["batch"], r["images_per_s"]) for r in rows  # --mixed rows have no one batch size
+                         if r["model"] == arch and r["implementation"] == impl and isinstance(r["batch"], int))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
@@ -347,6 +372,14 @@ def main(argv=None) -> int:
         raise SystemExit("--rounds must be at least 1")
     if args.batch is not None and any(b < 1 for b in args.batch):
         raise SystemExit("--batch sizes must be positive")
+    if args.peers and (device.type != "cpu" or args.train):
+        raise SystemExit("--peers: the engines are timed for CPU inference only (no --train, --device cpu)")
+    for name in args.peers:
+        reason = peers.unavailable(name)
+        if reason is not None:
+            raise SystemExit(f"--peers {name}: {reason}")
+    if args.mixed and args.train:
+        raise SystemExit("--mixed times inference only")
     for b in args.backend:
         reason = resnet_fused.backends.reason_unavailable(b)
         if reason is not None:
@@ -366,10 +399,11 @@ def main(argv=None) -> int:
               f"{'Winograd F(4x4, 3x3)' if resnet_fused.cpu_winograd() else 'oneDNN direct'} "
               f"(RESNET_FUSED_CPU_WINOGRAD={'1' if resnet_fused.cpu_winograd() else '0'})")
     rows = []
-    total = len(args.model) * len(batches)
+    runs = batches + ([tuple(batches)] if args.mixed and len(batches) > 1 else [])
+    total = len(args.model) * len(runs)
     step = 0
     for arch in args.model:
-        for batch in batches:
+        for batch in runs:
             step += 1
             rows += _measure(arch, batch, args, device, dtypes, step, total)
     _print_table(rows, args.train)

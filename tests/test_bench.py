@@ -140,3 +140,45 @@ def test_bench_several_dtypes_in_one_run(tmp_path):
     # bf16 rows are checked against torchvision's fp32 output: within bf16 accuracy
     assert 0 < rows["resnet_fused-channels_last bfloat16"]["error_vs_torchvision"] <= 5e-2
     assert rows["resnet_fused"]["error_vs_torchvision"] <= 1e-4
+
+
+def test_bench_mixed_batch_sizes_row(tmp_path):
+    """--mixed: one row per implementation serving the sizes in turn, checked
+    against torchvision on the concatenated outputs."""
+    out = tmp_path / "m.json"
+    assert bench.main(["--model", "resnet18", "--batch", "1", "3", "--size", "32", "--rounds", "2", "--mixed",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["batch"] for r in rows] == [1] * 4 + [3] * 4 + ["1+3"] * 4
+    for r in rows:
+        assert r["error_vs_torchvision"] <= 1e-4, r
+    mixed = [r for r in rows if r["batch"] == "1+3"]
+    assert all(r["images_per_s"] == pytest.approx(4 / r["median_s"]) for r in mixed)
+    with pytest.raises(SystemExit, match="--mixed times inference only"):
+        bench.main(["--mixed", "--train", "--batch", "1", "2"])
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_bench_peer_engines(tmp_path, engine):
+    from resnet_fused import peers
+
+    if peers.unavailable(engine):
+        pytest.skip(f"{engine}: {peers.unavailable(engine)}")
+    out = tmp_path / "p.json"
+    assert bench.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--rounds", "1", "--peers", engine,
+                       "--json", str(out)]) == 0
+    rows = {r["implementation"]: r for r in json.loads(out.read_text())["results"]}
+    assert 0 < rows[engine]["error_vs_torchvision"] <= 1e-4  # a different implementation, fp32
+    with pytest.raises(SystemExit, match="--peers: the engines are timed for CPU inference only"):
+        bench.main(["--peers", engine, "--train"])
+
+
+def test_peers_reject_unknown_names_and_say_what_is_missing(monkeypatch):
+    from resnet_fused import peers
+
+    with pytest.raises(ValueError, match="name must be one of onnxruntime, openvino; got 'tensorrt'"):
+        peers.unavailable("tensorrt")
+    monkeypatch.setattr(peers, "_importable", lambda m: m != "openvino")
+    assert peers.unavailable("openvino") == "not installed: pip install openvino"
+    with pytest.raises(RuntimeError, match="openvino: not installed"):
+        peers.Engine("openvino", b"", 1)
