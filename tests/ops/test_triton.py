@@ -1,9 +1,11 @@
 """The Triton kernels beyond the op contract: every tiling, int64 offsets,
 the stem's flattened reduction, the cuDNN+epilogue path, tuning, BN
-reductions (stability, determinism), torch.library registration, tracing,
-and ahead-of-time compilation for sm_80/sm_90.
+reductions (stability, determinism, empty batches), torch.library
+registration and tracing. (Ahead-of-time compilation: test_triton_aot.py;
+tuning, dynamic shapes, device guards: test_triton_tuning.py.)
 
-Without a GPU these run under TRITON_INTERPRET=1 (set by conftest)."""
+Tensors live where Triton runs: on CUDA with a GPU (interpreter off), else
+on CPU under TRITON_INTERPRET=1 (set by conftest)."""
 import os
 import subprocess
 import sys
@@ -18,7 +20,9 @@ from resnet_fused import ops
 from conftest import OP_TOL, assert_equivalent
 
 triton_conv = pytest.importorskip("resnet_fused.ops.triton.conv")
-from resnet_fused.ops.triton import batch_norm, tuning  # noqa: E402
+from resnet_fused.ops.triton import batch_norm, device, library, tuning  # noqa: E402
+
+DEVICE = device()
 
 pytestmark = pytest.mark.skipif(
     resnet_fused.backends.reason_unavailable("triton") is not None,
@@ -47,7 +51,7 @@ def conv_inputs(n, c, h, w, k, r, stride, padding, dilation, groups, dtype, chan
     p = (h + 2 * padding - dilation * (r - 1) - 1) // stride + 1
     q = (w + 2 * padding - dilation * (r - 1) - 1) // stride + 1
     residual = torch.randn(n, k, p, q, generator=g).to(dtype)
-    return x, weight, scale, shift, residual, conv
+    return (*(t.to(DEVICE) for t in (x, weight, scale, shift, residual)), conv)
 
 
 def run_launch(x, weight, scale, shift, residual, relu, conv, config, index_64=None):
@@ -181,7 +185,7 @@ def test_statistics_stable_for_large_mean():
     variance; the chunked Chan merge of pivot-shifted data keeps it to fp32
     rounding (without the shift, chunk means rounded at 1e4 gave 1.2e-4)."""
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(8, 5, 17, 19, generator=g) + 1e4)
+    x = (torch.randn(8, 5, 17, 19, generator=g) + 1e4).to(DEVICE)
     rows = 8 * 17 * 19
     assert batch_norm._chunking(rows, 5)[0] > 1  # several partial summaries merged
     out, mean, invstd, var = batch_norm.forward(x, None, None, 1e-5, None, False, batch_norm.KERNELS)
@@ -194,9 +198,9 @@ def test_statistics_stable_for_large_mean():
 
 def test_batch_norm_kernels_bitwise_deterministic():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 24, 15, 13, generator=g).to(memory_format=torch.channels_last)
-    grad = torch.randn(6, 24, 15, 13, generator=g)
-    w, b = torch.rand(24, generator=g), torch.randn(24, generator=g)
+    x = torch.randn(6, 24, 15, 13, generator=g).to(DEVICE, memory_format=torch.channels_last)
+    grad = torch.randn(6, 24, 15, 13, generator=g).to(DEVICE)
+    w, b = torch.rand(24, generator=g).to(DEVICE), torch.randn(24, generator=g).to(DEVICE)
     runs = []
     for _ in range(2):
         out, mean, invstd, var = batch_norm.forward(x, w, b, 1e-5, None, True, batch_norm.KERNELS)
@@ -209,9 +213,9 @@ def test_deterministic_mode_is_honoured():
     """The reductions have no atomics, so torch's deterministic mode needs no
     other path: results under it equal the default ones bitwise."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(4, 16, 9, 9, generator=g, requires_grad=True)
-    w = torch.rand(16, generator=g, requires_grad=True)
-    b = torch.randn(16, generator=g, requires_grad=True)
+    x = torch.randn(4, 16, 9, 9, generator=g).to(DEVICE).requires_grad_()
+    w = torch.rand(16, generator=g).to(DEVICE).requires_grad_()
+    b = torch.randn(16, generator=g).to(DEVICE).requires_grad_()
     outs = []
     before = torch.are_deterministic_algorithms_enabled()
     try:
@@ -229,11 +233,11 @@ def test_deterministic_mode_is_honoured():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_batch_norm_act_low_precision_against_float64(dtype):
     g = torch.Generator().manual_seed(3)
-    x = (torch.randn(3, 20, 6, 7, generator=g) * 2 + 1).to(dtype).requires_grad_()
-    res = torch.randn(3, 20, 6, 7, generator=g).to(dtype).requires_grad_()
-    w = (torch.rand(20, generator=g) + 0.5).requires_grad_()
-    b = torch.randn(20, generator=g).requires_grad_()
-    grad = torch.randn(3, 20, 6, 7, generator=g).to(dtype)
+    x = (torch.randn(3, 20, 6, 7, generator=g) * 2 + 1).to(DEVICE, dtype).requires_grad_()
+    res = torch.randn(3, 20, 6, 7, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.rand(20, generator=g) + 0.5).to(DEVICE).requires_grad_()
+    b = torch.randn(20, generator=g).to(DEVICE).requires_grad_()
+    grad = torch.randn(3, 20, 6, 7, generator=g).to(DEVICE, dtype)
     with resnet_fused.backend("triton"):
         y = ops.batch_norm_act(x, w, b, None, None, True, residual=res, relu=True)
     got = torch.autograd.grad(y, (x, w, b, res), grad)
@@ -262,11 +266,11 @@ def test_opcheck(with_residual, channels_last):
         (x, w, scale, shift, res, True, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), 2),
     )
     g = torch.Generator().manual_seed(4)
-    xb = torch.randn(3, 6, 4, 5, generator=g)
+    xb = torch.randn(3, 6, 4, 5, generator=g).to(DEVICE)
     if channels_last:
         xb = xb.to(memory_format=torch.channels_last)
-    wb, bb = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
-    rb = torch.randn(3, 6, 4, 5, generator=g) if with_residual else None
+    wb, bb = (torch.rand(6, generator=g) + 0.5).to(DEVICE), torch.randn(6, generator=g).to(DEVICE)
+    rb = torch.randn(3, 6, 4, 5, generator=g).to(DEVICE) if with_residual else None
     for weight, bias in ((wb, bb), (None, None)):
         args = [t.clone().requires_grad_() if t is not None else None for t in (xb, weight, bias)]
         r = rb.clone().requires_grad_() if rb is not None else None
@@ -283,8 +287,8 @@ def test_compiles_without_graph_breaks():
     checked here; inductor codegen needs a GPU for Triton kernels). Two
     Bottleneck blocks (projection shortcut, then identity) keep tracing short."""
     torch._dynamo.reset()
-    model = resnet_fused.resnet50(num_classes=10).layer2[:2]
-    x = torch.randn(2, 256, 8, 8)
+    model = resnet_fused.resnet50(num_classes=10).layer2[:2].to(DEVICE)
+    x = torch.randn(2, 256, 8, 8, device=DEVICE)
     with resnet_fused.backend("triton"):
         model.eval()
         with torch.no_grad():
