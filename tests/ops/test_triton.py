@@ -253,6 +253,48 @@ def test_batch_norm_act_low_precision_against_float64(dtype):
         assert_equivalent(a, b_, OP_TOL[dtype] if dtype != torch.float32 else 1e-5, f"grad {name}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_empty_batch_matches_f_batch_norm(channels_last):
+    """N = 0 in training, as F.batch_norm: an empty output (x's strides), the
+    running statistics untouched, dγ = dβ = 0 and empty dx, d(residual)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(0, 6, 4, 5).to(DEVICE)
+    res = torch.randn(0, 6, 4, 5).to(DEVICE)
+    if channels_last:
+        x, res = (t.to(memory_format=torch.channels_last) for t in (x, res))
+    w, b = (torch.rand(6, generator=g) + 0.5).to(DEVICE), torch.randn(6, generator=g).to(DEVICE)
+    stats = torch.randn(6, generator=g).to(DEVICE), (torch.rand(6, generator=g) + 0.5).to(DEVICE)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, res)]
+        rm, rv = (t.clone() for t in stats)
+        y = fn(*leaves, rm, rv)
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+        return y, rm, rv, grads
+
+    def fused(x_, w_, b_, r_, rm, rv):
+        with resnet_fused.backend("triton"):
+            return ops.batch_norm_act(x_, w_, b_, rm, rv, True, 0.1, 1e-5, residual=r_, relu=True)
+
+    def torch_ref(x_, w_, b_, r_, rm, rv):
+        return torch.relu(F.batch_norm(x_, rm, rv, w_, b_, True, 0.1, 1e-5) + r_)
+
+    got, want = run(fused), run(torch_ref)
+    assert got[0].shape == want[0].shape
+    # F.batch_norm's own output has x's strides (the add after it may not)
+    assert got[0].stride() == F.batch_norm(x, None, None, w, b, True).stride()
+    for name, a, b_ in zip(("running_mean", "running_var"), got[1:3], want[1:3]):
+        assert torch.equal(a, b_), name
+    assert torch.equal(want[1], stats[0])  # what torch does: unchanged
+    for name, a, b_ in zip(("x", "weight", "bias", "residual"), got[3], want[3]):
+        assert a.shape == b_.shape and torch.equal(a, b_), f"grad {name}"
+    # the recompute path's forward half (conv_bn_act_train's) keeps them too
+    rm, rv = (t.clone() for t in stats)
+    forward = library.OPS["batch_norm_act_parts"][0]
+    out, mean, invstd = forward(x, w, b, rm, rv, 0.1, 1e-5, None, True)
+    assert out.shape == x.shape and torch.equal(rm, stats[0]) and torch.equal(rv, stats[1])
+
+
 # ---- registration and tracing ------------------------------------------------------
 
 

@@ -263,6 +263,18 @@ def _chunking(rows: int, channels: int) -> tuple[int, int]:
     return triton.cdiv(rows, rows_per_chunk), rows_per_chunk
 
 
+def _empty_batch_statistics(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, var) of no rows: what the kernels' merge gives for a
+    count of 0 (mean 0, variance 0), with no kernel launched (there is no
+    element to read, not even the pivot). F.batch_norm's output on an empty
+    batch is empty and its running statistics stay as they are: callers
+    must not fold these into them (see library._keep_running_stats_if_empty)."""
+    _, acc = _acc(x)
+    c = x.shape[1]
+    var = x.new_zeros((c,), dtype=acc)
+    return x.new_zeros((c,), dtype=acc), torch.full_like(var, eps).rsqrt(), var
+
+
 def forward(
     x: Tensor,
     weight: Optional[Tensor],
@@ -286,6 +298,8 @@ def forward(
     mean = x.new_empty((c,), dtype=acc)
     invstd = x.new_empty((c,), dtype=acc)
     var = x.new_empty((c,), dtype=acc)
+    if rows == 0 or c == 0:  # F.batch_norm: an empty output with x's strides
+        return torch.empty_like(x), *_empty_batch_statistics(x, eps)
     chunks, rows_per_chunk = _chunking(rows, c)
     part = x.new_empty((chunks, 3, c), dtype=acc)
     s_n, s_c, s_l = _view(x)
@@ -327,6 +341,11 @@ def backward(
     acc_tl, acc = _acc(x)
     if grad_out.stride(2) != grad_out.shape[3] * grad_out.stride(3) or grad_out.stride(1) == 0:
         grad_out = grad_out.contiguous(memory_format=fmt)
+    c_res = c if residual_channels < 0 else residual_channels
+    if rows == 0 or c == 0:  # F.batch_norm: dγ = dβ = 0 (sums over no rows)
+        grad_res = torch.empty((n, c_res, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        return (torch.empty_like(x), x.new_zeros((c,), dtype=acc), x.new_zeros((c,), dtype=acc),
+                grad_res if residual_grad else x.new_empty((0,)))
     g_n, g_c, _, g_l = grad_out.stride()
     s_n, s_c, s_l = _view(x)
     chunks, rows_per_chunk = _chunking(rows, c)
@@ -341,7 +360,6 @@ def backward(
         part, invstd, grad_bias, grad_weight, c, chunks, ACC=acc_tl, BLOCK_C=FINAL_BLOCK_C
     )
     grad_x = torch.empty_like(x, memory_format=fmt)
-    c_res = c if residual_channels < 0 else residual_channels
     grad_res = torch.empty((n, c_res, h, w), dtype=x.dtype, device=x.device, memory_format=fmt) if residual_grad else x.new_empty((0,))
     dres = grad_res if residual_grad else grad_x
     kernels["bwd_apply"][(triton.cdiv(rows, BLOCK_R), triton.cdiv(c, BLOCK_C))](
@@ -383,6 +401,8 @@ def scale_shift_act_(
     a cuDNN convolution. The normalise kernel with mean 0 and invstd = scale."""
     fmt = memory_format(y)
     assert y.is_contiguous(memory_format=fmt)
+    if y.numel() == 0:
+        return y
     n, c, h, w = y.shape
     rows, l = n * h * w, h * w
     s_n, s_c, s_l = _view(y)
