@@ -158,16 +158,38 @@ def test_tuning_measures_once_and_picks_fastest():
 
 
 def test_tuning_skips_candidates_that_fail():
+    """A tiling that does not fit (Triton's OutOfResources) or does not
+    compile is skipped, and the error that ruled out each one is named when
+    none is left."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
     def measure(fn):
         return fn()
 
     def too_big():
-        raise RuntimeError("out of shared memory")
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    def miscompiles():
+        raise CompilationError("src", None, "unsupported layout")
 
     key = ("test_tuning_skips", os.getpid())
-    assert tuning.choose(key, {"big": too_big, "ok": lambda: 1.0}, measure) == "ok"
-    with pytest.raises(RuntimeError, match="no conv_bn_act candidate"):
+    assert tuning.choose(key, {"big": too_big, "bad": miscompiles, "ok": lambda: 1.0}, measure) == "ok"
+    with pytest.raises(RuntimeError, match="no conv_bn_act candidate.*big: OutOfResources.*shared memory"):
         tuning.choose(key + ("none",), {"big": too_big}, measure)
+
+
+def test_tuning_lets_cuda_errors_propagate():
+    """A CUDA error (sticky: every later launch fails too) is not a failing
+    candidate; it reaches the caller, and nothing is cached."""
+
+    def faulty():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    key = ("test_tuning_cuda_error", os.getpid())
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tuning.choose(key, {"faulty": faulty, "ok": lambda: 1.0}, lambda fn: fn())
+    assert tuning.cached(key) is None
 
 
 def test_default_config_fits_output_channels():
