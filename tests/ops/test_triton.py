@@ -218,6 +218,26 @@ def test_statistics_stable_for_large_mean():
     assert (naive.double() - exact.var((0, 2, 3), unbiased=False)).abs().max() > 0.1
 
 
+def test_batch_norm_64_bit_rows_same_result(monkeypatch):
+    """The 64-bit row-index variant (taken where a row index can pass int32)
+    computes bitwise the same as the 32-bit one; forced here on a small shape."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 10, 9, 11, generator=g).to(DEVICE)
+    res = torch.randn(3, 10, 9, 11, generator=g).to(DEVICE)
+    grad = torch.randn(3, 10, 9, 11, generator=g).to(DEVICE)
+    w, b = torch.rand(10, generator=g).to(DEVICE), torch.randn(10, generator=g).to(DEVICE)
+    runs, rows_64 = [], batch_norm._rows_64
+    for wide in (False, True):
+        monkeypatch.setattr(batch_norm, "_rows_64", lambda rows, wide=wide: wide)
+        out, mean, invstd, var = batch_norm.forward(x, w, b, 1e-5, res, True, batch_norm.KERNELS)
+        grads = batch_norm.backward(grad, x, out, w, mean, invstd, True, True, batch_norm.KERNELS)
+        y = batch_norm.scale_shift_act_(out.clone(), w, b, res, True, batch_norm.KERNELS)
+        runs.append((out, mean, invstd, var, y, *grads))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+    assert not rows_64(256 * 112 * 112) and rows_64(2**30)
+
+
 def test_batch_norm_kernels_bitwise_deterministic():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 24, 15, 13, generator=g).to(DEVICE, memory_format=torch.channels_last)

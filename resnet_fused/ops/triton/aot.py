@@ -113,14 +113,15 @@ def jobs(quick: bool = False) -> list[Job]:
         for arch in ARCHS:
             out.append(Job("conv_bn_act", variant, arch, sig, consts, cfg.num_warps, cfg.num_stages, True))
     bn_consts = {
-        "stats_partial": dict(ACC="fp32", BLOCK_R=batch_norm.BLOCK_R, BLOCK_C=batch_norm.BLOCK_C),
+        "stats_partial": dict(ACC="fp32", BLOCK_R=batch_norm.BLOCK_R, BLOCK_C=batch_norm.BLOCK_C, ROWS_64=False),
         "stats_final": dict(ACC="fp32", BLOCK_C=batch_norm.FINAL_BLOCK_C),
         "apply": dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, ACC="fp32",
-                      BLOCK_R=batch_norm.BLOCK_R, BLOCK_C=batch_norm.BLOCK_C),
-        "bwd_partial": dict(RELU=True, ACC="fp32", BLOCK_R=batch_norm.BLOCK_R, BLOCK_C=batch_norm.BLOCK_C),
+                      BLOCK_R=batch_norm.BLOCK_R, BLOCK_C=batch_norm.BLOCK_C, ROWS_64=False),
+        "bwd_partial": dict(RELU=True, ACC="fp32", BLOCK_R=batch_norm.BLOCK_R, BLOCK_C=batch_norm.BLOCK_C,
+                            ROWS_64=False),
         "bwd_final": dict(ACC="fp32", BLOCK_C=batch_norm.FINAL_BLOCK_C),
         "bwd_apply": dict(HAS_WEIGHT=True, RELU=True, RESIDUAL_GRAD=True, ACC="fp32",
-                          BLOCK_R=batch_norm.BLOCK_R, BLOCK_C=batch_norm.BLOCK_C),
+                          BLOCK_R=batch_norm.BLOCK_R, BLOCK_C=batch_norm.BLOCK_C, ROWS_64=False),
     }
     import triton.language as tl
 

@@ -41,9 +41,22 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def _rows(first, BLOCK_R: tl.constexpr, ROWS_64: tl.constexpr):
+    """Row indices first + [0, BLOCK_R): 32-bit unless a row index can pass
+    int32. The offsets formed from them are 64-bit either way; what the
+    narrow index saves is the 64-bit division in `_row_offsets`, a
+    subroutine call that spills on sm_80."""
+    if ROWS_64:
+        rows = first.to(tl.int64) + tl.arange(0, BLOCK_R)
+    else:
+        rows = first + tl.arange(0, BLOCK_R)
+    return rows
+
+
+@triton.jit
 def _row_offsets(rows, L, s_n, s_l):
     n = rows // L
-    return n * s_n + (rows - n * L) * s_l
+    return n.to(tl.int64) * s_n + (rows - n * L).to(tl.int64) * s_l
 
 
 @triton.jit
@@ -56,7 +69,7 @@ def _residual_offsets(rows, offs_c, L, W, r_n, r_c, r_h, r_w, R_C0, R_CN):
     l = rows - n * L
     h = l // W
     rc = offs_c - R_C0
-    off = (n * r_n + h * r_h + (l - h * W) * r_w)[:, None] + (rc * r_c)[None, :]
+    off = (n.to(tl.int64) * r_n + h.to(tl.int64) * r_h + (l - h * W).to(tl.int64) * r_w)[:, None] + (rc * r_c)[None, :]
     return off, (rc >= 0) & (rc < R_CN)
 
 
@@ -64,7 +77,7 @@ def _residual_offsets(rows, offs_c, L, W, r_n, r_c, r_h, r_w, R_C0, R_CN):
 def _bn_stats_partial_kernel(
     x_ptr, part_ptr,
     C, L, ROWS, s_n, s_c, s_l, ROWS_PER_CHUNK,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -77,9 +90,9 @@ def _bn_stats_partial_kernel(
     # means then stay near 0, where their rounding (which enters every
     # merge) is small, even for data far from 0.
     pivot = tl.load(x_ptr + offs_c * s_c, mask=mask_c, other=0.0).to(ACC)
-    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK
+    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK if ROWS_64 else chunk * ROWS_PER_CHUNK
     for r0 in range(0, ROWS_PER_CHUNK, BLOCK_R):
-        rows = row0 + r0 + tl.arange(0, BLOCK_R)
+        rows = _rows(row0 + r0, BLOCK_R, ROWS_64)
         mask_r = rows < ROWS
         mask = mask_r[:, None] & mask_c[None, :]
         off = _row_offsets(rows, L, s_n, s_l)[:, None] + (offs_c * s_c)[None, :]
@@ -127,9 +140,9 @@ def _bn_act_apply_kernel(
     x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
     C, L, W, ROWS, s_n, s_c, s_l, r_n, r_c, r_h, r_w, R_C0, R_CN,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = _rows(tl.program_id(0) * BLOCK_R, BLOCK_R, ROWS_64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = (rows < ROWS)[:, None] & mask_c[None, :]
@@ -154,7 +167,7 @@ def _bn_act_apply_kernel(
 def _bn_act_bwd_partial_kernel(
     grad_ptr, x_ptr, out_ptr, mean_ptr, part_ptr,
     C, L, ROWS, s_n, s_c, s_l, g_n, g_c, g_l, ROWS_PER_CHUNK,
-    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -163,9 +176,9 @@ def _bn_act_bwd_partial_kernel(
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     sum_g = tl.zeros((BLOCK_C,), ACC)
     sum_gx = tl.zeros((BLOCK_C,), ACC)
-    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK
+    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK if ROWS_64 else chunk * ROWS_PER_CHUNK
     for r0 in range(0, ROWS_PER_CHUNK, BLOCK_R):
-        rows = row0 + r0 + tl.arange(0, BLOCK_R)
+        rows = _rows(row0 + r0, BLOCK_R, ROWS_64)
         mask = (rows < ROWS)[:, None] & mask_c[None, :]
         off = _row_offsets(rows, L, s_n, s_l)[:, None] + (offs_c * s_c)[None, :]
         g_off = _row_offsets(rows, L, g_n, g_l)[:, None] + (offs_c * g_c)[None, :]
@@ -204,9 +217,9 @@ def _bn_act_bwd_apply_kernel(
     grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr, w_ptr, sum_g_ptr, grad_w_ptr, dx_ptr, dres_ptr,
     C, L, W, ROWS, s_n, s_c, s_l, g_n, g_c, g_l, d_n, d_c, d_h, d_w, R_C0, R_CN,
     HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, RESIDUAL_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = _rows(tl.program_id(0) * BLOCK_R, BLOCK_R, ROWS_64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = (rows < ROWS)[:, None] & mask_c[None, :]
@@ -244,6 +257,12 @@ if interpreting():
 else:
     BLOCK_R, BLOCK_C, TARGET_PROGRAMS = 64, 32, 1024
 FINAL_BLOCK_C = 128
+
+
+def _rows_64(rows: int) -> bool:
+    """Whether a row index a kernel forms can pass int32: they stay below
+    rows plus one chunk (at most rows rounded up to a tile)."""
+    return 2 * rows + BLOCK_R >= 2**31
 
 
 def _acc(x: Tensor):
@@ -304,7 +323,8 @@ def forward(
     part = x.new_empty((chunks, 3, c), dtype=acc)
     s_n, s_c, s_l = _view(x)
     kernels["stats_partial"][(triton.cdiv(c, BLOCK_C), chunks)](
-        x, part, c, l, rows, s_n, s_c, s_l, rows_per_chunk, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C
+        x, part, c, l, rows, s_n, s_c, s_l, rows_per_chunk,
+        ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     kernels["stats_final"][(triton.cdiv(c, FINAL_BLOCK_C),)](
         x, part, mean, invstd, var, c, s_c, chunks, eps, ACC=acc_tl, BLOCK_C=FINAL_BLOCK_C
@@ -314,7 +334,7 @@ def forward(
         x, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean, res, out,
         c, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     return out, mean, invstd, var
 
@@ -352,7 +372,7 @@ def backward(
     part = x.new_empty((chunks, 2, c), dtype=acc)
     kernels["bwd_partial"][(triton.cdiv(c, BLOCK_C), chunks)](
         grad_out, x, out, mean, part, c, l, rows, s_n, s_c, s_l, g_n, g_c, g_l, rows_per_chunk,
-        RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     grad_bias = x.new_empty((c,), dtype=acc)
     grad_weight = x.new_empty((c,), dtype=acc)
@@ -367,7 +387,7 @@ def backward(
         grad_x, dres,
         c, l, w, rows, s_n, s_c, s_l, g_n, g_c, g_l, *dres.stride(), residual_channel_offset, dres.shape[1],
         HAS_WEIGHT=weight is not None, RELU=relu, RESIDUAL_GRAD=residual_grad,
-        ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     return grad_x, grad_weight, grad_bias, grad_res
 
@@ -412,6 +432,6 @@ def scale_shift_act_(
         y, zeros, scale, scale, shift, res, y,
         c, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
         HAS_WEIGHT=False, HAS_BIAS=True, HAS_RESIDUAL=residual is not None,
-        RELU=relu, ACC=tl.float32, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        RELU=relu, ACC=tl.float32, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     return y
