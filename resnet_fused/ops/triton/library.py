@@ -119,11 +119,7 @@ def triton_conv_bn_act(
             return y
 
         mode = tuning.forced()
-        if conv.interpreting():  # nothing to tune: one tiling
-            configs = (conv.INTERPRETER_CONFIG,)
-        else:
-            index_64 = conv.needs_int64(x, weight, residual) or _out_needs_int64(shape)
-            configs = conv.configs_for(x.dtype, weight.shape[1], index_64)
+        configs = _configs(x, weight, residual, shape)
         candidates = {}
         if mode in ("auto", "triton"):
             candidates.update({cfg: (lambda cfg=cfg: implicit_gemm(cfg)) for cfg in configs})
@@ -138,10 +134,10 @@ def triton_conv_bn_act(
         ref: list[Tensor] = []  # computed once, for the first candidate checked
 
         def check(out: Tensor):
-            if not ref:
+            if not ref:  # rounded to the output dtype: where that overflows, every candidate does
                 ref.append(_reference(
                     x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
-                ))
+                ).to(out.dtype))
             return tuning.mismatch(out, ref[0], tuning.tolerance(x.dtype))
 
         key = tuning.key(x, weight, residual, relu, stride, padding, dilation, groups, residual_channel_offset, mode)
@@ -149,6 +145,15 @@ def triton_conv_bn_act(
         if choice == tuning.CUDNN:
             return cudnn_then_epilogue()
         return implicit_gemm(choice)
+
+
+def _configs(x: Tensor, weight: Tensor, residual: Optional[Tensor], shape) -> tuple[conv.ConvConfig, ...]:
+    """The tilings the tuner may pick for this call (one under the
+    interpreter: nothing is tuned there)."""
+    if conv.interpreting():
+        return (conv.INTERPRETER_CONFIG,)
+    index_64 = conv.needs_int64(x, weight, residual) or _out_needs_int64(shape)
+    return conv.configs_for(x.dtype, weight.shape[1], index_64)
 
 
 def _reference(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset):
@@ -243,7 +248,9 @@ def _keep_running_stats_if_empty(batch_norm_act, parts):
     return {"batch_norm_act": batch_norm_act_, "batch_norm_act_parts": (forward_, backward)}
 
 
-_train_ops = common.train_batch_norm_ops(triton_batch_norm_act_fwd, triton_batch_norm_act_bwd, reads_padded_residual=True)
+_train_ops = common.train_batch_norm_ops(
+    triton_batch_norm_act_fwd, triton_batch_norm_act_bwd, reads_padded_residual=True
+)
 OPS = {
     "conv_bn_act": conv_bn_act,
     **_keep_running_stats_if_empty(_train_ops["batch_norm_act"], _train_ops["batch_norm_act_parts"]),
