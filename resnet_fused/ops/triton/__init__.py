@@ -26,6 +26,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def device() -> str:
+    """Where Triton kernels run here: CUDA tensors when a GPU is visible and
+    the interpreter is off, else CPU tensors (under TRITON_INTERPRET=1)."""
+    return "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+
+
 def unavailable_reason() -> Optional[str]:
     if _import_error is not None:
         return f"Triton could not be imported ({_import_error}); `pip install triton`"

@@ -41,9 +41,22 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def _rows(first, BLOCK_R: tl.constexpr, ROWS_64: tl.constexpr):
+    """Row indices first + [0, BLOCK_R): 32-bit unless a row index can pass
+    int32. The offsets formed from them are 64-bit either way; what the
+    narrow index saves is the 64-bit division in `_row_offsets`, a
+    subroutine call that spills on sm_80."""
+    if ROWS_64:
+        rows = first.to(tl.int64) + tl.arange(0, BLOCK_R)
+    else:
+        rows = first + tl.arange(0, BLOCK_R)
+    return rows
+
+
+@triton.jit
 def _row_offsets(rows, L, s_n, s_l):
     n = rows // L
-    return n * s_n + (rows - n * L) * s_l
+    return n.to(tl.int64) * s_n + (rows - n * L).to(tl.int64) * s_l
 
 
 @triton.jit
@@ -56,7 +69,7 @@ def _residual_offsets(rows, offs_c, L, W, r_n, r_c, r_h, r_w, R_C0, R_CN):
     l = rows - n * L
     h = l // W
     rc = offs_c - R_C0
-    off = (n * r_n + h * r_h + (l - h * W) * r_w)[:, None] + (rc * r_c)[None, :]
+    off = (n.to(tl.int64) * r_n + h.to(tl.int64) * r_h + (l - h * W).to(tl.int64) * r_w)[:, None] + (rc * r_c)[None, :]
     return off, (rc >= 0) & (rc < R_CN)
 
 
@@ -64,7 +77,7 @@ def _residual_offsets(rows, offs_c, L, W, r_n, r_c, r_h, r_w, R_C0, R_CN):
 def _bn_stats_partial_kernel(
     x_ptr, part_ptr,
     C, L, ROWS, s_n, s_c, s_l, ROWS_PER_CHUNK,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -77,9 +90,9 @@ def _bn_stats_partial_kernel(
     # means then stay near 0, where their rounding (which enters every
     # merge) is small, even for data far from 0.
     pivot = tl.load(x_ptr + offs_c * s_c, mask=mask_c, other=0.0).to(ACC)
-    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK
+    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK if ROWS_64 else chunk * ROWS_PER_CHUNK
     for r0 in range(0, ROWS_PER_CHUNK, BLOCK_R):
-        rows = row0 + r0 + tl.arange(0, BLOCK_R)
+        rows = _rows(row0 + r0, BLOCK_R, ROWS_64)
         mask_r = rows < ROWS
         mask = mask_r[:, None] & mask_c[None, :]
         off = _row_offsets(rows, L, s_n, s_l)[:, None] + (offs_c * s_c)[None, :]
@@ -127,9 +140,9 @@ def _bn_act_apply_kernel(
     x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
     C, L, W, ROWS, s_n, s_c, s_l, r_n, r_c, r_h, r_w, R_C0, R_CN,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = _rows(tl.program_id(0) * BLOCK_R, BLOCK_R, ROWS_64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = (rows < ROWS)[:, None] & mask_c[None, :]
@@ -154,7 +167,7 @@ def _bn_act_apply_kernel(
 def _bn_act_bwd_partial_kernel(
     grad_ptr, x_ptr, out_ptr, mean_ptr, part_ptr,
     C, L, ROWS, s_n, s_c, s_l, g_n, g_c, g_l, ROWS_PER_CHUNK,
-    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -163,9 +176,9 @@ def _bn_act_bwd_partial_kernel(
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     sum_g = tl.zeros((BLOCK_C,), ACC)
     sum_gx = tl.zeros((BLOCK_C,), ACC)
-    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK
+    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK if ROWS_64 else chunk * ROWS_PER_CHUNK
     for r0 in range(0, ROWS_PER_CHUNK, BLOCK_R):
-        rows = row0 + r0 + tl.arange(0, BLOCK_R)
+        rows = _rows(row0 + r0, BLOCK_R, ROWS_64)
         mask = (rows < ROWS)[:, None] & mask_c[None, :]
         off = _row_offsets(rows, L, s_n, s_l)[:, None] + (offs_c * s_c)[None, :]
         g_off = _row_offsets(rows, L, g_n, g_l)[:, None] + (offs_c * g_c)[None, :]
@@ -204,9 +217,9 @@ def _bn_act_bwd_apply_kernel(
     grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr, w_ptr, sum_g_ptr, grad_w_ptr, dx_ptr, dres_ptr,
     C, L, W, ROWS, s_n, s_c, s_l, g_n, g_c, g_l, d_n, d_c, d_h, d_w, R_C0, R_CN,
     HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, RESIDUAL_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = _rows(tl.program_id(0) * BLOCK_R, BLOCK_R, ROWS_64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = (rows < ROWS)[:, None] & mask_c[None, :]
@@ -246,6 +259,12 @@ else:
 FINAL_BLOCK_C = 128
 
 
+def _rows_64(rows: int) -> bool:
+    """Whether a row index a kernel forms can pass int32: they stay below
+    rows plus one chunk (at most rows rounded up to a tile)."""
+    return 2 * rows + BLOCK_R >= 2**31
+
+
 def _acc(x: Tensor):
     return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
 
@@ -261,6 +280,18 @@ def _chunking(rows: int, channels: int) -> tuple[int, int]:
     chunks = max(1, min(max_chunks, TARGET_PROGRAMS // c_blocks))
     rows_per_chunk = triton.cdiv(triton.cdiv(rows, chunks), BLOCK_R) * BLOCK_R
     return triton.cdiv(rows, rows_per_chunk), rows_per_chunk
+
+
+def _empty_batch_statistics(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, var) of no rows: what the kernels' merge gives for a
+    count of 0 (mean 0, variance 0), with no kernel launched (there is no
+    element to read, not even the pivot). F.batch_norm's output on an empty
+    batch is empty and its running statistics stay as they are: callers
+    must not fold these into them (see library._keep_running_stats_if_empty)."""
+    _, acc = _acc(x)
+    c = x.shape[1]
+    var = x.new_zeros((c,), dtype=acc)
+    return x.new_zeros((c,), dtype=acc), torch.full_like(var, eps).rsqrt(), var
 
 
 def forward(
@@ -286,11 +317,14 @@ def forward(
     mean = x.new_empty((c,), dtype=acc)
     invstd = x.new_empty((c,), dtype=acc)
     var = x.new_empty((c,), dtype=acc)
+    if rows == 0 or c == 0:  # F.batch_norm: an empty output with x's strides
+        return torch.empty_like(x), *_empty_batch_statistics(x, eps)
     chunks, rows_per_chunk = _chunking(rows, c)
     part = x.new_empty((chunks, 3, c), dtype=acc)
     s_n, s_c, s_l = _view(x)
     kernels["stats_partial"][(triton.cdiv(c, BLOCK_C), chunks)](
-        x, part, c, l, rows, s_n, s_c, s_l, rows_per_chunk, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C
+        x, part, c, l, rows, s_n, s_c, s_l, rows_per_chunk,
+        ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     kernels["stats_final"][(triton.cdiv(c, FINAL_BLOCK_C),)](
         x, part, mean, invstd, var, c, s_c, chunks, eps, ACC=acc_tl, BLOCK_C=FINAL_BLOCK_C
@@ -300,7 +334,7 @@ def forward(
         x, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean, res, out,
         c, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     return out, mean, invstd, var
 
@@ -327,13 +361,18 @@ def backward(
     acc_tl, acc = _acc(x)
     if grad_out.stride(2) != grad_out.shape[3] * grad_out.stride(3) or grad_out.stride(1) == 0:
         grad_out = grad_out.contiguous(memory_format=fmt)
+    c_res = c if residual_channels < 0 else residual_channels
+    if rows == 0 or c == 0:  # F.batch_norm: dγ = dβ = 0 (sums over no rows)
+        grad_res = torch.empty((n, c_res, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        return (torch.empty_like(x), x.new_zeros((c,), dtype=acc), x.new_zeros((c,), dtype=acc),
+                grad_res if residual_grad else x.new_empty((0,)))
     g_n, g_c, _, g_l = grad_out.stride()
     s_n, s_c, s_l = _view(x)
     chunks, rows_per_chunk = _chunking(rows, c)
     part = x.new_empty((chunks, 2, c), dtype=acc)
     kernels["bwd_partial"][(triton.cdiv(c, BLOCK_C), chunks)](
         grad_out, x, out, mean, part, c, l, rows, s_n, s_c, s_l, g_n, g_c, g_l, rows_per_chunk,
-        RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        RELU=relu, ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     grad_bias = x.new_empty((c,), dtype=acc)
     grad_weight = x.new_empty((c,), dtype=acc)
@@ -341,7 +380,6 @@ def backward(
         part, invstd, grad_bias, grad_weight, c, chunks, ACC=acc_tl, BLOCK_C=FINAL_BLOCK_C
     )
     grad_x = torch.empty_like(x, memory_format=fmt)
-    c_res = c if residual_channels < 0 else residual_channels
     grad_res = torch.empty((n, c_res, h, w), dtype=x.dtype, device=x.device, memory_format=fmt) if residual_grad else x.new_empty((0,))
     dres = grad_res if residual_grad else grad_x
     kernels["bwd_apply"][(triton.cdiv(rows, BLOCK_R), triton.cdiv(c, BLOCK_C))](
@@ -349,7 +387,7 @@ def backward(
         grad_x, dres,
         c, l, w, rows, s_n, s_c, s_l, g_n, g_c, g_l, *dres.stride(), residual_channel_offset, dres.shape[1],
         HAS_WEIGHT=weight is not None, RELU=relu, RESIDUAL_GRAD=residual_grad,
-        ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        ACC=acc_tl, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     return grad_x, grad_weight, grad_bias, grad_res
 
@@ -383,6 +421,8 @@ def scale_shift_act_(
     a cuDNN convolution. The normalise kernel with mean 0 and invstd = scale."""
     fmt = memory_format(y)
     assert y.is_contiguous(memory_format=fmt)
+    if y.numel() == 0:
+        return y
     n, c, h, w = y.shape
     rows, l = n * h * w, h * w
     s_n, s_c, s_l = _view(y)
@@ -392,6 +432,6 @@ def scale_shift_act_(
         y, zeros, scale, scale, shift, res, y,
         c, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
         HAS_WEIGHT=False, HAS_BIAS=True, HAS_RESIDUAL=residual is not None,
-        RELU=relu, ACC=tl.float32, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        RELU=relu, ACC=tl.float32, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     return y

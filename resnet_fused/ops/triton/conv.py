@@ -231,6 +231,15 @@ def output_like(x: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
 
 
+def output_strides(shape, fmt: torch.memory_format) -> tuple:
+    """The strides `output_like` gives an output of `shape` in `fmt`."""
+    from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for
+
+    if fmt == torch.channels_last:
+        return tuple(make_channels_last_strides_for(shape))
+    return tuple(make_contiguous_strides_for(shape))
+
+
 def needs_int64(*tensors: Optional[Tensor]) -> bool:
     """Whether an offset the kernel forms can pass int32: offsets stay within
     each tensor's extent plus a tile of masked overhang, so 2^30 leaves room."""

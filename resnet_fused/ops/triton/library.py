@@ -16,6 +16,7 @@ autograd and the compiled graph around an opaque call.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -34,6 +35,23 @@ def _launchable(*tensors: Optional[Tensor]) -> bool:
     if not conv.interpreting():
         return True
     return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors if t is not None)
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (as
+    the C++ ops' CUDAGuard does), so tensors on cuda:1 work while device 0
+    is current."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _on_device(x: Tensor):
+    """The device guard around an op's launches; none while tracing (fake and
+    functional tensors launch nothing; a compiled graph guards its own)."""
+    if type(x) in (Tensor, torch.nn.Parameter):
+        return _device_guard(x.device)
+    return contextlib.nullcontext()
 
 
 def _define(name: str):
@@ -73,50 +91,80 @@ def triton_conv_bn_act(
     from resnet_fused.ops import conv_out_shape
 
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-    shape = conv_out_shape(x, weight, stride, padding, dilation)
-    launchable = _launchable(x, weight, scale, shift, residual)
-    kernel = wrap_triton(conv._conv_bn_act_kernel)
+    with _on_device(x):
+        shape = conv_out_shape(x, weight, stride, padding, dilation)
+        launchable = _launchable(x, weight, scale, shift, residual)
+        kernel = wrap_triton(conv._conv_bn_act_kernel)
+        fmt = common.memory_format(x)
 
-    def implicit_gemm(cfg: conv.ConvConfig) -> Tensor:
-        out = conv.output_like(x, shape)
-        if launchable:
-            conv.launch(
-                x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, out, cfg, kernel,
-                residual_channel_offset=residual_channel_offset,
-            )
-        return out
+        def implicit_gemm(cfg: conv.ConvConfig) -> Tensor:
+            out = conv.output_like(x, shape)
+            if launchable:
+                conv.launch(
+                    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, out, cfg, kernel,
+                    residual_channel_offset=residual_channel_offset,
+                )
+            return out
 
-    def cudnn_then_epilogue() -> Tensor:
-        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        if launchable:
-            y = batch_norm.scale_shift_act_(
-                y, scale, shift, residual, relu, _wrapped(batch_norm.KERNELS), residual_channel_offset
-            )
-        return y
+        def cudnn_then_epilogue() -> Tensor:
+            # cuDNN picks its output layout from x's and the weight's; the
+            # op's is x's whichever candidate runs
+            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+            if y.stride() != conv.output_strides(shape, fmt):
+                y = conv.output_like(x, shape).copy_(y)
+            if launchable:
+                y = batch_norm.scale_shift_act_(
+                    y, scale, shift, residual, relu, _wrapped(batch_norm.KERNELS), residual_channel_offset
+                )
+            return y
 
-    mode = tuning.forced()
-    if conv.interpreting():
-        choice = conv.INTERPRETER_CONFIG if mode != tuning.CUDNN else tuning.CUDNN
-    else:
-        configs = conv.configs_for(x.dtype, weight.shape[1], conv.needs_int64(x, weight, residual) or _out_needs_int64(shape))
-        key = tuning.key(x, weight, residual, relu, stride, padding, dilation, groups) + (mode,)
-        if residual is not None and residual.shape[1] != weight.shape[0]:
-            key += (residual_channel_offset, residual.shape[1])
+        mode = tuning.forced()
+        configs = _configs(x, weight, residual, shape)
         candidates = {}
         if mode in ("auto", "triton"):
             candidates.update({cfg: (lambda cfg=cfg: implicit_gemm(cfg)) for cfg in configs})
         if mode in ("auto", tuning.CUDNN):
             candidates[tuning.CUDNN] = cudnn_then_epilogue
-        if tuning.can_measure(x):
-            choice = tuning.choose(key, candidates)
-        else:  # tracing: what an earlier eager call measured, else the heuristic
-            choice = tuning.cached(key) or (
-                tuning.CUDNN if mode == tuning.CUDNN
-                else tuning.default_config(configs, weight.shape[0] // groups, shape[0] * shape[2] * shape[3])
-            )
-    if choice == tuning.CUDNN:
-        return cudnn_then_epilogue()
-    return implicit_gemm(choice)
+
+        def heuristic() -> tuning.Choice:
+            if mode == tuning.CUDNN:
+                return tuning.CUDNN
+            return tuning.default_config(configs, weight.shape[0] // groups, shape[0] * shape[2] * shape[3])
+
+        ref: list[Tensor] = []  # computed once, for the first candidate checked
+
+        def check(out: Tensor):
+            if not ref:  # rounded to the output dtype: where that overflows, every candidate does
+                ref.append(_reference(
+                    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
+                ).to(out.dtype))
+            return tuning.mismatch(out, ref[0], tuning.tolerance(x.dtype))
+
+        key = tuning.key(x, weight, residual, relu, stride, padding, dilation, groups, residual_channel_offset, mode)
+        choice = tuning.pick(key, candidates, heuristic, launchable and tuning.can_measure(x), check)
+        if choice == tuning.CUDNN:
+            return cudnn_then_epilogue()
+        return implicit_gemm(choice)
+
+
+def _configs(x: Tensor, weight: Tensor, residual: Optional[Tensor], shape) -> tuple[conv.ConvConfig, ...]:
+    """The tilings the tuner may pick for this call (one under the
+    interpreter: nothing is tuned there)."""
+    if conv.interpreting():
+        return (conv.INTERPRETER_CONFIG,)
+    index_64 = conv.needs_int64(x, weight, residual) or _out_needs_int64(shape)
+    return conv.configs_for(x.dtype, weight.shape[1], index_64)
+
+
+def _reference(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset):
+    """What a tuning candidate must match: the convolution in fp32 without
+    TF32 (cuDNN on a GPU), then the epilogue, on x's device."""
+    residual = common.pad_residual(residual, weight.shape[0], residual_channel_offset)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        return reference.conv_bn_act(
+            x.float(), weight.float(), scale, shift, None if residual is None else residual.float(), relu,
+            stride, padding, dilation, groups,
+        )
 
 
 @_define("resnet_fused::triton_batch_norm_act_fwd")
@@ -130,7 +178,8 @@ def triton_batch_norm_act_fwd(
     residual_channel_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _wrapped(batch_norm.KERNELS) if _launchable(x, weight, bias, residual) else batch_norm.NO_LAUNCH
-    return batch_norm.forward(x, weight, bias, eps, residual, relu, kernels, residual_channel_offset)
+    with _on_device(x):
+        return batch_norm.forward(x, weight, bias, eps, residual, relu, kernels, residual_channel_offset)
 
 
 @_define("resnet_fused::triton_batch_norm_act_bwd")
@@ -148,10 +197,11 @@ def triton_batch_norm_act_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     launchable = _launchable(grad_out, x, out, weight, mean, invstd)
     kernels = _wrapped(batch_norm.KERNELS) if launchable else batch_norm.NO_LAUNCH
-    return batch_norm.backward(
-        grad_out, x, out, weight, mean, invstd, relu, residual_grad, kernels, residual_channels,
-        residual_channel_offset,
-    )
+    with _on_device(x):
+        return batch_norm.backward(
+            grad_out, x, out, weight, mean, invstd, relu, residual_grad, kernels, residual_channels,
+            residual_channel_offset,
+        )
 
 
 _bn_setup_context, _bn_backward = common.bn_autograd(triton_batch_norm_act_bwd)
@@ -177,8 +227,32 @@ def conv_bn_act(
 
 conv_bn_act.reads_padded_residual = True  # see ops.conv_bn_act(residual_channel_offset=)
 
+def _keep_running_stats_if_empty(batch_norm_act, parts):
+    """F.batch_norm leaves the running statistics alone on an empty batch;
+    common.update_running_stats would fold a count of 0 into them (a
+    division by -1). Until it skips that itself, the training entry points
+    drop the running statistics for an empty batch."""
+    forward, backward = parts
+
+    def batch_norm_act_(x, weight, bias, running_mean, running_var, training, *rest, **kwargs):
+        if training and x.numel() == 0:
+            running_mean = running_var = None
+        return batch_norm_act(x, weight, bias, running_mean, running_var, training, *rest, **kwargs)
+
+    def forward_(x, weight, bias, running_mean, running_var, *rest, **kwargs):
+        if x.numel() == 0:
+            running_mean = running_var = None
+        return forward(x, weight, bias, running_mean, running_var, *rest, **kwargs)
+
+    batch_norm_act_.reads_padded_residual = batch_norm_act.reads_padded_residual
+    return {"batch_norm_act": batch_norm_act_, "batch_norm_act_parts": (forward_, backward)}
+
+
+_train_ops = common.train_batch_norm_ops(
+    triton_batch_norm_act_fwd, triton_batch_norm_act_bwd, reads_padded_residual=True
+)
 OPS = {
     "conv_bn_act": conv_bn_act,
-    **common.train_batch_norm_ops(triton_batch_norm_act_fwd, triton_batch_norm_act_bwd, reads_padded_residual=True),
+    **_keep_running_stats_if_empty(_train_ops["batch_norm_act"], _train_ops["batch_norm_act_parts"]),
 }
 batch_norm_act = OPS["batch_norm_act"]
