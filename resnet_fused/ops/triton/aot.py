@@ -411,10 +411,15 @@ def compile_job(job: Job) -> Result:
                   "cp.async" in ptx, mma)
 
 
-def run(quick: bool = False, workers: Optional[int] = None, models=MODELS, batches=BATCHES) -> list[Result]:
+def run(quick: bool = False, workers: Optional[int] = None, models=MODELS, batches=BATCHES,
+        tilings: Optional[set] = None) -> list[Result]:
+    """Compile the jobs (`tilings`: only conv variants in these tilings, by
+    ConvConfig.name, and no BN kernels) in `workers` processes."""
     todo = jobs(quick, models, batches if not quick else (32,))
     if quick:
         todo = _limit_quick(todo)
+    if tilings:
+        todo = [j for j in todo if j.kernel == "conv_bn_act" and j.variant.split()[0] in tilings]
     workers = workers or min(len(todo), os.cpu_count() or 1)
     if workers == 1:
         return [compile_job(j) for j in todo]
@@ -499,12 +504,13 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision models")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     parser.add_argument("--json", default=None, help="also write every row, with the layers using it, here")
+    parser.add_argument("--tilings", default=None, help="comma-separated tiling names: only those conv variants")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler", file=sys.stderr)
         return 2
     results = run(args.quick, args.workers, tuple(args.models.split(",")),
-                  tuple(int(b) for b in args.batches.split(",")))
+                  tuple(int(b) for b in args.batches.split(",")), set(args.tilings.split(",")) if args.tilings else None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(as_json(results), f, indent=1)
