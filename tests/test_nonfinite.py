@@ -198,3 +198,33 @@ def test_all_finite():
         assert not onednn.all_finite(t.bfloat16())
     # finite values whose sum overflows: reported as not finite (the safe side)
     assert not onednn.all_finite(torch.full((4,), 3e38))
+
+
+_TRAIN_BACKENDS = [b for b in ("eager", "cpu", "triton") if resnet_fused.backends.reason_unavailable(b) is None
+                   and (b != "triton" or __import__("os").environ.get("TRITON_INTERPRET") == "1")]
+
+
+@pytest.mark.parametrize("backend", _TRAIN_BACKENDS)
+def test_relu_backward_passes_the_gradient_of_a_nan_output(backend):
+    """torch's ReLU backward is threshold_backward: 0 where out <= 0, the
+    gradient elsewhere, NaN outputs included. A NaN in the residual of a
+    train-mode batch_norm_act: every gradient matches autograd through
+    F.batch_norm + add + relu, NaN by NaN."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    res = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    res[1, 2, 3, 0] = NAN
+    grad = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    weight, bias = torch.rand(3, generator=g, dtype=torch.float64) + 0.5, torch.randn(3, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, res, weight, bias)]
+        fn(*leaves).backward(grad)
+        return [t.grad for t in leaves]
+
+    ref = run(lambda x, r, w, b: torch.relu(torch.nn.functional.batch_norm(x, None, None, w, b, True) + r))
+    with resnet_fused.backend(backend):
+        out = run(lambda x, r, w, b: ops.batch_norm_act(x, w, b, None, None, True, 0.1, 1e-5, r, True))
+    assert not torch.isnan(ref[1][0]).any() and ref[1][1, 2, 3, 0] == grad[1, 2, 3, 0]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-9, atol=1e-9)

@@ -45,7 +45,10 @@ def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
 ) -> None:
     """F.batch_norm's update: unbiased variance, factor `momentum`, computed
-    in the batch statistics' dtype (fp32, fp64 for double) and rounded once."""
+    in the batch statistics' dtype (fp32, fp64 for double) and rounded once.
+    An empty batch (count 0) leaves them alone, as F.batch_norm does."""
+    if count == 0:
+        return
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
         if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
@@ -71,7 +74,7 @@ def bn_autograd(bwd: Callable) -> tuple[Callable, Callable]:
     `torch.library.register_autograd`; `bwd` is the backward kernel op.
 
     Saved: x, out (the next layer's input, which it keeps anyway) and 2·C
-    statistics — README "What training saves". out only feeds the ReLU mask,
+    statistics — docs/performance.md "What training saves". out only feeds the ReLU mask,
     so without ReLU it is not kept (it would be one activation more than
     eager keeps, e.g. for the downsample BN)."""
 
@@ -126,7 +129,7 @@ def train_batch_norm_ops(fwd: Callable, bwd: Callable, reads_padded_residual: bo
         else:
             residual = pad_residual(residual, x.shape[1], residual_channel_offset)
             out, mean, invstd, var = fwd(x, weight, bias, eps, residual, relu)
-        if running_mean is not None and x.numel() > 0:  # F.batch_norm leaves them alone on an empty batch
+        if running_mean is not None:
             update_running_stats(
                 running_mean, running_var, mean.detach(), var.detach(), momentum, x.numel() // x.shape[1]
             )

@@ -185,7 +185,7 @@ def _bn_act_bwd_partial_kernel(
         g = tl.load(grad_ptr + g_off, mask=mask, other=0.0).to(ACC)
         if RELU:
             out = tl.load(out_ptr + off, mask=mask, other=0.0)
-            g = tl.where(out > 0, g, 0.0)
+            g = tl.where(out <= 0, 0.0, g)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * tl.where(mask, x - mean[None, :], 0.0), axis=0)
@@ -237,7 +237,7 @@ def _bn_act_bwd_apply_kernel(
     g = tl.load(grad_ptr + g_off, mask=mask, other=0.0).to(ACC)
     if RELU:
         out = tl.load(out_ptr + off, mask=mask, other=0.0)
-        g = tl.where(out > 0, g, 0.0)
+        g = tl.where(out <= 0, 0.0, g)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
     dx = (g - mean_g[None, :] - (x - mean[None, :]) * coef[None, :]) * gamma_invstd[None, :]
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -227,32 +227,8 @@ def conv_bn_act(
 
 conv_bn_act.reads_padded_residual = True  # see ops.conv_bn_act(residual_channel_offset=)
 
-def _keep_running_stats_if_empty(batch_norm_act, parts):
-    """F.batch_norm leaves the running statistics alone on an empty batch;
-    common.update_running_stats would fold a count of 0 into them (a
-    division by -1). Until it skips that itself, the training entry points
-    drop the running statistics for an empty batch."""
-    forward, backward = parts
-
-    def batch_norm_act_(x, weight, bias, running_mean, running_var, training, *rest, **kwargs):
-        if training and x.numel() == 0:
-            running_mean = running_var = None
-        return batch_norm_act(x, weight, bias, running_mean, running_var, training, *rest, **kwargs)
-
-    def forward_(x, weight, bias, running_mean, running_var, *rest, **kwargs):
-        if x.numel() == 0:
-            running_mean = running_var = None
-        return forward(x, weight, bias, running_mean, running_var, *rest, **kwargs)
-
-    batch_norm_act_.reads_padded_residual = batch_norm_act.reads_padded_residual
-    return {"batch_norm_act": batch_norm_act_, "batch_norm_act_parts": (forward_, backward)}
-
-
-_train_ops = common.train_batch_norm_ops(
-    triton_batch_norm_act_fwd, triton_batch_norm_act_bwd, reads_padded_residual=True
-)
 OPS = {
     "conv_bn_act": conv_bn_act,
-    **_keep_running_stats_if_empty(_train_ops["batch_norm_act"], _train_ops["batch_norm_act_parts"]),
+    **common.train_batch_norm_ops(triton_batch_norm_act_fwd, triton_batch_norm_act_bwd, reads_padded_residual=True),
 }
 batch_norm_act = OPS["batch_norm_act"]
