@@ -160,9 +160,11 @@ def _onednn_applies(x: Tensor, channels_last_only: bool = True) -> bool:
     return (
         x.device.type == "cpu"
         and onednn.UNAVAILABLE is None
-        # under torch.compile the composed ops are traced instead (inductor
-        # folds and pre-packs the weights itself; the cache cannot be traced)
+        # under torch.compile and torch.jit.trace the composed ops are traced
+        # instead (inductor folds and pre-packs the weights itself; the cache
+        # cannot be traced)
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and x.dim() == 4
         and (not channels_last_only or x.is_contiguous(memory_format=torch.channels_last))
         and backends.resolve_name("conv_bn_act", x.device) == "cpu"
@@ -374,7 +376,7 @@ def memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Train `model`'s fused layers without keeping convolution outputs for
     backward: each conv+BN pair recomputes its convolution in backward
     (`ops.conv_bn_act_train`). Roughly halves the activations a ResNet keeps
-    for backward, for one extra convolution forward per pair (README, "What
+    for backward, for one extra convolution forward per pair (docs/performance.md, "What
     training saves"). Same results; affects training only. Returns `model`.
 
     Applies to the fused torchvision and CIFAR modules in `model`; a model
@@ -439,8 +441,22 @@ class FusedBasicBlock(BasicBlock):
     _resnet_fused_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(x)
         return self._fused_forward(x)
 
+    def _scripted_forward(self, x: Tensor) -> Tensor:
+        # what TorchScript compiles: torchvision's BasicBlock.forward (the
+        # fused forward is Python it cannot compile; it has no super() either)
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+    @torch.jit.unused
     def _fused_forward(self, x: Tensor) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
@@ -457,8 +473,22 @@ class FusedBottleneck(Bottleneck):
     _resnet_fused_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(x)
         return self._fused_forward(x)
 
+    def _scripted_forward(self, x: Tensor) -> Tensor:
+        # what TorchScript compiles: torchvision's Bottleneck.forward
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+    @torch.jit.unused
     def _fused_forward(self, x: Tensor) -> Tensor:
         if not _relu_is_plain(self.relu):
             return super().forward(x)
@@ -485,6 +515,15 @@ class FusedResNet(ResNet):
         super().__init__(_FUSED_BLOCK.get(block, block), layers, **kwargs)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            # what TorchScript compiles: torchvision's _forward_impl, unfused
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self._fused_forward_impl(x)
+
+    @torch.jit.unused
+    def _fused_forward_impl(self, x: Tensor) -> Tensor:
         x = _stem_layout(x, self.bn1)
         rc = _recompute(self)
         if _relu_is_plain(self.relu):
