@@ -160,7 +160,7 @@ def _default_backend():
 
 
 @pytest.fixture(autouse=True)
-def _one_triton_tile(request, monkeypatch):
+def _one_triton_tile(request):
     """On CUDA, the triton backend times every tiling of a new shape and
     compiles each (seconds apiece): for the `gpu` tests the first tiling of
     each variant stands for the rest, so the suite's GPU part fits a loan.
@@ -169,15 +169,7 @@ def _one_triton_tile(request, monkeypatch):
     if request.node.get_closest_marker("gpu") is None or os.environ.get("RESNET_FUSED_TEST_TUNING") == "1":
         yield
         return
-    from resnet_fused.ops.triton import conv, tuning
+    from resnet_fused.validate.common import one_tile
 
-    choose = tuning.choose
-
-    def first_tile(key, candidates, *args, **kwargs):
-        tiles = [c for c in candidates if isinstance(c, conv.ConvConfig)]
-        if tiles:  # (in "cudnn" mode there are none: cuDNN + epilogue stays)
-            candidates = {tiles[0]: candidates[tiles[0]]}
-        return choose(key, candidates, *args, **kwargs)
-
-    monkeypatch.setattr(tuning, "choose", first_tile)
-    yield
+    with one_tile():
+        yield
