@@ -50,7 +50,7 @@ left() { echo $(( LOAN_LIMIT - ($(date +%s) - START) )); }
 
 : > "$OUT/loan.log"
 log "start; OUT=$OUT; dry run: $DRY_RUN; commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-{ nvidia-smi -L 2>&1 || true; } | head -4 >> "$OUT/loan.log"
+if command -v nvidia-smi > /dev/null; then nvidia-smi -L 2>&1 | head -4 >> "$OUT/loan.log"; fi
 # -P everywhere: the source tree (no compiled _C) must not shadow the installed package
 "$PYTHON" -P -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" >> "$OUT/loan.log" 2>&1

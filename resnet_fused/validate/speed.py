@@ -75,8 +75,12 @@ def _measure(ctx: Context, arch: str, batch: int, size: int, dtype, compiled: bo
                 return model(xi)
 
         try:
+            t0 = time.perf_counter()
             out = run()  # the first call tunes and compiles; the timing's warm-up follows
-            ms = ctx.time_ms(run, 1, warmup=0) if _interpreted(ctx, backend) else ctx.time_ms(run, ctx.repeats)
+            if _interpreted(ctx, backend):  # once is enough to say it runs (and how slowly)
+                ms = (time.perf_counter() - t0) * 1e3
+            else:
+                ms = ctx.time_ms(run, ctx.repeats)
         except Exception as e:  # a row that cannot run is reported, the others still run
             ctx.emit(table="inference", model=arch, batch=batch, implementation=name, error=f"{type(e).__name__}: {e}"[:200])
             continue
@@ -131,10 +135,11 @@ def speed(ctx: Context) -> None:
                     torch.cuda.empty_cache()
 
 
-def _saved_bytes(model, x, target) -> int:
+def _saved_bytes(model, x, target, backend) -> int:
     from resnet_fused.bench import _saved_bytes
 
-    return _saved_bytes(model, x, target)
+    with resnet_fused.backend(backend or "auto"):
+        return _saved_bytes(model, x, target)
 
 
 def train(ctx: Context) -> None:
@@ -165,8 +170,9 @@ def train(ctx: Context) -> None:
                 return loss
 
             try:
-                step()
-                memory = _peak_bytes(ctx, step) if ctx.cuda else _saved_bytes(model, x, target)
+                if not _interpreted(ctx, backend):  # (interpreted: nothing to warm up, every pass is slow)
+                    step()
+                memory = _peak_bytes(ctx, step) if ctx.cuda else _saved_bytes(model, x, target, backend)
                 repeats = 1 if _interpreted(ctx, backend) else max(3, ctx.repeats // 2)
                 ms = ctx.time_ms(step, repeats, warmup=0 if _interpreted(ctx, backend) else 1)
             except Exception as e:
