@@ -135,6 +135,7 @@ setup(
         "console_scripts": [
             "resnet-fused-check = resnet_fused.check:main",
             "resnet-fused-bench = resnet_fused.bench:main",
+            "resnet-fused-validate = resnet_fused.validate:main",
         ]
     },
     ext_modules=[_extension()],

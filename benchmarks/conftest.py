@@ -18,7 +18,9 @@ def pytest_addoption(parser):
 
 @pytest.fixture(scope="session")
 def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from run_info import default_device
+
+    return default_device()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,22 @@
-"""Metadata every benchmark records next to its timings."""
+"""Metadata every benchmark records next to its timings, and which backends
+a benchmark row may use."""
+import contextlib
+
 import torch
 
+from resnet_fused.check import backends_for
 
-import contextlib
+
+def default_device() -> torch.device:
+    """The device the benchmarks run on (conftest's `device` fixture)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_backends() -> list:
+    """The available backends that compute on default_device()'s tensors:
+    no `cpu` rows on a GPU (it takes CPU tensors only), no `cuda` rows on
+    the CPU, `triton` on the CPU only under TRITON_INTERPRET=1."""
+    return backends_for(default_device())
 
 
 def record_run_info(benchmark, device, input_shape, dtype=torch.float32):

@@ -13,7 +13,7 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import resnet_fused
-from run_info import autocast, record_run_info
+from run_info import autocast, device_backends, record_run_info
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # (kind, stage, input channels, width)
@@ -25,7 +25,7 @@ BLOCKS = [("basic", s + 1, 64 << s, 64 << s) for s in range(4)] + [
 def _impls():
     for fmt in FORMATS:
         yield f"torchvision-{fmt}", None, fmt
-    for name in resnet_fused.available_backends():
+    for name in device_backends():
         for fmt in FORMATS:
             yield f"resnet_fused-{name}-{fmt}", name, fmt
 

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import resnet_fused
-from run_info import autocast, record_run_info
+from run_info import autocast, device_backends, record_run_info
 
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
 
@@ -25,7 +25,7 @@ def _sync(device):
 def _impls():
     yield "torchvision", None, torch.contiguous_format
     yield "torchvision-channels_last", None, torch.channels_last
-    for name in resnet_fused.available_backends():
+    for name in device_backends():
         yield f"resnet_fused-{name}", name, torch.contiguous_format
         yield f"resnet_fused-{name}-channels_last", name, torch.channels_last
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused import ops
+from run_info import default_device, device_backends
 
 # (N, C, H, W): a ResNet-50 stage-1 and stage-3 activation at batch 8, 112px input
 SHAPES = [(8, 256, 28, 28), (8, 1024, 7, 7)]
@@ -24,16 +25,11 @@ def _sync(t):
 
 
 def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device()
 
 
 def _backends():
-    device = _device()
-    names = []
-    for name in resnet_fused.available_backends():
-        if name in resnet_fused.backends._REGISTRY and device.type in resnet_fused.backends._REGISTRY[name].device_types:
-            names.append(name)
-    return names
+    return device_backends()
 
 
 def _info(benchmark, shape, dtype, passes_bytes):
@@ -119,6 +115,14 @@ def test_inference_epilogue(benchmark, impl, shape, fmt):
             with torch.no_grad():
                 out = torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1)).add_(r).relu_()
             _sync(out)
+
+    elif impl == "resnet_fused-triton":
+        from resnet_fused.ops.triton import batch_norm
+
+        def step():
+            # the Triton epilogue behind cuDNN in the triton backend, in place
+            batch_norm.scale_shift_act_(y, scale, shift, r, True, batch_norm.KERNELS)
+            _sync(y)
 
     else:
         from resnet_fused.ops import extension

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fused
-from run_info import autocast, record_run_info
+from run_info import autocast, device_backends, record_run_info
 
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -20,7 +20,7 @@ FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 def _impls():
     yield "torchvision", None
     yield "resnet_fused-auto", "auto"
-    for name in resnet_fused.available_backends():
+    for name in device_backends():
         yield f"resnet_fused-{name}", name
 
 

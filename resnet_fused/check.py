@@ -1,10 +1,11 @@
 """Build a fused ResNet, check it against stock torchvision, print the comparison.
 
-    resnet-fused-check [--model resnet50] [--batch 4] [--size 128]
+    resnet-fused-check [--model resnet50] [--batch 4] [--size 128] [--device auto]
 
 Both models start from the same seed and get the same random, non-trivial
-BatchNorm state (identity BN would hide errors in the fused epilogue). For each
-available backend it reports the relative output error in eval mode (NCHW and
+BatchNorm state (identity BN would hide errors in the fused epilogue). On the
+device (CUDA when a GPU is visible, else the CPU), for each available backend
+that computes on that device's tensors (`backends_for`), it reports the relative output error in eval mode (NCHW and
 channels_last), the loss and worst gradient error after one training step, and
 the eval forward time next to torchvision's, measured in this process. Exits 1
 when an error exceeds its tolerance (1e-4: fp32 outputs and loss; gradients
@@ -46,6 +47,24 @@ def _randomize_bn(model: torch.nn.Module, seed: int) -> None:
                 m.bias.copy_(torch.randn(c, generator=g) * 0.2)
 
 
+def backends_for(device: torch.device) -> list[str]:
+    """The available concrete backends that compute on `device`'s tensors:
+    `cpu` never takes CUDA tensors nor `cuda` CPU ones, and `triton` takes
+    CPU tensors only under TRITON_INTERPRET=1 (each backend declares its
+    device types)."""
+    registry = resnet_fused.backends._REGISTRY
+    return [n for n in resnet_fused.available_backends() if device.type in registry[n].device_types]
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when torch sees a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    return torch.device(name)
+
+
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
     samples = []
@@ -63,12 +82,14 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=128, help="input height and width")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per implementation")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where both models run (default: CUDA when a GPU is visible, else the CPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
 
     torch.manual_seed(0)
     tv = getattr(torchvision.models, args.model)()
@@ -86,9 +107,13 @@ def main(argv=None) -> int:
     print(f"resnet_fused {resnet_fused.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}")
     print(f"model {args.model}, input {tuple(x.shape)} fp32 on {device}, {torch.get_num_threads()} threads")
     print(f"same parameters as torchvision for the same seed: {same_init}")
+    served = backends_for(device)
     for name, reason in resnet_fused.backends.status().items():
         if name != "auto":
-            print(f"  backend {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+            state = "available" if reason is None else "unavailable: " + reason
+            if reason is None and name not in served:
+                state += f", but not for {device.type} tensors (not checked)"
+            print(f"  backend {name:7s} {state}")
 
     def sync():
         if device.type == "cuda":
@@ -116,7 +141,7 @@ def main(argv=None) -> int:
     print(header)
     print(f"{'torchvision':11s}{'':>63s}{t_tv * 1e3:8.1f} {'1.00x':>15s}")
     failed = False
-    for name in resnet_fused.available_backends():
+    for name in served:
         with resnet_fused.backend(name):
             fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
             with torch.no_grad():

@@ -1,4 +1,5 @@
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -12,13 +13,81 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
+import resnet_fused  # noqa: E402  (after TRITON_INTERPRET: it fixes the triton backend's devices)
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+NO_CUDA_REASON = "needs a CUDA GPU: none is visible to torch"
+
+# Every (device, backend) pair the suite knows, in the order tests run them:
+# a backend on the tensors of one device type. `cpu` serves CPU tensors only
+# and `cuda` CUDA tensors only; `eager` serves both; `triton` serves CUDA
+# tensors, and CPU tensors under the interpreter only.
+PAIRS = (
+    ("cpu", "eager"), ("cpu", "cpu"), ("cpu", "triton"),
+    ("cuda", "eager"), ("cuda", "cuda"), ("cuda", "triton"),
+)
+
+
+def pair_skip_reason(device: str, backend: str) -> Optional[str]:
+    """None when this machine should run `backend` on `device` tensors, else
+    why not. Only the machine decides (a GPU, the interpreter): a pair this
+    machine should run is never skipped, so a backend that is missing where
+    it should work fails its tests instead of vanishing from them."""
+    if device == "cuda" and not HAS_CUDA:
+        return NO_CUDA_REASON
+    if (device, backend) == ("cpu", "triton") and not INTERPRETER:
+        return "triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1), which is off where a GPU is"
+    return None
+
+
+def runnable_pairs(backends=None, devices=("cpu", "cuda")) -> list[tuple[str, str]]:
+    """The (device, backend) pairs of PAIRS this machine runs."""
+    return [p for p in _select(backends, devices) if pair_skip_reason(*p) is None]
+
+
+def _select(backends, devices) -> list[tuple[str, str]]:
+    return [(d, b) for d, b in PAIRS if d in devices and (backends is None or b in backends)]
+
+
+def pair_marks(device: str, backend: str) -> list:
+    """Marks for a test param on the pair: skipped with the reason where this
+    machine cannot run it; `gpu` on CUDA (the loan script runs `pytest -m gpu`)."""
+    reason = pair_skip_reason(device, backend)
+    marks = [pytest.mark.skip(reason=reason)] if reason else []
+    if device == "cuda":
+        marks.append(pytest.mark.gpu)
+    return marks
+
+
+def device_backend_params(backends=None, devices=("cpu", "cuda")) -> list:
+    """pytest params "device, backend" for `@pytest.mark.parametrize`: every
+    pair of PAIRS among `backends` and `devices`, with `pair_marks`."""
+    return [pytest.param(d, b, marks=pair_marks(d, b), id=f"{d}-{b}") for d, b in _select(backends, devices)]
+
+
+def device_params(devices=("cpu", "cuda")) -> list:
+    """pytest params "device": CUDA skipped without a GPU, and marked `gpu`."""
+    return [pytest.param(d, marks=pair_marks(d, "eager"), id=d) for d in devices]
+
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+requires_interpreter = pytest.mark.skipif(
+    not INTERPRETER, reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (set without a GPU)"
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on CUDA tensors (benchmarks/gpu_loan.sh runs `pytest -m gpu`)")
+
+
 # Tolerances on ||out - ref|| / ||ref|| (DESIGN §5).
 OP_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NET_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     num = (out - ref).norm().item()
     den = ref.norm().item()
     return num / den if den > 0 else num
@@ -39,8 +108,8 @@ def assert_equivalent(
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
     scale = ref.detach().abs().max().double().item()
     torch.testing.assert_close(
-        out.detach().double(),
-        ref.detach().double(),
+        out.detach().double().cpu(),
+        ref.detach().double().cpu(),
         rtol=elementwise_tol,
         atol=max(elementwise_tol * scale, 1e-30),
         msg=lambda m: f"{what}: {m}",
@@ -88,3 +157,19 @@ def _default_backend():
     resnet_fused.set_backend("auto")
     yield
     resnet_fused.set_backend("auto")
+
+
+@pytest.fixture(autouse=True)
+def _one_triton_tile(request):
+    """On CUDA, the triton backend times every tiling of a new shape and
+    compiles each (seconds apiece): for the `gpu` tests the first tiling of
+    each variant stands for the rest, so the suite's GPU part fits a loan.
+    `resnet-fused-validate` runs every tiling; RESNET_FUSED_TEST_TUNING=1
+    restores the tuner here."""
+    if request.node.get_closest_marker("gpu") is None or os.environ.get("RESNET_FUSED_TEST_TUNING") == "1":
+        yield
+        return
+    from resnet_fused.validate.common import one_tile
+
+    with one_tile():
+        yield

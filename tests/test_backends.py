@@ -6,6 +6,7 @@ import torch
 
 import resnet_fused
 from resnet_fused import backends, ops
+from conftest import device_backend_params, device_params
 
 
 def test_eager_is_always_available():
@@ -116,13 +117,30 @@ def test_auto_choice_per_op_on_cpu():
         assert backends.resolve("batch_norm_act", cpu) is reference.batch_norm_act
 
 
-def test_model_runs_under_every_available_backend():
+@pytest.mark.parametrize("device, name", device_backend_params())
+def test_model_runs_under_every_backend_of_its_device(device, name):
     torch.manual_seed(0)
-    model = resnet_fused.resnet18().eval()
-    x = torch.randn(1, 3, 32, 32)
+    model = resnet_fused.resnet18().eval().to(device)
+    x = torch.randn(1, 3, 32, 32).to(device)
     with torch.no_grad():
         ref = model(x)
-        for name in resnet_fused.available_backends():
-            with resnet_fused.backend(name):
-                out = model(x)
-            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        with resnet_fused.backend(name):
+            out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_each_backend_serves_the_devices_it_declares(device):
+    """What conftest.PAIRS (and check/validate) rely on: on each device,
+    auto picks a backend that declares that device, and every available
+    backend either declares it or refuses its tensors naming the device."""
+    x, w = torch.randn(1, 2, 4, 4, device=device), torch.randn(3, 2, 1, 1, device=device)
+    scale, shift = torch.ones(3, device=device), torch.zeros(3, device=device)
+    assert device in backends._REGISTRY[backends.resolve_name("conv_bn_act", x.device)].device_types
+    for name in resnet_fused.available_backends():
+        with resnet_fused.backend(name):
+            if device in backends._REGISTRY[name].device_types:
+                assert ops.conv_bn_act(x, w, scale, shift).device == x.device
+            else:
+                with pytest.raises(RuntimeError, match=f"backend '{name}' runs on .* but the input is on {device}"):
+                    ops.conv_bn_act(x, w, scale, shift)

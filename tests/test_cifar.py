@@ -8,11 +8,10 @@ import torch.nn as nn
 
 import resnet_fused
 from resnet_fused.ops import common
-from conftest import NET_TOL, assert_equivalent, randomize_norms
+from conftest import NET_TOL, assert_equivalent, device_backend_params, pair_marks, randomize_norms
 from test_models import train_steps
 from writeups import RefResNet
 
-BACKENDS = [b for b in ("eager", "cpu", "triton") if resnet_fused.backends.reason_unavailable(b) is None]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
@@ -49,12 +48,12 @@ def test_option_b_and_plain_structure():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("variant", ["A", "B", "plain"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_eval_matches_hand_written_model(backend, variant, fmt):
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_eval_matches_hand_written_model(device, backend, variant, fmt):
     ref, fused = cifar_pair(20, "A" if variant == "plain" else variant, plain=variant == "plain")
     # 16x16 keeps the interpreted triton runs short; layer3 still sees 4x4
-    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(memory_format=FORMATS[fmt])
-    ref.eval().to(memory_format=FORMATS[fmt]), fused.eval().to(memory_format=FORMATS[fmt])
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(device).to(memory_format=FORMATS[fmt])
+    ref.eval().to(device, memory_format=FORMATS[fmt]), fused.eval().to(device, memory_format=FORMATS[fmt])
     with torch.no_grad(), resnet_fused.backend(backend):
         out = fused(x)
     with torch.no_grad():
@@ -63,12 +62,12 @@ def test_eval_matches_hand_written_model(backend, variant, fmt):
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "plain"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_train_matches_hand_written_model(backend, variant):
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_train_matches_hand_written_model(device, backend, variant):
     """Three float64 SGD steps: loss, every gradient, parameters, running stats."""
     ref, fused = cifar_pair(20, "A" if variant == "plain" else variant, plain=variant == "plain")
     with resnet_fused.backend(backend):
-        train_steps(ref, fused, (4, 3, 16, 16), memory_format=torch.channels_last)
+        train_steps(ref, fused, (4, 3, 16, 16), memory_format=torch.channels_last, device=device)
 
 
 @pytest.mark.parametrize("depth", [32, 56, 110])
@@ -79,10 +78,16 @@ def test_deeper_networks_match(depth):
         assert_equivalent(fused.eval()(x), ref.eval()(x), NET_TOL[torch.float32])
 
 
-@pytest.mark.skipif("triton" not in BACKENDS or "cpu" not in BACKENDS, reason="needs the triton and cpu backends")
-def test_option_a_shortcut_is_never_materialised(monkeypatch):
-    """The zero-padded shortcut tensor is never built on the cpu and triton
-    backends, in eval or train: their kernels read the stride-2 view in place."""
+# the kernel backends of each device, which read the padded shortcut in place
+KERNEL_BACKENDS = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pair_marks(d, "triton"), id=d) for d in KERNEL_BACKENDS])
+def test_option_a_shortcut_is_never_materialised(monkeypatch, device):
+    """The zero-padded shortcut tensor is never built in Python on the kernel
+    backends of the device (cpu and triton on CPU tensors; cuda, whose CUDA
+    epilogue pads inside its op, and triton on CUDA tensors), in eval or
+    train: the cpu and triton kernels read the stride-2 view in place."""
     calls = []
     real = common.pad_residual
 
@@ -93,8 +98,9 @@ def test_option_a_shortcut_is_never_materialised(monkeypatch):
 
     monkeypatch.setattr(common, "pad_residual", spy)
     _, fused = cifar_pair(20)
-    x = torch.randn(2, 3, 16, 16)
-    for backend in ("cpu", "triton"):
+    fused.to(device)
+    x = torch.randn(2, 3, 16, 16).to(device)
+    for backend in KERNEL_BACKENDS[device]:
         with resnet_fused.backend(backend):
             with torch.no_grad():
                 fused.eval()(x)

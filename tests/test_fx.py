@@ -9,11 +9,10 @@ import torch.nn as nn
 
 import resnet_fused
 from resnet_fused.fx import fused_conv_bn
-from conftest import NET_TOL, assert_equivalent, randomize_norms
+from conftest import NET_TOL, assert_equivalent, device_backend_params, randomize_norms
 from test_models import TRAIN_TOL
 from writeups import VGGStack, WriteupBasicBlock, WriteupBottleNeck, WriteupResNet
 
-BACKENDS = [b for b in ("eager", "cpu", "triton") if resnet_fused.backends.reason_unavailable(b) is None]
 
 
 def _writeup_models():
@@ -74,12 +73,12 @@ def test_residual_chains_are_fused_with_the_add_and_relu():
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", device_backend_params())
 @pytest.mark.parametrize("name", ["basic", "bottleneck", "vgg"])
-def test_fx_fused_eval_equals_the_model(name, backend, fmt):
-    model = _prepared(name).eval()
+def test_fx_fused_eval_equals_the_model(name, device, backend, fmt):
+    model = _prepared(name).eval().to(device)
     fused = resnet_fused.fuse(model).eval()
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(memory_format=fmt)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(device).to(memory_format=fmt)
     with torch.no_grad():
         want = model(x)
         with resnet_fused.backend(backend):
@@ -87,17 +86,17 @@ def test_fx_fused_eval_equals_the_model(name, backend, fmt):
     assert_equivalent(got, want, NET_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", device_backend_params())
 @pytest.mark.parametrize("name", ["basic", "bottleneck", "vgg"])
-def test_fx_fused_train_equals_the_model(name, backend):
+def test_fx_fused_train_equals_the_model(name, device, backend):
     """Two float64 SGD steps: loss, every gradient, parameters and running
     statistics (num_batches_tracked exactly)."""
-    model = _prepared(name).double().train()
+    model = _prepared(name).double().train().to(device)
     fused = resnet_fused.fuse(model).train()
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, fused)]
     g = torch.Generator().manual_seed(4)
     for _ in range(2):
-        x = torch.randn(4, 3, 12, 12, generator=g, dtype=torch.float64)
+        x = torch.randn(4, 3, 12, 12, generator=g, dtype=torch.float64).to(device)
         for m, opt in zip((model, fused), opts):
             opt.zero_grad()
             with resnet_fused.backend(backend):

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fused
-from conftest import NET_TOL, assert_equivalent, randomize_norms, rel_err
+from conftest import (
+    NET_TOL, assert_equivalent, device_backend_params, device_params, randomize_norms, rel_err, requires_interpreter,
+)
 
 ARCHS = [
     "resnet18",
@@ -49,22 +51,23 @@ def build_pair(arch, **kwargs):
     return copy.deepcopy(tv), copy.deepcopy(fused)
 
 
-def run_eval(tv, fused, x, memory_format):
-    tv = tv.eval().to(memory_format=memory_format)
-    fused = fused.eval().to(memory_format=memory_format)
-    x = x.to(memory_format=memory_format)
+def run_eval(tv, fused, x, memory_format, device="cpu"):
+    tv = tv.eval().to(device, memory_format=memory_format)
+    fused = fused.eval().to(device, memory_format=memory_format)
+    x = x.to(device).to(memory_format=memory_format)
     with torch.no_grad():
         ref, out = tv(x), fused(x)
     return ref, out
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_eval_matches_torchvision(arch, memory_format):
+def test_eval_matches_torchvision(arch, memory_format, device):
     tv, fused = build_pair(arch)
     assert isinstance(fused, resnet_fused.FusedResNet)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    ref, out = run_eval(tv, fused, x, memory_format)
+    ref, out = run_eval(tv, fused, x, memory_format, device)
     assert_equivalent(out, ref, NET_TOL[torch.float32])
 
 
@@ -82,19 +85,20 @@ def test_eval_matches_torchvision(arch, memory_format):
 TRAIN_TOL = 1e-6
 
 
-def train_steps(tv, fused, shape, steps=3, memory_format=torch.contiguous_format, seed=3):
+def train_steps(tv, fused, shape, steps=3, memory_format=torch.contiguous_format, seed=3, device="cpu"):
     """Several SGD steps on torchvision and the fused model, both float64;
     compares loss, every gradient, then parameters, running statistics and
     num_batches_tracked (exactly). Also checks the fused model's fp32 loss at
-    step 0 against the float64 one."""
-    fused32 = copy.deepcopy(fused).train().to(memory_format=memory_format)
-    tv32 = copy.deepcopy(tv).train().to(memory_format=memory_format)
-    models = [m.double().train().to(memory_format=memory_format) for m in (tv, fused)]
+    step 0 against the float64 one. Inputs are drawn on the CPU, the same on
+    every `device`."""
+    fused32 = copy.deepcopy(fused).train().to(device, memory_format=memory_format)
+    tv32 = copy.deepcopy(tv).train().to(device, memory_format=memory_format)
+    models = [m.double().train().to(device, memory_format=memory_format) for m in (tv, fused)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        x = torch.randn(*shape, generator=g, dtype=torch.float64).to(memory_format=memory_format)
-        target = torch.randint(0, tv.fc.out_features, (shape[0],), generator=g)
+        x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device).to(memory_format=memory_format)
+        target = torch.randint(0, tv.fc.out_features, (shape[0],), generator=g).to(device)
         losses = []
         for model, opt in zip(models, opts):
             opt.zero_grad(set_to_none=True)
@@ -125,14 +129,16 @@ def train_steps(tv, fused, shape, steps=3, memory_format=torch.contiguous_format
             assert_equivalent(t_fused, t_tv, TRAIN_TOL, name)
 
 
+@pytest.mark.parametrize("device, backend", device_backend_params(("cpu", "cuda")))
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_train_matches_torchvision(arch, memory_format):
-    # `auto` trains with the cpu backend on CPU; pinned here so that this
-    # stays a test of its kernels on every architecture whatever auto picks.
+def test_train_matches_torchvision(arch, memory_format, device, backend):
+    # `auto` trains with the cpu backend on CPU; pinned here (and the cuda
+    # backend on CUDA) so that this stays a test of the C++ kernels on every
+    # architecture whatever auto picks.
     tv, fused = build_pair(arch)
-    with resnet_fused.backend("cpu"):
-        train_steps(tv, fused, (2, 3, 64, 64), memory_format=memory_format)
+    with resnet_fused.backend(backend):
+        train_steps(tv, fused, (2, 3, 64, 64), memory_format=memory_format, device=device)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 57, 75), (2, 3, 57, 75)], ids=["batch1", "batch2"])
@@ -255,13 +261,14 @@ def test_replaced_activation_is_respected():
     assert_equivalent(out, ref, NET_TOL[torch.float32])
 
 
-def test_bfloat16_autocast_and_cast_model():
+@pytest.mark.parametrize("device", device_params())
+def test_bfloat16_autocast_and_cast_model(device):
     tv, fused = build_pair("resnet50")
-    x = torch.randn(2, 3, 64, 64)
-    tv.eval(), fused.eval()
+    x = torch.randn(2, 3, 64, 64).to(device)
+    tv.eval().to(device), fused.eval().to(device)
     with torch.no_grad():
         ref = tv(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             out_ac = fused(x)
             ref_ac = tv(x)
         out_cast = fused.to(torch.bfloat16)(x.bfloat16())
@@ -280,34 +287,39 @@ def test_legacy_basic_block_errors_unchanged():
         resnet_fused.resnet50(replace_stride_with_dilation=[True])
 
 
-@pytest.mark.parametrize("backend", ["eager", "cpu"])
+# every pair but the interpreted one, which has its own, smaller test below
+FULL_PAIRS = device_backend_params(("eager", "cpu", "cuda")) + device_backend_params(("triton",), devices=("cuda",))
+
+
+@pytest.mark.parametrize("device, backend", FULL_PAIRS)
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
-def test_each_cpu_backend_matches_torchvision(arch, backend):
-    """The tests above run with `auto` (the cpu backend when _C is built);
-    this pins every backend that runs on CPU tensors explicitly."""
+def test_each_backend_matches_torchvision(arch, device, backend):
+    """The tests above run with `auto` on CPU tensors (the cpu backend when
+    _C is built); this pins every backend explicitly, on each device it
+    serves: eval in both layouts and two float64 SGD steps in each."""
     tv, fused = build_pair(arch)
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(8))
     with resnet_fused.backend(backend):
         for fmt in FORMATS:
-            ref, out = run_eval(copy.deepcopy(tv), copy.deepcopy(fused), x, fmt)
+            ref, out = run_eval(copy.deepcopy(tv), copy.deepcopy(fused), x, fmt, device)
+            assert out.device.type == ref.device.type == device
             assert_equivalent(out, ref, NET_TOL[torch.float32], f"eval {fmt}")
-            train_steps(copy.deepcopy(tv), copy.deepcopy(fused), (2, 3, 48, 48), steps=2, memory_format=fmt)
+            train_steps(copy.deepcopy(tv), copy.deepcopy(fused), (2, 3, 48, 48), steps=2, memory_format=fmt,
+                        device=device)
 
 
 # Without a GPU the triton backend runs under TRITON_INTERPRET=1 (conftest),
 # where every Triton program is Python (~20 s for one resnet50 forward at
 # 48x48): inputs are small, each training run uses one memory format, and the
 # grouped-convolution path (ResNeXt) is checked per op in tests/ops instead.
-@pytest.mark.skipif(
-    resnet_fused.backends.reason_unavailable("triton") is not None,
-    reason=f"triton backend unavailable: {resnet_fused.backends.reason_unavailable('triton')}",
-)
+# (With a GPU, test_each_backend_matches_torchvision runs triton in full.)
+@requires_interpreter
 @pytest.mark.parametrize(
     "arch, train_format",
     [("resnet18", torch.channels_last), ("resnet50", torch.contiguous_format)],
     ids=["resnet18", "resnet50"],
 )
-def test_triton_backend_matches_torchvision(arch, train_format):
+def test_interpreted_triton_backend_matches_torchvision(arch, train_format):
     tv, fused = build_pair(arch)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     with resnet_fused.backend("triton"):

@@ -4,7 +4,7 @@ import torch
 
 import resnet_fused
 from resnet_fused import ops
-from conftest import OP_TOL, assert_equivalent
+from conftest import OP_TOL, PAIRS, assert_equivalent, device_backend_params, pair_marks
 
 
 def reference64(x, weight, bias, mean, var, training, momentum, eps, residual, relu, relu_mask=None):
@@ -39,30 +39,37 @@ def reference64(x, weight, bias, mean, var, training, momentum, eps, residual, r
     return (torch.relu(y) if relu else y), new_stats
 
 
-def make(n, c, h, w, dtype, memory_format, seed=0):
+def make(n, c, h, w, dtype, memory_format, seed=0, device="cpu"):
+    """Drawn on the CPU (the same values on every device), then moved."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.7).to(dtype).to(memory_format=memory_format)
-    weight = torch.rand(c, generator=g) + 0.5
-    bias = torch.randn(c, generator=g) * 0.3
-    mean = torch.randn(c, generator=g) * 0.2
-    var = torch.rand(c, generator=g) + 0.5
-    residual = torch.randn(n, c, h, w, generator=g).to(dtype).to(memory_format=memory_format)
+    x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.7).to(device, dtype).to(memory_format=memory_format)
+    weight = (torch.rand(c, generator=g) + 0.5).to(device)
+    bias = (torch.randn(c, generator=g) * 0.3).to(device)
+    mean = (torch.randn(c, generator=g) * 0.2).to(device)
+    var = (torch.rand(c, generator=g) + 0.5).to(device)
+    residual = torch.randn(n, c, h, w, generator=g).to(device, dtype).to(memory_format=memory_format)
     return x, weight, bias, mean, var, residual
 
 
 SHAPES = [(4, 16, 8, 8), (2, 13, 5, 7), (3, 7, 1, 1), (1, 64, 3, 3), (2, 130, 3, 3)]
-# Backends that run on CPU tensors; each must be available where tests run.
-BACKENDS = ["eager", "cpu", "triton"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def _with_dtypes(dtypes, cuda_only=(torch.float16,)):
+    """"device, backend, dtype" params: every pair of conftest.PAIRS with each
+    dtype; `cuda_only` ones (fp16, a GPU dtype) on CUDA tensors only."""
+    return [
+        pytest.param(d, b, dtype, marks=pair_marks(d, b), id=f"{d}-{b}-{str(dtype)[6:]}")
+        for d, b in PAIRS for dtype in dtypes if d == "cuda" or dtype not in cuda_only
+    ]
+
+
+@pytest.mark.parametrize("device, backend, dtype", _with_dtypes([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("epilogue", ["relu", "residual_relu", "residual", "none"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_and_running_stats(shape, epilogue, training, memory_format, dtype, backend):
-    x, weight, bias, mean, var, residual = make(*shape, dtype, memory_format)
+def test_forward_and_running_stats(shape, epilogue, training, memory_format, device, backend, dtype):
+    x, weight, bias, mean, var, residual = make(*shape, dtype, memory_format, device=device)
     if not training:
         # eval normalises with the running statistics in x's dtype
         mean, var = mean.to(dtype), var.to(dtype)
@@ -75,40 +82,39 @@ def test_forward_and_running_stats(shape, epilogue, training, memory_format, dty
     m, v = mean.clone(), var.clone()
     with resnet_fused.backend(backend):
         out = ops.batch_norm_act(x, weight, bias, m, v, training, 0.1, 1e-5, res, relu)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and out.device == x.device
     assert out.is_contiguous(memory_format=memory_format)
     assert_equivalent(out, ref, OP_TOL[dtype])
     if training:
-        stats_tol = OP_TOL[torch.float32 if dtype == torch.bfloat16 else dtype]  # fp32 statistics
+        stats_tol = OP_TOL[torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype]  # fp32 statistics
         assert_equivalent(m, new_stats[0], stats_tol, "running_mean")
         assert_equivalent(v, new_stats[1], stats_tol, "running_var")
     else:
         assert torch.equal(m, mean) and torch.equal(v, var)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_running_stats_and_no_affine(backend):
-    x, *_ = make(2, 5, 4, 4, torch.float32, torch.contiguous_format)
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_no_running_stats_and_no_affine(device, backend):
+    x, *_ = make(2, 5, 4, 4, torch.float32, torch.contiguous_format, device=device)
     ref, _ = reference64(x, None, None, None, None, True, 0.1, 1e-3, None, True)
     with resnet_fused.backend(backend):
         out = ops.batch_norm_act(x, None, None, None, None, True, 0.1, 1e-3)
     assert_equivalent(out, ref, OP_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device, backend, dtype", _with_dtypes([torch.float32, torch.bfloat16, torch.float16]))
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_gradients_against_float64(with_residual, relu, memory_format, dtype, backend):
-    x, weight, bias, mean, var, residual = make(3, 13, 4, 5, dtype, memory_format)
+def test_gradients_against_float64(with_residual, relu, memory_format, device, backend, dtype):
+    x, weight, bias, mean, var, residual = make(3, 13, 4, 5, dtype, memory_format, device=device)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias, residual)]
     with resnet_fused.backend(backend):
         out = ops.batch_norm_act(
             leaves[0], leaves[1], leaves[2], mean.clone(), var.clone(), True, 0.1, 1e-5,
             leaves[3] if with_residual else None, relu,
         )
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(device, dtype)
     out.backward(g)
     leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
     ref, _ = reference64(
@@ -125,9 +131,9 @@ def test_gradients_against_float64(with_residual, relu, memory_format, dtype, ba
         assert_equivalent(got.grad, want.grad, OP_TOL[dtype], f"grad of {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_float64(backend):
-    x, weight, bias, _, _, residual = make(2, 3, 3, 3, torch.float64, torch.contiguous_format)
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_gradcheck_float64(device, backend):
+    x, weight, bias, _, _, residual = make(2, 3, 3, 3, torch.float64, torch.contiguous_format, device=device)
     inputs = [t.double().requires_grad_() for t in (x, weight, bias, residual)]
     with resnet_fused.backend(backend):
         assert torch.autograd.gradcheck(

@@ -1,0 +1,5 @@
+import sys
+
+from resnet_fused.validate import main
+
+sys.exit(main())
