@@ -130,7 +130,12 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "torchvision>=0.21"],
     # plot: only for `python -m resnet_fused.bench --plot`
-    extras_require={"test": ["pytest", "pytest-benchmark"], "plot": ["matplotlib"]},
+    extras_require={
+        # the test extra brings the CPU peer engines too, so their bench rows are tested
+        "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "openvino"],
+        "peers": ["onnx", "onnxruntime", "openvino"],  # python -m resnet_fused.bench --peers
+        "plot": ["matplotlib"],
+    },
     entry_points={
         "console_scripts": [
             "resnet-fused-check = resnet_fused.check:main",

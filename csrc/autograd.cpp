@@ -5,7 +5,7 @@
 // Function, setup_context, backward), a tenth of a small training step.
 //
 // Saved: x, out (only with ReLU: it feeds the ReLU mask; the next layer keeps
-// it anyway), weight, and mean and invstd (C values each) — README "What
+// it anyway), weight, and mean and invstd (C values each) — docs/performance.md "What
 // training saves". The same contract as ops/common.bn_autograd, which the
 // Triton ops use.
 #include <ATen/core/dispatch/Dispatcher.h>

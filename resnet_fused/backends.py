@@ -21,7 +21,7 @@ NAMES = ("auto", "eager", "triton", "cuda", "cpu")
 # What `auto` tries, best first, per (device type, op); anything else gets
 # eager. On CPU the cpu backend serves training too: its batch_norm_act
 # kernels are level with or ahead of torch's composition in a whole training
-# step (measured, README "Training on CPU").
+# step (measured, docs/performance.md "Training on CPU").
 _AUTO_ORDER = {
     ("cuda", "conv_bn_act"): ("triton", "cuda", "eager"),
     ("cuda", "batch_norm_act"): ("triton", "cuda", "eager"),
@@ -55,6 +55,14 @@ def register(backend: Backend) -> None:
     if backend.name not in NAMES or backend.name == "auto":
         raise ValueError(f"unknown backend name {backend.name!r}")
     _REGISTRY[backend.name] = backend
+
+
+def device_types(name: str) -> tuple[str, ...]:
+    """The device types whose tensors backend `name` computes on (() where
+    it is not registered in this build)."""
+    _check_name(name)
+    b = _REGISTRY.get(name)
+    return () if b is None else b.device_types
 
 
 def _check_name(name: str) -> None:

@@ -52,8 +52,7 @@ def backends_for(device: torch.device) -> list[str]:
     `cpu` never takes CUDA tensors nor `cuda` CPU ones, and `triton` takes
     CPU tensors only under TRITON_INTERPRET=1 (each backend declares its
     device types)."""
-    registry = resnet_fused.backends._REGISTRY
-    return [n for n in resnet_fused.available_backends() if device.type in registry[n].device_types]
+    return [n for n in resnet_fused.available_backends() if device.type in resnet_fused.backends.device_types(n)]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -104,7 +104,7 @@ def test_auto_uses_available_backend_and_explicit_device_mismatch(monkeypatch):
 
 def test_auto_choice_per_op_on_cpu():
     """auto takes the cpu kernels on CPU for inference and for train-mode BN
-    (level with or ahead of torch's composition in a step; README)."""
+    (level with or ahead of torch's composition in a step; docs/performance.md)."""
     from resnet_fused.ops import native, reference
 
     if backends.reason_unavailable("cpu") is not None:

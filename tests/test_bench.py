@@ -91,7 +91,7 @@ def test_bench_command_measures_and_checks(tmp_path, capsys, train):
         assert r["implementation"] in captured.out
     if train:
         saved = {r["implementation"]: r["saved_activation_bytes"] for r in rows}
-        assert saved["resnet_fused"] == saved["torchvision"] > 0  # see README, "What training saves"
+        assert saved["resnet_fused"] == saved["torchvision"] > 0  # see docs/performance.md, "What training saves"
 
 
 def test_per_round_ratio_compares_within_rounds():

@@ -2,7 +2,6 @@
 output, leaves running statistics and parameters alone, and trains (zero
 gradients); meta tensors give shapes without running anything."""
 import copy
-import os
 
 import pytest
 import torch
@@ -10,11 +9,7 @@ import torchvision
 
 import resnet_fused
 from resnet_fused import ops
-from conftest import randomize_norms
-
-# CPU tensors: triton only under its interpreter
-BACKENDS = [b for b in ("eager", "cpu", "triton") if resnet_fused.backends.reason_unavailable(b) is None
-            and (b != "triton" or os.environ.get("TRITON_INTERPRET") == "1")]
+from conftest import device_backend_params, randomize_norms
 
 
 def pair(arch="resnet18"):
@@ -25,15 +20,15 @@ def pair(arch="resnet18"):
 
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_train_batch_norm_act_on_an_empty_batch(backend, residual, relu):
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_train_batch_norm_act_on_an_empty_batch(device, backend, residual, relu):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(0, 4, 3, 3, generator=g, requires_grad=True)
-    weight = (torch.rand(4, generator=g) + 0.5).requires_grad_()
-    bias = torch.randn(4, generator=g).requires_grad_()
-    mean, var = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    x = torch.randn(0, 4, 3, 3, generator=g).to(device).requires_grad_()
+    weight = (torch.rand(4, generator=g) + 0.5).to(device).requires_grad_()
+    bias = torch.randn(4, generator=g).to(device).requires_grad_()
+    mean, var = torch.randn(4, generator=g).to(device), (torch.rand(4, generator=g) + 0.5).to(device)
     saved = mean.clone(), var.clone()
-    res = torch.randn(0, 4, 3, 3, generator=g) if residual else None
+    res = torch.randn(0, 4, 3, 3, generator=g).to(device) if residual else None
     with resnet_fused.backend(backend):
         out = ops.batch_norm_act(x, weight, bias, mean, var, True, 0.1, 1e-5, res, relu)
     ref = torch.nn.functional.batch_norm(x, saved[0].clone(), saved[1].clone(), weight, bias, True, 0.1, 1e-5)
@@ -41,19 +36,21 @@ def test_train_batch_norm_act_on_an_empty_batch(backend, residual, relu):
     assert torch.equal(mean, saved[0]) and torch.equal(var, saved[1])  # F.batch_norm: unchanged
     out.sum().backward()
     assert x.grad.shape == x.shape
-    assert torch.equal(weight.grad, torch.zeros(4)) and torch.equal(bias.grad, torch.zeros(4))
+    zeros = torch.zeros(4, device=device)
+    assert torch.equal(weight.grad, zeros) and torch.equal(bias.grad, zeros)
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_models_on_an_empty_batch(backend, memory_efficient):
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_models_on_an_empty_batch(device, backend, memory_efficient):
     """Eval and train, with and without memory_efficient: torchvision's
     empty logits, unchanged state (num_batches_tracked counts the call, as in
     torch), and an optimizer step that changes nothing."""
     tv, fused = pair()
+    tv, fused = tv.to(device), fused.to(device)
     if memory_efficient:
         resnet_fused.memory_efficient(fused)
-    x = torch.randn(0, 3, 32, 32)
+    x = torch.randn(0, 3, 32, 32, device=device)
     with resnet_fused.backend(backend):
         with torch.no_grad():
             assert fused.eval()(x).shape == tv.eval()(x).shape == (0, 1000)

@@ -12,7 +12,7 @@ import torchvision
 import resnet_fused
 from resnet_fused import ops
 from resnet_fused.ops import onednn
-from conftest import OP_TOL, assert_equivalent, randomize_norms
+from conftest import OP_TOL, assert_equivalent, device_backend_params, randomize_norms
 
 pytestmark = pytest.mark.skipif(
     onednn.UNAVAILABLE is not None or resnet_fused.backends.reason_unavailable("cpu") is not None,
@@ -200,12 +200,8 @@ def test_all_finite():
     assert not onednn.all_finite(torch.full((4,), 3e38))
 
 
-_TRAIN_BACKENDS = [b for b in ("eager", "cpu", "triton") if resnet_fused.backends.reason_unavailable(b) is None
-                   and (b != "triton" or __import__("os").environ.get("TRITON_INTERPRET") == "1")]
-
-
-@pytest.mark.parametrize("backend", _TRAIN_BACKENDS)
-def test_relu_backward_passes_the_gradient_of_a_nan_output(backend):
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_relu_backward_passes_the_gradient_of_a_nan_output(device, backend):
     """torch's ReLU backward is threshold_backward: 0 where out <= 0, the
     gradient elsewhere, NaN outputs included. A NaN in the residual of a
     train-mode batch_norm_act: every gradient matches autograd through
@@ -218,9 +214,9 @@ def test_relu_backward_passes_the_gradient_of_a_nan_output(backend):
     weight, bias = torch.rand(3, generator=g, dtype=torch.float64) + 0.5, torch.randn(3, generator=g, dtype=torch.float64)
 
     def run(fn):
-        leaves = [t.clone().requires_grad_() for t in (x, res, weight, bias)]
-        fn(*leaves).backward(grad)
-        return [t.grad for t in leaves]
+        leaves = [t.to(device, copy=True).requires_grad_() for t in (x, res, weight, bias)]
+        fn(*leaves).backward(grad.to(device))
+        return [t.grad.cpu() for t in leaves]
 
     ref = run(lambda x, r, w, b: torch.relu(torch.nn.functional.batch_norm(x, None, None, w, b, True) + r))
     with resnet_fused.backend(backend):

@@ -92,7 +92,7 @@ def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bo
     of 4x4 and 256 or more channels, reading the transformed filters (4x the
     weights) costs more than the multiplications it saves: measured 0.5-1.0x
     oneDNN there, 1.1-3.4x everywhere else (batch 1-8, 4x4 to 56x56 maps,
-    64-512 channels; README)."""
+    64-512 channels; docs/performance.md)."""
     w = member(conv, "weight")
     if not (
         _winograd and dtype == torch.float32 and extension.is_loaded()

@@ -45,7 +45,7 @@ def environment(ctx: Context) -> None:
     ctx.emit(**row)
     for name, reason in resnet_fused.backends.status().items():
         if name != "auto":
-            devices = resnet_fused.backends._REGISTRY[name].device_types if name in resnet_fused.backends._REGISTRY else ()
+            devices = resnet_fused.backends.device_types(name)
             ctx.emit(table="backends", backend=name, available=reason is None, reason=reason,
                      device_types="/".join(devices), checked_here=name in backends_for(ctx.device))
     # the backends this device must have: eager always, and its kernel backend
