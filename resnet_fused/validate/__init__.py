@@ -218,6 +218,13 @@ def _run_group(args, group: list, device: str, shards: int, deadline: float, lim
                 if all(ends):
                     result(by_name[name], "ok" if all(e == "end" for e in ends) else "crashed")
         current = [n for n in started if n not in finished]
+        if len(finished) == len(group):  # every stage reported: let the process exit
+            for w in workers:
+                try:
+                    w.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+            break
         if not alive:
             if not started:  # died before its first stage (an import error, say): that stage fails
                 current = [group[0].name]
@@ -229,7 +236,7 @@ def _run_group(args, group: list, device: str, shards: int, deadline: float, lim
         if late or time.monotonic() > deadline:
             for w in workers:
                 w.kill()
-            if not current:  # still starting up at the deadline
+            if not started:  # still starting up at the deadline
                 current = [group[0].name]
                 started[group[0].name] = (time.monotonic(), 0.0)
             for name in current:
