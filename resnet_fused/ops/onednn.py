@@ -140,8 +140,9 @@ class Packed:
 # Packed weights per input size, at most this many per convolution: oneDNN
 # picks its blocked weight layout for the input size, so each size gets its
 # own reorder, kept until the convolution has seen more sizes than this
-# (the oldest goes first). The BN fold and the Winograd transform do not
-# depend on the size and are shared by all of them.
+# (the oldest goes first). The folded bias, the finite check and the
+# Winograd transform do not depend on the size and are shared by all of them
+# (a new size folds the weight again: cheap, and nothing more to keep).
 SIZES_PER_CONV = 8
 
 
