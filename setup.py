@@ -120,9 +120,17 @@ def _read(name):
         return f.read()
 
 
+def _version():
+    # written once, in resnet_fused/__init__.py
+    match = re.search(r'^__version__ = "([^"]+)"$', _read("resnet_fused/__init__.py"), re.M)
+    if match is None:
+        raise RuntimeError("resnet_fused/__init__.py has no __version__ line")
+    return match.group(1)
+
+
 setup(
     name="resnet_fused",
-    version="0.1.0",
+    version=_version(),
     description="Fused conv+BatchNorm+ReLU and residual epilogues for torchvision ResNets",
     long_description=_read("README.md"),
     long_description_content_type="text/markdown",

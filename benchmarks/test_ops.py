@@ -178,7 +178,8 @@ def test_conv3x3_bias_relu(benchmark, impl, shape):
     post-ops on pre-packed weights (the cpu backend with
     set_cpu_winograd(False), and what torch.compile's inductor calls); the
     extension's Winograd F(4x4, 3x3) kernel (the cpu backend's default)."""
-    from resnet_fused.ops import extension, onednn
+    from resnet_fused.ops import extension
+from resnet_fused.ops.cpu import onednn
 
     if impl == "resnet_fused-winograd" and not extension.has_kernel("winograd_conv3x3", "CPU"):
         pytest.skip(f"no CPU kernels: {extension.unavailable_reason('CPU')}")

@@ -4,6 +4,7 @@
     model = resnet_fused.resnet50()               # torchvision's signature and state_dict
     model = resnet_fused.fuse(torchvision_model)  # or convert an existing model
 """
+# the one place the version is written (setup.py reads it from here)
 __version__ = "0.1.0"
 
 from resnet_fused import ops  # noqa: E402  (registers the eager backend)
@@ -27,25 +28,15 @@ from resnet_fused.cifar import (  # noqa: E402
     cifar_resnet110,
     cifar_resnet1202,
 )
-from resnet_fused.convert import FuseReport, fuse, unfuse  # noqa: E402
-from resnet_fused.ops.onednn import cpu_winograd, set_cpu_winograd  # noqa: E402
-from resnet_fused.models import (  # noqa: E402
-    FusedBasicBlock,
-    FusedBottleneck,
-    FusedResNet,
-    bn_scale_shift,
-    memory_efficient,
-    resnet18,
-    resnet34,
-    resnet50,
-    resnet101,
-    resnet152,
-    resnext50_32x4d,
-    resnext101_32x8d,
-    resnext101_64x4d,
-    wide_resnet50_2,
-    wide_resnet101_2,
-)
+from resnet_fused.convert import FuseReport, fuse, memory_efficient, unfuse  # noqa: E402
+from resnet_fused.models import FusedBasicBlock, FusedBottleneck, FusedResNet  # noqa: E402
+from resnet_fused.ops.cpu.onednn import cpu_winograd, set_cpu_winograd  # noqa: E402
+from resnet_fused.ops.fold import bn_scale_shift  # noqa: E402
+from resnet_fused.registry import BUILDERS as _BUILDERS  # noqa: E402
+from resnet_fused.registry import MODEL_NAMES, get_model, list_models  # noqa: E402
+
+# resnet18 ... wide_resnet101_2, from the registry's one list
+globals().update(_BUILDERS)
 
 __all__ = [
     "__version__",
@@ -59,6 +50,7 @@ __all__ = [
     "fuse",
     "unfuse",
     "FuseReport",
+    "memory_efficient",
     "CifarResNet",
     "CifarBasicBlock",
     "cifar_resnet",
@@ -72,15 +64,8 @@ __all__ = [
     "FusedBasicBlock",
     "FusedBottleneck",
     "bn_scale_shift",
-    "memory_efficient",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
+    "MODEL_NAMES",
+    "list_models",
+    "get_model",
+    *MODEL_NAMES,
 ]

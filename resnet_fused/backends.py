@@ -57,6 +57,13 @@ def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+def registered(name: str) -> Backend:
+    """The registered backend `name` itself (for tools that inspect or wrap
+    its ops, e.g. validate's self-test); KeyError where this build has none."""
+    _check_name(name)
+    return _REGISTRY[name]
+
+
 def device_types(name: str) -> tuple[str, ...]:
     """The device types whose tensors backend `name` computes on (() where
     it is not registered in this build)."""
@@ -152,6 +159,16 @@ def resolve_name(op: str, device: torch.device) -> str:
         if b is not None and op in b.ops and b.unavailable_reason() is None:
             return candidate
     return "eager"
+
+
+def resolve_module_op(op: str, serving: str, device: torch.device) -> Optional[Callable]:
+    """The module-level op `op` (one that takes the modules, not their
+    tensors: the cpu backend's `conv_bn_act_module`) of the backend that
+    serves `serving` on `device`, or None where that backend has none. One
+    decision with `resolve`: the backend that would run the tensor op runs
+    the module op."""
+    b = _REGISTRY.get(resolve_name(serving, device))
+    return None if b is None else b.ops.get(op)
 
 
 def resolve(op: str, device: torch.device) -> Callable:

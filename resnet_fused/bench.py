@@ -41,7 +41,7 @@ import torchvision
 
 import resnet_fused
 from resnet_fused import peers, traffic
-from resnet_fused.check import _randomize_bn
+from resnet_fused.check import randomize_bn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m resnet_fused.bench", description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", nargs="+", default=["resnet18", "resnet50"], choices=resnet_fused.models.MODEL_NAMES)
+    p.add_argument("--model", nargs="+", default=["resnet18", "resnet50"], choices=resnet_fused.MODEL_NAMES)
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default: 1 8 on CPU, 1 32 128 on CUDA)")
     p.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
@@ -89,7 +89,7 @@ def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
-def _saved_bytes(model, x, target) -> int:
+def saved_bytes(model, x, target) -> int:
     """Bytes of distinct storages autograd keeps for backward in one forward
     (parameters and buffers excluded)."""
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
@@ -122,7 +122,7 @@ def _impls(arch: str, backends: list, device, compiled: bool = False, train: boo
            size: int = 224) -> list:
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)()
-    _randomize_bn(tv, seed=1)
+    randomize_bn(tv, seed=1)
     impls = []
     for fmt, suffix in ((torch.contiguous_format, ""), (torch.channels_last, "-channels_last")):
         impls.append(_Impl("torchvision" + suffix, copy.deepcopy(tv), None, fmt))
@@ -277,7 +277,7 @@ def _probe_memory(model, impl, x, target, device, autocast) -> Optional[int]:
         del loss
         return peak
     with impl.scope(), autocast:
-        return _saved_bytes(model, xi, target)
+        return saved_bytes(model, xi, target)
 
 
 def _print_table(rows: list, train: bool) -> None:

@@ -9,7 +9,7 @@ that computes on that device's tensors (`backends_for`), it reports the relative
 channels_last), the loss and worst gradient error after one training step, and
 the eval forward time next to torchvision's, measured in this process. Exits 1
 when an error exceeds its tolerance (1e-4: fp32 outputs and loss; gradients
-with both models in float64, see _train_step_errors).
+with both models in float64, see train_step_errors).
 """
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ import resnet_fused
 TOLERANCE = 1e-4
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def _randomize_bn(model: torch.nn.Module, seed: int) -> None:
+def randomize_bn(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -76,7 +76,7 @@ def _time(fn, repeats: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="resnet50", choices=resnet_fused.models.MODEL_NAMES)
+    parser.add_argument("--model", default="resnet50", choices=resnet_fused.MODEL_NAMES)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128, help="input height and width")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per implementation")
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     fused = getattr(resnet_fused, args.model)()
     same_init = all(torch.equal(a, b) for a, b in zip(tv.state_dict().values(), fused.state_dict().values()))
-    _randomize_bn(tv, seed=1)
+    randomize_bn(tv, seed=1)
     fused.load_state_dict(tv.state_dict(), strict=True)
     tv, fused = tv.to(device), fused.to(device)
 
@@ -144,10 +144,10 @@ def main(argv=None) -> int:
         with resnet_fused.backend(name):
             fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
             with torch.no_grad():
-                err = _rel(fused(x), ref)
-                err_cl = _rel(fused_cl(x_cl), ref_cl)
+                err = rel_err(fused(x), ref)
+                err_cl = rel_err(fused_cl(x_cl), ref_cl)
             t = _time(forward(fused, x), args.repeats)
-            loss_err, grad_err = _train_step_errors(tv, fused, x, target)
+            loss_err, grad_err = train_step_errors(tv, fused, x, target)
         worst = max(err, err_cl, loss_err, grad_err)
         failed |= not worst <= TOLERANCE
         print(
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def _train_step_errors(tv, fused, x, target) -> tuple[float, float]:
+def train_step_errors(tv, fused, x, target) -> tuple[float, float]:
     """Errors of one training step against torchvision, on copies (the models
     and their BN statistics stay as they were): the fp32 loss, and the worst
     parameter gradient with both models in float64. Two different fp32
@@ -175,8 +175,8 @@ def _train_step_errors(tv, fused, x, target) -> tuple[float, float]:
         model = copy.deepcopy(model).double().train()
         F.cross_entropy(model(x.double()), target).backward()
         grads.append([p.grad for p in model.parameters()])
-    worst = max(_rel(a, b) for a, b in zip(grads[1], grads[0]) if b.norm() > 0)
-    return _rel(losses[1], losses[0]), worst
+    worst = max(rel_err(a, b) for a, b in zip(grads[1], grads[0]) if b.norm() > 0)
+    return rel_err(losses[1], losses[0]), worst
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resnet_fused.models import _recompute, _stem_layout, conv_norm_act
+from resnet_fused import plan as planning
+from resnet_fused.layers import conv_norm_act, recompute, stem_layout
 
 __all__ = [
     "CIFAR_DEPTHS",
@@ -78,21 +79,24 @@ class CifarBasicBlock(nn.Module):
         # of the output's (the paper pads planes/4 zero channels each side)
         self.pad_before = (planes - in_planes) // 2 if self.projects and shortcut == "A" else 0
 
-    def _shortcut(self, x: Tensor) -> tuple[Optional[Tensor], Optional[int]]:
+    def _shortcut(self, x: Tensor, p: planning.Plan) -> tuple[Optional[Tensor], Optional[int]]:
         """(residual, residual_channel_offset) for the second fused op."""
         if self.plain:
             return None, None
         if not self.projects:
             return x, None
         if self.shortcut_type == "B":
-            return conv_norm_act(self.shortcut[0], self.shortcut[1], x, relu=False, recompute=_recompute(self)), None
+            return conv_norm_act(self.shortcut[0], self.shortcut[1], x, relu=False, recompute=recompute(self), plan=p), None
         return x[:, :, :: self.stride, :: self.stride], self.pad_before  # a view: nothing is copied
 
     def forward(self, x: Tensor) -> Tensor:
-        rc = _recompute(self)
-        residual, offset = self._shortcut(x)
-        out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc)
-        return conv_norm_act(self.conv2, self.bn2, out, residual=residual, recompute=rc, residual_channel_offset=offset)
+        p = planning.current(x)
+        rc = recompute(self)
+        residual, offset = self._shortcut(x, p)
+        out = conv_norm_act(self.conv1, self.bn1, x, recompute=rc, plan=p)
+        return conv_norm_act(
+            self.conv2, self.bn2, out, residual=residual, recompute=rc, residual_channel_offset=offset, plan=p
+        )
 
 
 class CifarResNet(nn.Module):
@@ -129,10 +133,11 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _stem_layout(x, self.bn1)
-        x = conv_norm_act(self.conv1, self.bn1, x, recompute=_recompute(self))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        with planning.planned(x, self) as p:
+            x = stem_layout(x, self.bn1, p)
+            x = conv_norm_act(self.conv1, self.bn1, x, recompute=recompute(self), plan=p)
+            x = self.layer3(self.layer2(self.layer1(x)))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def cifar_resnet(depth: int, *, num_classes: int = 10, shortcut: str = "A", plain: bool = False) -> CifarResNet:

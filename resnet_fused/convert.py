@@ -17,33 +17,44 @@ from typing import Union
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from resnet_fused.cifar import CifarBasicBlock, CifarResNet
-from resnet_fused.fx import FuseReport, fuse_graph
+from torchvision.models._utils import IntermediateLayerGetter
+
+from resnet_fused.backbones import FusedIntermediateLayerGetter
+from resnet_fused.fx import FuseReport, fuse_graph, fused_graph_norms
+from resnet_fused.layers import is_fused_module
 from resnet_fused.models import FusedBasicBlock, FusedBottleneck, FusedResNet
 
-__all__ = ["FuseReport", "fuse", "unfuse"]
+__all__ = ["FuseReport", "fuse", "unfuse", "memory_efficient"]
 
 _TO_FUSED = {ResNet: FusedResNet, BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 _TO_PLAIN = {fused: plain for plain, fused in _TO_FUSED.items()}
-# fused by construction, nothing to convert
-_NATIVE = (CifarResNet, CifarBasicBlock)
+# converted along with the blocks (never the reason a model takes the class
+# swap: a getter over another backbone is left to the fx rewrite)
+_COMPANIONS = {IntermediateLayerGetter: FusedIntermediateLayerGetter}
+_COMPANIONS_PLAIN = {fused: plain for plain, fused in _COMPANIONS.items()}
+
+
+def _native(m: nn.Module) -> bool:
+    # fused by construction (the CIFAR ResNets), nothing to convert
+    return type(m) not in _TO_PLAIN and type(m) not in _COMPANIONS_PLAIN and is_fused_module(m)
 
 
 def _swap_classes(model: nn.Module, mapping: dict, inplace: bool, what: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     known = set(_TO_FUSED) | set(_TO_PLAIN)
-    if not any(type(m) in known or (what == "fuse" and isinstance(m, _NATIVE)) for m in model.modules()):
+    if not any(type(m) in known or (what == "fuse" and _native(m)) for m in model.modules()):
         raise ValueError(
             f"{what}: model ({type(model).__name__}) contains no torchvision ResNet, BasicBlock or "
             "Bottleneck modules (nor fused ones) to convert"
             + ("; the CIFAR ResNets have no unfused twin (backend('eager') runs them on torch ops)"
-               if any(isinstance(m, _NATIVE) for m in model.modules()) else "")
+               if any(_native(m) for m in model.modules()) else "")
         )
     if not inplace:
         model = copy.deepcopy(model)
+    companions = _COMPANIONS if mapping is _TO_FUSED else _COMPANIONS_PLAIN
     for m in model.modules():
-        target = mapping.get(type(m))
+        target = mapping.get(type(m)) or companions.get(type(m))
         if target is not None:
             m.__class__ = target
     return model
@@ -66,7 +77,7 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False) -> Union
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     known = tuple(_TO_FUSED) + tuple(_TO_PLAIN)
-    blocks = [name for name, m in model.named_modules() if type(m) in known or isinstance(m, _NATIVE)]
+    blocks = [name for name, m in model.named_modules() if type(m) in known or _native(m)]
     if blocks:
         fused = _swap_classes(model, _TO_FUSED, inplace, "fuse")
         summary = FuseReport("torchvision/resnet_fused modules", fused=[n or type(model).__name__ for n in blocks])
@@ -89,3 +100,32 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False) -> Union
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return `model` with fused modules turned back into plain torchvision ones."""
     return _swap_classes(model, _TO_PLAIN, inplace, "unfuse")
+
+
+def memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Train `model`'s fused layers without keeping convolution outputs for
+    backward: each conv+BN pair recomputes its convolution in backward
+    (`ops.conv_bn_act_train`). Roughly halves the activations a ResNet keeps
+    for backward, for one extra convolution forward per pair (docs/performance.md, "What
+    training saves"). Same results; affects training only. Returns `model`.
+
+    Applies to the fused torchvision and CIFAR modules in `model` and to the
+    fused calls of a graph `fuse()` rewrote; a model with none of them is an
+    error."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = False
+    for m in model.modules():
+        if is_fused_module(m):
+            m._resnet_fused_recompute = bool(enabled)
+            found = True
+        for norm in fused_graph_norms(m):
+            # the graph's fused call reads the switch from its norm module
+            norm._resnet_fused_recompute = bool(enabled)
+            found = True
+    if not found:
+        raise ValueError(
+            f"memory_efficient: model ({type(model).__name__}) contains no resnet_fused modules; "
+            "build it with resnet_fused (resnet50(), cifar_resnet20(), ...) or convert it with fuse() first"
+        )
+    return model

@@ -2,7 +2,7 @@
 graph rewrite.
 
 The model is traced with `torch.fx.symbolic_trace`; then each of these chains
-becomes one call of the fused ops (`models.conv_norm_act`):
+becomes one call of the fused ops (`layers.conv_norm_act`):
 
     conv → BN
     conv → BN → ReLU
@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from resnet_fused.models import conv_norm_act
+from resnet_fused.layers import carries_activation, conv_norm_act, conv_reason, norm_reason
 
-__all__ = ["FuseReport", "fuse_graph", "fused_conv_bn"]
+__all__ = ["FuseReport", "fuse_graph", "fused_conv_bn", "fused_graph_norms"]
 
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -69,7 +69,9 @@ class FuseReport:
 
 def fused_conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     """The call a rewritten graph makes: `act(bn(conv(x)) + residual)` fused."""
-    return conv_norm_act(conv, bn, x, residual, relu, recompute=getattr(bn, "_resnet_fused_recompute", False))
+    return conv_norm_act(
+        conv, bn, x, residual, relu, recompute=getattr(bn, "_resnet_fused_recompute", False), bn_part=True
+    )
 
 
 torch.fx.wrap("fused_conv_bn")  # a rewritten model traced again keeps this call whole
@@ -80,12 +82,29 @@ class _Tracer(torch.fx.Tracer):
     (`return nn.ReLU(inplace=True)(out + shortcut)`, common in write-ups) is
     traced through instead of failing as "not installed as a submodule"."""
 
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # a norm carrying its activation (timm's BatchNormAct2d) stays one
+        # call_module node, which the rewrite fuses like a BatchNorm2d
+        return carries_activation(m) or super().is_leaf_module(m, qualname)
+
     def call_module(self, m, forward, args, kwargs):
         try:
             self.path_of_module(m)
         except NameError:
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
+
+
+def fused_graph_norms(module: nn.Module) -> list:
+    """The norm modules of the fused calls in `module`'s own graph (a
+    GraphModule `fuse_graph` made), else []."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return []
+    return [
+        module.get_submodule(node.args[1].target)
+        for node in module.graph.nodes
+        if node.op == "call_function" and node.target is fused_conv_bn
+    ]
 
 
 def _is_relu(node: torch.fx.Node, modules: dict) -> bool:
@@ -143,24 +162,13 @@ def _mutates(node: torch.fx.Node, target: torch.fx.Node, modules: dict) -> bool:
     return False
 
 
-def _fusable_conv_reason(conv: nn.Module) -> Optional[str]:
-    if type(conv) is not nn.Conv2d:
-        return f"{type(conv).__name__} is not a plain nn.Conv2d"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (only 'zeros' fuses)"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r} (only explicit padding fuses)"
-    return None
-
-
 def _bn_reason(bn: nn.Module) -> Optional[str]:
-    if type(bn) is FrozenBatchNorm2d:
-        return None
-    if type(bn) is not nn.BatchNorm2d:
-        return f"{type(bn).__name__} is not nn.BatchNorm2d or FrozenBatchNorm2d"
-    if not bn.track_running_stats or bn.running_mean is None:
+    reason = norm_reason(bn, bn_part=True)
+    if reason is None and carries_activation(bn) and type(bn.drop) is not nn.Identity:
+        return f"its {type(bn.drop).__name__} between the BatchNorm and its activation"
+    if reason is None and type(bn) is not FrozenBatchNorm2d and (not bn.track_running_stats or bn.running_mean is None):
         return "the BatchNorm has no running statistics (track_running_stats=False)"
-    return None
+    return reason
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -201,7 +209,7 @@ def fuse_graph(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
                 report.unfused.append((conv_node.target, "the convolution's output has other users"))
             continue
         conv, bn = modules[conv_node.target], modules[bn_node.target]
-        reason = _fusable_conv_reason(conv) or _bn_reason(bn)
+        reason = conv_reason(conv) or _bn_reason(bn)
         if reason is None and (calls[conv_node.target] > 1 or calls[bn_node.target] > 1):
             reason = "the module is called more than once (shared)"
         if reason is None and (len(conv_node.args) != 1 or conv_node.kwargs or bn_node.args != (conv_node,)):
@@ -210,9 +218,15 @@ def fuse_graph(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
             report.unfused.append((conv_node.target, reason))
             continue
 
-        # how far the chain goes: BN output -> [add] -> [ReLU]
+        # how far the chain goes: BN output -> [add] -> [ReLU]; a norm that
+        # carries an activation ends the chain there (its act comes before
+        # any add): ReLU fuses, another activation runs after the fused call
         last, residual, relu, merged = bn_node, None, False, []
-        if len(bn_node.users) == 1:
+        act = bn.act if carries_activation(bn) and type(bn.act) is not nn.Identity else None
+        if act is not None:
+            relu = type(act) is nn.ReLU
+            merged.append("relu" if relu else f"then {type(act).__name__}")
+        elif len(bn_node.users) == 1:
             user = next(iter(bn_node.users))
             if _is_relu(user, modules):
                 last, relu = user, True
@@ -235,6 +249,8 @@ def fuse_graph(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
             conv_ref = graph.get_attr(conv_node.target)
             bn_ref = graph.get_attr(bn_node.target)
             fused = graph.call_function(fused_conv_bn, (conv_ref, bn_ref, x, residual, relu))
+            if act is not None and not relu:
+                fused = graph.call_module(f"{bn_node.target}.act", (fused,))
         last.replace_all_uses_with(fused)
         for n in _chain_nodes(conv_node, bn_node, last)[::-1]:
             graph.erase_node(n)
@@ -242,7 +258,13 @@ def fuse_graph(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
 
     graph.lint()
     gm.recompile()
+    # the fused calls read their norm modules whole (a norm carrying an
+    # activation keeps its act and drop children, which its forward needs if
+    # it ever runs as written): keep those children through the clean-up
+    children = [(n, dict(n._modules)) for n in fused_graph_norms(gm)]
     gm.delete_all_unused_submodules()
+    for norm, kept in children:
+        norm._modules.update(kept)
     return gm, report
 
 

@@ -81,7 +81,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on CUDA tensors (benchmarks/gpu_loan.sh runs `pytest -m gpu`)")
 
 
-# Tolerances on ||out - ref|| / ||ref|| (DESIGN §5).
+# Tolerances on ||out - ref|| / ||ref|| (docs/design.md §5).
 OP_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NET_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

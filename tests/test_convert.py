@@ -110,7 +110,7 @@ def test_no_stale_results_after_in_place_edits():
         lambda m: m.layer4[0].downsample[1].weight.data.mul_(-1.0),
         lambda m: setattr(m.layer1[0].bn2, "eps", 0.5),
         # through the tracked tensor, not `.data`: the cpu backend's oneDNN
-        # path sees conv weight edits by version count (tests/test_onednn.py)
+        # path sees conv weight edits by version count (tests/ops/cpu/test_onednn.py)
         lambda m: m.layer1[0].conv1.weight.detach().mul_(2.0),
     ]
     for i, edit in enumerate(edits):
@@ -197,3 +197,23 @@ def test_fused_resnet_class_builds_like_torchvision():
     assert type(fused.layer1[0]) is resnet_fused.FusedBottleneck
     for (name, a), (_, b) in zip(tv.state_dict().items(), fused.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_registry_lists_torchvisions_resnets_once():
+    """The one list of model names (resnet_fused.registry) is torchvision's
+    ResNet family, and every name builds a fused model through each entry
+    point: the module attribute, get_model, and __all__."""
+    family = {
+        n for n in torchvision.models.list_models(module=torchvision.models)
+        if n.startswith(("resnet", "resnext", "wide_resnet"))
+    }
+    assert set(resnet_fused.MODEL_NAMES) == family
+    assert len(resnet_fused.MODEL_NAMES) == len(family)
+    assert resnet_fused.list_models() == list(resnet_fused.MODEL_NAMES)
+    for name in resnet_fused.MODEL_NAMES:
+        assert name in resnet_fused.__all__
+        assert getattr(resnet_fused, name).__name__ == name
+    model = resnet_fused.get_model("resnet18", num_classes=7)
+    assert isinstance(model, resnet_fused.FusedResNet) and model.fc.out_features == 7
+    with pytest.raises(ValueError, match="name must be one of resnet18, .*; got 'vgg16'"):
+        resnet_fused.get_model("vgg16")

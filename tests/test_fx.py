@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import resnet_fused
-from resnet_fused.fx import fused_conv_bn
+from resnet_fused.fx import fused_conv_bn, fused_graph_norms
 from conftest import NET_TOL, assert_equivalent, device_backend_params, randomize_norms
 from test_models import TRAIN_TOL
 from writeups import VGGStack, WriteupBasicBlock, WriteupBottleNeck, WriteupResNet
@@ -288,3 +288,65 @@ def test_timm_resnets(arch):
     fused(xd).sum().backward()
     for (key, p), (_, q) in zip(model.named_parameters(), fused.named_parameters()):
         assert_equivalent(q.grad, p.grad, TRAIN_TOL, key)
+
+
+def test_memory_efficient_on_an_fx_fused_model(monkeypatch):
+    """memory_efficient works on what fuse() returns for any model: its fused
+    calls then recompute their convolutions in backward (ops.conv_bn_act_train),
+    with the same float64 gradients."""
+    model = _prepared("basic").double().train()
+    fused = resnet_fused.fuse(model).train()
+    assert resnet_fused.memory_efficient(fused) is fused
+    calls = []
+    real = resnet_fused.ops.conv_bn_act_train
+    monkeypatch.setattr(resnet_fused.ops, "conv_bn_act_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    fused(x).square().mean().backward()
+    model(x).square().mean().backward()
+    assert len(calls) == len(_fused_calls(fused)) > 0
+    fused_params = dict(fused.named_parameters())
+    for key, p in model.named_parameters():
+        q = fused_params[key]
+        if p.grad is not None and not key.endswith("bias"):
+            assert_equivalent(q.grad, p.grad, TRAIN_TOL, key)
+    resnet_fused.memory_efficient(fused, False)
+    calls.clear()
+    fused(x).sum().backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "regnety_002", "mobilenetv3_small_100", "resnetv2_50"])
+def test_timm_norm_act_models(arch):
+    """timm's BatchNormAct2d (a BatchNorm2d carrying its activation): conv+BN
+    fuse, with the activation where it is ReLU, else as its own op after the
+    fused call; outputs and float64 gradients equal the model's."""
+    timm = pytest.importorskip("timm", reason="timm is an optional test dependency: pip install timm")
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model(arch, pretrained=False, num_classes=10))
+    norm_acts = [m for m in model.modules() if type(m) is BatchNormAct2d]
+    fused, report = resnet_fused.fuse(model, report=True)
+    assert report.fused, str(report)
+    fused_norms = fused_graph_norms(fused)
+    assert any(type(n) is BatchNormAct2d for n in fused_norms) == bool(norm_acts)
+    for n in fused_norms:  # the norm modules the fused calls read keep their act and drop
+        if type(n) is BatchNormAct2d:
+            assert isinstance(n.act, nn.Module) and isinstance(n.drop, nn.Module)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_equivalent(fused.eval()(x), model.eval()(x), NET_TOL[torch.float32])
+    model.train().double(), fused.train().double()
+    xd = x.double()
+    model(xd).sum().backward()
+    fused(xd).sum().backward()
+    # a BN's bias feeding a 1x1 conv and then a train-mode BN has a gradient
+    # of 0 up to rounding (the next BN removes any per-channel shift): judge
+    # every gradient against the largest one, in float64
+    scale = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+    fused_params = dict(fused.named_parameters())  # a GraphModule orders its modules by first use
+    assert fused_params.keys() == dict(model.named_parameters()).keys()
+    for key, p in model.named_parameters():
+        q = fused_params[key]
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=TRAIN_TOL, atol=1e-9 * scale, msg=lambda m, key=key: f"{key}: {m}")

@@ -12,18 +12,8 @@ from conftest import (
     NET_TOL, assert_equivalent, device_backend_params, device_params, randomize_norms, rel_err, requires_interpreter,
 )
 
-ARCHS = [
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-]
+# the registry's one list (checked against torchvision's below)
+ARCHS = list(resnet_fused.MODEL_NAMES)
 FORMATS = [torch.contiguous_format, torch.channels_last]
 
 _cache = {}
@@ -243,7 +233,7 @@ def test_unfusable_norm_runs_unfused_with_warning():
     norm = lambda c: torch.nn.GroupNorm(4, c)  # noqa: E731
     tv, fused = build_pair("resnet18", norm_layer=norm)
     x = torch.randn(2, 3, 32, 32)
-    resnet_fused.models._warned_norms.discard(torch.nn.GroupNorm)
+    resnet_fused.layers._warned.discard(torch.nn.GroupNorm)
     with pytest.warns(RuntimeWarning, match="GroupNorm is not a norm layer resnet_fused can fuse"):
         ref, out = run_eval(tv, fused, x, torch.contiguous_format)
     assert_equivalent(out, ref, NET_TOL[torch.float32])

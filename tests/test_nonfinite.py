@@ -11,7 +11,7 @@ import torchvision
 
 import resnet_fused
 from resnet_fused import ops
-from resnet_fused.ops import onednn
+from resnet_fused.ops.cpu import onednn
 from conftest import OP_TOL, assert_equivalent, device_backend_params, randomize_norms
 
 pytestmark = pytest.mark.skipif(

@@ -30,7 +30,7 @@ def pair(arch):
     return tv, resnet_fused.fuse(copy.deepcopy(tv)).eval()
 
 
-@pytest.mark.parametrize("arch", resnet_fused.models.MODEL_NAMES)
+@pytest.mark.parametrize("arch", resnet_fused.MODEL_NAMES)
 def test_script_save_load_like_torchvisions_model_test(arch):
     tv, fused = pair(arch)
     scripted = torch.jit.script(fused)

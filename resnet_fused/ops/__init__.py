@@ -68,7 +68,7 @@ def _check_device(name: str, t: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must be on one device")
 
 
-def _check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor, channel_offset: Optional[int] = None) -> None:
+def check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor, channel_offset: Optional[int] = None) -> None:
     if channel_offset is not None and (not isinstance(channel_offset, int) or isinstance(channel_offset, bool)):
         raise TypeError(f"residual_channel_offset must be an int or None, got {channel_offset!r}")
     if residual is None:
@@ -125,11 +125,9 @@ def _call_with_residual(impl, args_before: tuple, residual, args_after: tuple, c
 def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Apply autocast's conv2d policy explicitly, so that every backend (not
     only the ones built from autocast-aware torch ops) sees one dtype."""
-    device_type = x.device.type
-    # meta (and other devices autocast does not know) have no autocast state
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    dtype = common.autocast_dtype(x.device.type)
+    if dtype is None:
         return x, weight
-    dtype = torch.get_autocast_dtype(device_type)
     # autocast leaves float64 alone
     cast = [t.to(dtype) if t.dtype != torch.float64 else t for t in (x, weight)]
     return cast[0], cast[1]
@@ -148,7 +146,7 @@ def conv_out_size(input_size, weight_size, stride, padding, dilation) -> tuple[i
     return n, k, p, q
 
 
-def _check_conv(x, weight, stride, padding, dilation, groups, autocast: bool = True):
+def check_conv(x, weight, stride, padding, dilation, groups, autocast: bool = True):
     """Validate a convolution's arguments (after autocast's casts, unless
     `autocast=False`: then dtypes are not compared); returns (x, weight,
     stride, padding, dilation, output shape)."""
@@ -208,11 +206,11 @@ def conv_bn_act(
     strided view (`x[:, :, ::2, ::2]`) that is also read in place. Backends
     that cannot read it in place get a zero-padded copy.
     """
-    x, weight, stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
+    x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
     _check_channel_vector("scale", scale, k, x.device)
     _check_channel_vector("shift", shift, k, x.device)
-    _check_residual(residual, out_shape, x, residual_channel_offset)
+    check_residual(residual, out_shape, x, residual_channel_offset)
     _check_relu(relu)
     impl = backends.resolve("conv_bn_act", x.device)
     return _call_with_residual(
@@ -253,7 +251,7 @@ def batch_norm_act(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}"
         )
-    _check_residual(residual, tuple(x.shape), x, residual_channel_offset)
+    check_residual(residual, tuple(x.shape), x, residual_channel_offset)
     _check_relu(relu)
     impl = backends.resolve("batch_norm_act", x.device)
     return _call_with_residual(
@@ -286,7 +284,7 @@ def conv_bn_act_train(
     as `conv2d` followed by `batch_norm_act(..., training=True)`; the BN half
     runs on the selected backend's train-mode kernels. `residual_channel_offset`:
     as in `conv_bn_act` (here the padded residual is always materialised)."""
-    x, weight, stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
+    x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
     _check_batch_norm(
         ("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, momentum, eps, k, x, True
@@ -295,7 +293,7 @@ def conv_bn_act_train(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got a convolution output of shape {out_shape}"
         )
-    _check_residual(residual, out_shape, x, residual_channel_offset)
+    check_residual(residual, out_shape, x, residual_channel_offset)
     _check_relu(relu)
     if residual_channel_offset is not None:
         residual = common.pad_residual(residual, k, residual_channel_offset)

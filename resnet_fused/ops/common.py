@@ -31,14 +31,26 @@ def is_channels_last(t: Tensor) -> bool:
     return memory_format(t) == torch.channels_last
 
 
+def records_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records through a call on `tensors`: grad mode on and
+    any of them requiring grad (the one gradient gate of every fast path)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for `device_type`, or None (autocast off,
+    or a device autocast does not know, e.g. meta)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def conv_bn_act_needs_reference(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     """Whether a kernel backend's inference `conv_bn_act` hands the call to the
     differentiable reference: float64 (the kernels' scale/shift are fp32) or
     autograd recording through the call (BN-in-eval fine-tuning; the fused
     inference kernels have no backward)."""
-    if x.dtype == torch.float64:
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    return x.dtype == torch.float64 or records_grad(x, *tensors)
 
 
 def update_running_stats(

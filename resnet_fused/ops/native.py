@@ -6,6 +6,9 @@
   epilogue has no backward, so when autograd is recording through this call
   (BN-in-eval fine-tuning) the differentiable reference composition runs
   instead; float64 also takes the reference (the kernel's scale is fp32).
+* conv_bn_act_module (cpu only): the module-level inference op of
+  `ops/cpu/modules.py`, which `layers.conv_norm_act` uses where this backend
+  serves `conv_bn_act`.
 * batch_norm_act with batch statistics: `batch_norm_act_fwd`/`_bwd` (statistics,
   normalise, residual, ReLU in one op each way); the running statistics are
   then updated exactly as F.batch_norm does. With running statistics
@@ -21,6 +24,8 @@ from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused.ops import common, extension, reference
+from resnet_fused.ops.cpu import modules as cpu_modules
+from resnet_fused.ops.cpu import onednn
 
 
 def conv_bn_act(
@@ -61,5 +66,9 @@ _OPS = {
 batch_norm_act = _OPS["batch_norm_act"]
 
 
-backends.register(backends.Backend("cpu", ("cpu",), dict(_OPS), _cpu_unavailable))
+# CPU inference for conv+BN module pairs (folded, pre-packed oneDNN or Winograd
+# convolutions, docs/design.md §3.1), where this torch has oneDNN
+_CPU_MODULE_OPS = {"conv_bn_act_module": cpu_modules.conv_bn_act_module} if onednn.UNAVAILABLE is None else {}
+
+backends.register(backends.Backend("cpu", ("cpu",), {**_OPS, **_CPU_MODULE_OPS}, _cpu_unavailable))
 backends.register(backends.Backend("cuda", ("cuda",), dict(_OPS), _cuda_unavailable))

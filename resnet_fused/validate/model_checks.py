@@ -10,7 +10,7 @@ import itertools
 import torch
 
 import resnet_fused
-from resnet_fused.check import _randomize_bn, _train_step_errors, backends_for
+from resnet_fused.check import randomize_bn, train_step_errors, backends_for
 from resnet_fused.validate.common import Context, one_tile, rel_err
 from resnet_fused.validate.op_checks import FORMATS, _has_triton
 
@@ -27,7 +27,7 @@ def model_pair(arch: str):
 
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)()
-    _randomize_bn(tv, seed=1)
+    randomize_bn(tv, seed=1)
     fused = resnet_fused.fuse(tv)
     return tv, fused
 
@@ -78,7 +78,7 @@ def _run_model(ctx: Context, case: dict) -> None:
 
     def train_err():
         with resnet_fused.backend(case["backend"]):
-            loss_err, grad_err = _train_step_errors(tv, fused, x, target)
+            loss_err, grad_err = train_step_errors(tv, fused, x, target)
         return max(loss_err, grad_err), 1e-4, {"loss_err": loss_err, "grad_err_fp64": grad_err}
     ctx.check(table, f"{name} train step", train_err, **case, what="train step (loss fp32, grads fp64)")
 

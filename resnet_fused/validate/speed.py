@@ -136,10 +136,10 @@ def speed(ctx: Context) -> None:
 
 
 def _saved_bytes(model, x, target, backend) -> int:
-    from resnet_fused.bench import _saved_bytes
+    from resnet_fused.bench import saved_bytes
 
     with resnet_fused.backend(backend or "auto"):
-        return _saved_bytes(model, x, target)
+        return saved_bytes(model, x, target)
 
 
 def train(ctx: Context) -> None:

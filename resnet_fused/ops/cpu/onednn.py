@@ -16,13 +16,13 @@ to the modules (a WeakKeyDictionary), so deepcopy, pickling and garbage
 collection of models are unaffected; it costs one extra copy of the conv
 weights, four for a Winograd convolution (36 values per 3x3 filter).
 
-Used by `models.conv_norm_act` for BatchNorm with running statistics on CPU
-tensors when the `cpu` backend serves `conv_bn_act` (the `auto` default on
-CPU) and no gradient is being recorded; fp32 and bf16 (including
-`torch.autocast("cpu", dtype=torch.bfloat16)`), NCHW or channels_last in,
-the same format out; and by FusedResNet's warm forward, which checks a
-stretch of blocks with `lookup` (the cache's checks, no packing) before
-running their `conv_bn_act` calls back to back.
+Used by the cpu backend's module-level op (`ops/cpu/modules.py`) for
+BatchNorm with running statistics on CPU tensors (worked on in channels_last) when no
+gradient is being recorded; fp32 and bf16 (including
+`torch.autocast("cpu", dtype=torch.bfloat16)`); and by FusedResNet's owned
+path (`resnet_fused.stages`), which checks a stretch of blocks with `lookup`
+(the cache's checks, no packing) before running their `conv_bn_act` calls
+back to back.
 """
 from __future__ import annotations
 

@@ -401,9 +401,9 @@ def test_build_info_openmp_and_cpu_targets():
 
 @pytestmark_ext
 def test_same_values_compares_dtype_shape_device_and_bits():
-    # the oneDNN weight cache's per-call check of the BN vectors (ops/onednn.py)
+    # the oneDNN weight cache's per-call check of the BN vectors (ops/cpu/onednn.py)
     # and its fallback without _C (torch.equal: NaN never matches there)
-    from resnet_fused.ops import onednn
+    from resnet_fused.ops.cpu import onednn
 
     same = extension._C.same_values
     a = torch.tensor([1.0, 2.0, -0.0, 3.0])

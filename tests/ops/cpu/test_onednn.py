@@ -1,5 +1,5 @@
 """The cpu backend's oneDNN inference path: BN folded into pre-packed weights,
-residual and ReLU as post-ops (resnet_fused.ops.onednn)."""
+residual and ReLU as post-ops (resnet_fused.ops.cpu.onednn)."""
 import copy
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import resnet_fused
-from resnet_fused.ops import onednn
+from resnet_fused.ops.cpu import onednn
 from conftest import NET_TOL, assert_equivalent, randomize_norms
 from test_models import ARCHS
 
@@ -191,8 +191,10 @@ def test_owned_path_order_gives_the_same_bits(arch):
         owned = fused(x)
         handle = fused.avgpool.register_forward_hook(lambda m, i, o: None)
         try:
-            assert not fused._owns_activations(x.contiguous(memory_format=torch.channels_last),
-                                               (fused.layer1, fused.layer2, fused.layer3, fused.layer4))
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            p = resnet_fused.plan.decide(x_cl, fused)
+            assert p.hooks
+            assert not fused._owns_activations(x_cl, (fused.layer1, fused.layer2, fused.layer3, fused.layer4), p)
             modular = fused(x)
         finally:
             handle.remove()
@@ -242,16 +244,20 @@ def test_torch_compile_traces_the_composed_path():
 
 
 def _count_conv_norm_act(monkeypatch):
-    from resnet_fused import models
+    # pins an internal on purpose: the owned path's promise is that no
+    # per-pair call (layers.conv_norm_act) runs between its convolutions,
+    # which no output can show; models and stages are its two callers here
+    from resnet_fused import layers, models, stages
 
     calls = []
-    real = models.conv_norm_act
+    real = layers.conv_norm_act
 
     def counting(conv, *args, **kwargs):
         calls.append(conv)
         return real(conv, *args, **kwargs)
 
-    monkeypatch.setattr(models, "conv_norm_act", counting)
+    for module in (models, stages):
+        monkeypatch.setattr(module, "conv_norm_act", counting)
     return calls
 
 
@@ -357,15 +363,17 @@ def test_a_changed_block_gives_the_usual_errors():
 def test_blocks_that_cannot_be_planned_run_alone_and_the_rest_stay_planned(monkeypatch):
     """A block with a swapped activation runs its own forward; the blocks
     before and after it are still planned and run from the cache."""
-    from resnet_fused import models
+    from resnet_fused import stages
 
     tv, fused = pair("resnet50")
     for model in (tv, fused):
         model.layer2[1].relu = torch.nn.LeakyReLU(0.1)
     x = torch.randn(2, 3, 48, 40)
     alone = []
-    real = models._owned_block_forward
-    monkeypatch.setattr(models, "_owned_block_forward", lambda block, x: alone.append(block) or real(block, x))
+    real = stages._owned_block_forward
+    monkeypatch.setattr(
+        stages, "_owned_block_forward", lambda block, x, plan: alone.append(block) or real(block, x, plan)
+    )
     calls = _count_conv_norm_act(monkeypatch)
     with torch.no_grad():
         fused(x)
@@ -456,7 +464,7 @@ def test_bfloat16_on_a_cpu_limited_to_avx2():
 
     code = (
         "import torch, torchvision, resnet_fused\n"
-        "from resnet_fused.ops import onednn\n"
+        "from resnet_fused.ops.cpu import onednn\n"
         "assert not onednn.BF16_NATIVE\n"
         "torch.manual_seed(0)\n"
         "m = resnet_fused.resnet18().eval()\n"

@@ -1,6 +1,6 @@
 """The cpu backend's Winograd F(4x4, 3x3) convolution
 (torch.ops.resnet_fused.winograd_conv3x3, csrc/cpu/winograd.cpp) and how the
-oneDNN inference path uses it (resnet_fused.ops.onednn)."""
+oneDNN inference path uses it (resnet_fused.ops.cpu.onednn)."""
 import math
 import os
 import subprocess
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fused
-from resnet_fused.ops import extension, onednn
+from resnet_fused.ops import extension
+from resnet_fused.ops.cpu import onednn
 from conftest import NET_TOL, OP_TOL, assert_equivalent, randomize_norms
 
 pytestmark = pytest.mark.skipif(not extension.is_loaded(), reason="resnet_fused._C is not built")

@@ -1,0 +1,46 @@
+"""Detection and segmentation backbones: torchvision's model vs the same
+model after resnet_fused.fuse(), side by side in one run.
+
+    pytest benchmarks/test_backbones.py --benchmark-only [--bench-batch 2 --bench-size 224]
+
+Rows: `fasterrcnn_resnet50_fpn`'s backbone (ResNet-50 body + FPN, what the
+detector runs per image batch) and the whole `deeplabv3_resnet50`, NCHW input
+(what their transforms hand over); eval, no_grad. One group per model;
+images/s in extra_info.
+"""
+import copy
+
+import pytest
+import torch
+from torchvision.models import detection, segmentation
+
+import resnet_fused
+from run_info import autocast, record_run_info
+
+MODELS = {
+    "fasterrcnn_resnet50_fpn.backbone": lambda: detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None).backbone,
+    "deeplabv3_resnet50": lambda: segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None),
+}
+
+
+@pytest.mark.parametrize("impl", ["torchvision", "resnet_fused"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_backbone(benchmark, arch, impl, device, input_shape, amp_dtype):
+    torch.manual_seed(0)
+    model = MODELS[arch]().eval().to(device)
+    if impl == "resnet_fused":
+        model = resnet_fused.fuse(copy.deepcopy(model))
+    x = torch.randn(*input_shape, device=device)
+    benchmark.group = f"backbone-{arch}"
+    record_run_info(benchmark, device, input_shape, amp_dtype)
+
+    def run():
+        with torch.no_grad(), autocast(device, amp_dtype):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()  # warm-up (packs the fused weights)
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["images_per_s"] = input_shape[0] / benchmark.stats.stats.median

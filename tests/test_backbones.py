@@ -1,0 +1,117 @@
+"""fuse() on torchvision's detection and segmentation models: the backbone's
+IntermediateLayerGetter gets the fused stem and the fast path, the outputs
+equal the unfused model's, and features come back in the caller's layout."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models import detection, segmentation
+from torchvision.models._utils import IntermediateLayerGetter
+
+import resnet_fused
+from resnet_fused.backbones import FusedIntermediateLayerGetter
+from resnet_fused.ops.cpu import onednn
+from conftest import NET_TOL, assert_equivalent, randomize_norms
+
+requires_onednn = pytest.mark.skipif(
+    onednn.UNAVAILABLE is not None or resnet_fused.backends.reason_unavailable("cpu") is not None,
+    reason=f"oneDNN path unavailable: {onednn.UNAVAILABLE or resnet_fused.backends.reason_unavailable('cpu')}",
+)
+
+
+def _pair(build, **kwargs):
+    torch.manual_seed(0)
+    plain = build(weights=None, weights_backbone=None, **kwargs).eval()
+    randomize_norms(plain, 0)
+    return plain, resnet_fused.fuse(copy.deepcopy(plain))
+
+
+@pytest.mark.parametrize("build", [detection.fasterrcnn_resnet50_fpn, detection.retinanet_resnet50_fpn,
+                                   segmentation.deeplabv3_resnet50, segmentation.fcn_resnet50])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_backbone_features_equal_and_keep_the_callers_layout(build, fmt):
+    plain, fused = _pair(build)
+    body = fused.backbone.body if hasattr(fused.backbone, "body") else fused.backbone
+    assert type(body) is FusedIntermediateLayerGetter
+    x = torch.randn(2, 3, 64, 80).contiguous(memory_format=fmt)
+    plain_body = plain.backbone.body if hasattr(plain.backbone, "body") else plain.backbone
+    with torch.no_grad():
+        want, got = plain_body(x), body(x)
+    assert list(got) == list(want)
+    for k in want:
+        assert_equivalent(got[k], want[k], NET_TOL[torch.float32])
+        assert got[k].is_contiguous(memory_format=fmt) == want[k].is_contiguous(memory_format=fmt)
+
+
+@requires_onednn
+def test_backbone_runs_every_convolution_on_the_cpu_fast_path_stem_included():
+    plain, fused = _pair(detection.fasterrcnn_resnet50_fpn)
+    body = fused.backbone.body
+    onednn.clear_cache()
+    with torch.no_grad():
+        body(torch.randn(1, 3, 64, 64))  # NCHW in: channels_last inside
+    convs = [m for m in body.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert body.conv1 in convs
+    assert all(onednn.cached(c) for c in convs)
+
+
+@pytest.mark.parametrize("build", [segmentation.deeplabv3_resnet50, segmentation.fcn_resnet50])
+def test_segmentation_model_output_equals_the_unfused_model(build):
+    plain, fused = _pair(build, aux_loss=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want, got = plain(x), fused(x)
+    for k in want:
+        assert_equivalent(got[k], want[k], NET_TOL[torch.float32])
+        assert got[k].is_contiguous()
+
+
+def test_detection_model_runs_fused_and_equals_the_unfused_model():
+    plain, fused = _pair(detection.fasterrcnn_resnet50_fpn, min_size=64, max_size=96)
+    images = [torch.rand(3, 64, 80)]
+    with torch.no_grad():
+        feats_plain = plain.backbone(plain.transform(images)[0].tensors)
+        feats_fused = fused.backbone(fused.transform(images)[0].tensors)
+        fused(images)  # the whole model runs
+    for k in feats_plain:
+        assert_equivalent(feats_fused[k], feats_plain[k], NET_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("norm", ["frozen", "batch_norm"])
+def test_backbone_training_equals_the_unfused_one_and_unfuse_round_trips(norm):
+    # detection fine-tuning: FrozenBatchNorm2d (pretrained backbones) or BatchNorm2d in train mode
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    layer = FrozenBatchNorm2d if norm == "frozen" else torch.nn.BatchNorm2d
+    plain = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=layer, trainable_layers=5)
+    randomize_norms(plain, 0)
+    fused = resnet_fused.fuse(copy.deepcopy(plain))
+    body, plain_body = fused.body.train().double(), plain.body.train().double()
+    assert type(body) is FusedIntermediateLayerGetter
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    got, want = body(x), plain_body(x)
+    sum(v.sum() for v in got.values()).backward()
+    sum(v.sum() for v in want.values()).backward()
+    grads = 0
+    for a, b in zip(body.parameters(), plain_body.parameters()):
+        if b.grad is not None:
+            assert_equivalent(a.grad, b.grad, NET_TOL[torch.float32])
+            grads += 1
+    assert grads > 0
+    back = resnet_fused.unfuse(fused)
+    assert type(back.body) is IntermediateLayerGetter
+
+
+def test_getter_over_another_backbone_is_left_alone():
+    # a model with no ResNet blocks is not class-swapped; its getter stays torchvision's
+    model = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+    plain_getters = [m for m in model.modules() if type(m) is IntermediateLayerGetter]
+    assert plain_getters
+    try:
+        fused = resnet_fused.fuse(model)
+    except (TypeError, ValueError):
+        return  # the fx rewrite may refuse it (and says why); either way no swap happened
+    assert not any(type(m) is FusedIntermediateLayerGetter for m in fused.modules())
