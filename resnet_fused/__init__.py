@@ -28,6 +28,7 @@ from resnet_fused.cifar import (  # noqa: E402
     cifar_resnet1202,
 )
 from resnet_fused.convert import FuseReport, fuse, unfuse  # noqa: E402
+from resnet_fused.sync_batch_norm import FusedSyncBatchNorm, convert_sync_batchnorm  # noqa: E402  (issue 20)
 from resnet_fused.ops.onednn import cpu_winograd, set_cpu_winograd  # noqa: E402
 from resnet_fused.models import (  # noqa: E402
     FusedBasicBlock,
@@ -59,6 +60,7 @@ __all__ = [
     "fuse",
     "unfuse",
     "FuseReport",
+    "FusedSyncBatchNorm", "convert_sync_batchnorm",  # issue 20
     "CifarResNet",
     "CifarBasicBlock",
     "cifar_resnet",

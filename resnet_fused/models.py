@@ -30,6 +30,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from resnet_fused import backends, ops
+from resnet_fused import sync_batch_norm  # issue 20: SyncBatchNorm hook in conv_norm_act
 from resnet_fused.ops import common, extension, onednn
 from resnet_fused.ops.fold import bn_scale_shift, conv_scale_shift
 
@@ -127,6 +128,10 @@ def conv_norm_act(
     `ops.conv_bn_act`). `consume_residual`: the caller will not use the
     residual again, so the oneDNN path may write the result into it."""
     norm_type = type(norm)
+    # issue 20 (resnet_fused/sync_batch_norm.py): a SyncBatchNorm is a BatchNorm2d here, except
+    # in training across a process group, where its batch statistics are the group's
+    sync_group = sync_batch_norm.sync_group(norm) if norm_type in sync_batch_norm.SYNC_NORMS else None
+    norm_type = nn.BatchNorm2d if norm_type in sync_batch_norm.SYNC_NORMS else norm_type
     if norm_type is not nn.BatchNorm2d and norm_type is not FrozenBatchNorm2d:
         _warn_unfused(norm, "norm layer")
         return _unfused(norm(conv(x)), residual, relu, residual_channel_offset)
@@ -143,6 +148,10 @@ def conv_norm_act(
             residual_channel_offset,
         )
     mean, var, momentum = _batch_norm_args(norm)
+    if sync_group is not None:  # issue 20
+        return sync_batch_norm.conv_norm_act_train(
+            conv, norm, x, mean, var, momentum, residual, relu, recompute, residual_channel_offset, sync_group
+        )
     if recompute and conv.bias is None and torch.is_grad_enabled():
         return ops.conv_bn_act_train(
             x, conv.weight, norm.weight, norm.bias, mean, var, momentum, norm.eps, residual, relu,
