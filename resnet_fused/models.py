@@ -66,6 +66,9 @@ __all__ = [
     "wide_resnet101_2",
 ]
 
+# issue 20: with running statistics a SyncBatchNorm is a BatchNorm2d (the oneDNN inference path)
+_EVAL_BATCH_NORMS = (nn.BatchNorm2d, *sync_batch_norm.SYNC_NORMS)
+
 _warned_norms: set[type] = set()
 _warned_lock = threading.Lock()
 
@@ -187,7 +190,7 @@ def _stem_layout(x: Tensor, stem_norm: nn.Module) -> Tensor:
     if (
         isinstance(x, Tensor)
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and (type(stem_norm) is FrozenBatchNorm2d or (type(stem_norm) is nn.BatchNorm2d and _uses_running_stats(stem_norm)))
+        and (type(stem_norm) is FrozenBatchNorm2d or (type(stem_norm) in _EVAL_BATCH_NORMS and _uses_running_stats(stem_norm)))
         and _onednn_applies(x, channels_last_only=False)
     ):
         return x.contiguous(memory_format=torch.channels_last)
@@ -263,7 +266,7 @@ def _owned_lookup(conv: nn.Module, norm: nn.Module, size: tuple, dtype: torch.dt
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
         return None
     norm_type = type(norm)
-    if norm_type is not FrozenBatchNorm2d and not (norm_type is nn.BatchNorm2d and _uses_running_stats(norm)):
+    if norm_type is not FrozenBatchNorm2d and not (norm_type in _EVAL_BATCH_NORMS and _uses_running_stats(norm)):
         return None
     if not autocast and onednn.member(conv, "weight").dtype != dtype:
         return None
