@@ -132,13 +132,62 @@ def run(scenario: str, rank: int, world: int, device: str, calls: list) -> dict:
     return {"losses": losses, "grads": grads, "state": state(model), "sync_calls": list(calls), "unfused": unfused}
 
 
+# the op on its own, fp32: per-rank batch sizes, channels, narrow residual (channels, offset)
+OP_SIZES = (3, 2)
+OP_CHANNELS, OP_RESIDUAL = 6, (2, 2)
+OP_MOMENTUM, OP_EPS = 0.1, 1e-5
+
+
+def op_inputs() -> tuple[list, tuple]:
+    """([rank] -> (x, narrow residual, upstream gradient)), (weight, bias, running_mean, running_var)."""
+    g = torch.Generator().manual_seed(4)
+    c, (cr, _) = OP_CHANNELS, OP_RESIDUAL
+    ranks = [
+        (torch.randn(n, c, 5, 5, generator=g) * (1 + r) + 3 * r, torch.randn(n, cr, 5, 5, generator=g),
+         torch.randn(n, c, 5, 5, generator=g))
+        for r, n in enumerate(OP_SIZES)
+    ]
+    params = (1 + 0.3 * torch.randn(c, generator=g), 0.2 * torch.randn(c, generator=g),
+              torch.randn(c, generator=g), 0.5 + torch.rand(c, generator=g))
+    return ranks, params
+
+
+def run_op(rank: int, device: str) -> dict:
+    """sync_batch_norm_act in fp32 on a channels_last x with a narrow residual."""
+    ranks, params = op_inputs()
+    x, residual, grad_out = (t.to(device) for t in ranks[rank])
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    residual.requires_grad_()
+    weight, bias = (p.to(device).requires_grad_() for p in params[:2])
+    running_mean, running_var = (p.to(device) for p in params[2:])
+    out = sync_ops.sync_batch_norm_act(
+        x, weight, bias, running_mean, running_var, OP_MOMENTUM, OP_EPS, residual, True,
+        residual_channel_offset=OP_RESIDUAL[1],
+    )
+    (out * grad_out).sum().backward()
+    for p in (weight, bias):
+        dist.all_reduce(p.grad)
+    # the module on its own (not in a fused block), 2-D input as BatchNorm1d's, momentum=None
+    module = resnet_fused.FusedSyncBatchNorm(OP_CHANNELS, momentum=None).to(device)
+    features = x.detach().mean((2, 3)) * (1 + rank)
+    for _ in range(2):
+        module_out = module(features)
+    cpu = lambda t: t.detach().cpu()  # noqa: E731
+    return {
+        "module_out": cpu(module_out), "module_state": state(module),
+        "out": cpu(out), "channels_last": out.is_contiguous(memory_format=torch.channels_last),
+        "grad_x": cpu(x.grad), "grad_residual": cpu(residual.grad), "grad_weight": cpu(weight.grad),
+        "grad_bias": cpu(bias.grad), "running_mean": cpu(running_mean), "running_var": cpu(running_var),
+    }
+
+
 def main(argv: list[str]) -> None:
     rank, world, init_file, device, out_file, *scenarios = argv
     rank, world = int(rank), int(world)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         calls = _count_sync_calls()
-        results = {s: run(s, rank, world, device, calls) for s in scenarios}
+        results = {s: run_op(rank, device) if s == "op" else run(s, rank, world, device, calls) for s in scenarios}
         torch.save(results, out_file)
     finally:
         dist.destroy_process_group()

@@ -108,12 +108,72 @@ def _check(results: list[dict], scenario: str, device: str) -> None:
 
 @pytest.fixture(scope="module")
 def cpu_results(tmp_path_factory):
-    return _run_ranks(tmp_path_factory.mktemp("sync_bn_cpu"), "cpu", list(worker.SCENARIOS))
+    return _run_ranks(tmp_path_factory.mktemp("sync_bn_cpu"), "cpu", [*worker.SCENARIOS, "op"])
 
 
 @pytest.mark.parametrize("scenario", list(worker.SCENARIOS))
 def test_two_ranks_equal_one_process_on_the_union(cpu_results, scenario):
     _check(cpu_results, scenario, "cpu")
+
+
+def _op_reference(device: str) -> list[dict]:
+    """F.batch_norm on the union batch + the zero-padded residual, ReLU; per rank's rows."""
+    ranks, params = worker.op_inputs()
+    x = torch.cat([r[0] for r in ranks]).to(device).requires_grad_()
+    residual = torch.cat([r[1] for r in ranks]).to(device).requires_grad_()
+    grad_out = torch.cat([r[2] for r in ranks]).to(device)
+    weight, bias = (p.to(device).requires_grad_() for p in params[:2])
+    running_mean, running_var = (p.to(device) for p in params[2:])
+    cr, offset = worker.OP_RESIDUAL
+    padded = torch.nn.functional.pad(residual, (0, 0, 0, 0, offset, worker.OP_CHANNELS - offset - cr))
+    out = torch.relu(
+        torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, True, worker.OP_MOMENTUM,
+                                       worker.OP_EPS) + padded
+    )
+    (out * grad_out).sum().backward()
+    rows, start = [], 0
+    for n in worker.OP_SIZES:
+        sl = slice(start, start + n)
+        start += n
+        rows.append({
+            "out": out[sl], "grad_x": x.grad[sl], "grad_residual": residual.grad[sl], "grad_weight": weight.grad,
+            "grad_bias": bias.grad, "running_mean": running_mean, "running_var": running_var,
+        })
+    return rows
+
+
+def _check_op(results: list[dict], device: str) -> None:
+    # docs/design.md §5: fp32 within 1e-5 of the reference, by relative norm
+    for rank, (res, ref) in enumerate(zip(results, _op_reference(device))):
+        got = res["op"]
+        assert got["channels_last"], "the output keeps x's memory format"
+        for key, want in ref.items():
+            want = want.detach().cpu()
+            err = ((got[key] - want).norm() / want.norm()).item()
+            assert err <= 1e-5, (rank, key, err)
+
+
+def test_op_in_fp32_channels_last_with_a_narrow_residual(cpu_results):
+    _check_op(cpu_results, "cpu")
+
+
+def test_module_alone_on_2d_input(cpu_results):
+    # FusedSyncBatchNorm called as a module (BatchNorm1d-shaped input, cumulative momentum)
+    # equals nn.BatchNorm1d on the union of the ranks' inputs
+    ranks, _ = worker.op_inputs()
+    features = [r[0].mean((2, 3)) * (1 + i) for i, r in enumerate(ranks)]
+    bn = nn.BatchNorm1d(worker.OP_CHANNELS, momentum=None)
+    for _ in range(2):
+        out = bn(torch.cat(features))
+    want_state = worker.state(bn)
+    start = 0
+    for rank, res in enumerate(cpu_results):
+        n = features[rank].shape[0]
+        torch.testing.assert_close(res["op"]["module_out"], out[start : start + n].detach(), rtol=1e-5, atol=1e-6)
+        start += n
+        assert res["op"]["module_state"].keys() == want_state.keys()
+        for key, want in want_state.items():
+            torch.testing.assert_close(res["op"]["module_state"][key], want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_comparison_can_fail():
@@ -132,9 +192,10 @@ def test_the_comparison_can_fail():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: none is visible to torch")
 def test_two_ranks_on_cuda_with_torch_converter(tmp_path):
     # both ranks on one GPU: gloo carries CUDA tensors (NCCL needs a GPU per rank)
-    results = _run_ranks(tmp_path, "cuda", ["torch_converter", "ddp"])
+    results = _run_ranks(tmp_path, "cuda", ["torch_converter", "ddp", "op"])
     for scenario in ("torch_converter", "ddp"):
         _check(results, scenario, "cuda")
+    _check_op(results, "cuda")
 
 
 # --- one process -----------------------------------------------------------------------------
