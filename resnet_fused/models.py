@@ -133,8 +133,9 @@ def conv_norm_act(
     norm_type = type(norm)
     # issue 20 (resnet_fused/sync_batch_norm.py): a SyncBatchNorm is a BatchNorm2d here, except
     # in training across a process group, where its batch statistics are the group's
-    sync_group = sync_batch_norm.sync_group(norm) if norm_type in sync_batch_norm.SYNC_NORMS else None
-    norm_type = nn.BatchNorm2d if norm_type in sync_batch_norm.SYNC_NORMS else norm_type
+    sync_group = None
+    if norm_type in sync_batch_norm.SYNC_NORMS:
+        norm_type, sync_group = nn.BatchNorm2d, sync_batch_norm.sync_group(norm)
     if norm_type is not nn.BatchNorm2d and norm_type is not FrozenBatchNorm2d:
         _warn_unfused(norm, "norm layer")
         return _unfused(norm(conv(x)), residual, relu, residual_channel_offset)

@@ -235,6 +235,31 @@ def test_single_process_is_plain_batch_norm(request, initialised):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_op_in_a_world_of_one_is_batch_norm_act(world_of_one, dtype, tol, backend):
+    # the group's statistics are the rank's: the op is ops.batch_norm_act (training), any dtype
+    g = torch.Generator().manual_seed(5)
+    x0 = (torch.randn(3, 4, 5, 5, generator=g) * 2 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    res0 = torch.randn(3, 4, 5, 5, generator=g).to(dtype)
+    grad = torch.randn(3, 4, 5, 5, generator=g).to(dtype)
+    w0, b0 = 1 + 0.3 * torch.randn(4, generator=g), 0.2 * torch.randn(4, generator=g)
+
+    def run(op):
+        x, res, w, b = (t.clone().requires_grad_() for t in (x0, res0, w0, b0))
+        rm, rv = torch.zeros(4), torch.ones(4)
+        with resnet_fused.backend(backend):
+            out = op(x, w, b, rm, rv, 0.1, 1e-5, res, True)
+        (out.float() * grad.float()).sum().backward()
+        return out, x.grad, res.grad, w.grad, b.grad, rm, rv
+
+    got = run(sync_ops.sync_batch_norm_act)
+    want = run(lambda x, w, b, rm, rv, m, e, r, relu: resnet_fused.ops.batch_norm_act(x, w, b, rm, rv, True, m, e, r, relu))
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, want):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() <= tol
+
+
 @pytest.mark.parametrize("convert", ["resnet_fused", "torch"])
 def test_eval_is_the_inference_path_over_running_statistics(convert):
     # fp32 on CPU: the oneDNN path over folded running statistics, whose bits
