@@ -109,11 +109,10 @@ class SyncParts:
                 f"got 1 (x of shape {tuple(x.shape)} on this rank)"
             )
         self.count = total
-        if running_mean is not None and total > 0:
-            common.update_running_stats(
-                running_mean, running_var, mean_g.to(running_mean.dtype), var_g.to(running_var.dtype), momentum, total
-            )
         acc = _acc_dtype(x)
+        if running_mean is not None and total > 0:
+            # in the statistics' dtype, as the one-process kernels' update (rounded once to the buffers')
+            common.update_running_stats(running_mean, running_var, mean_g.to(acc), var_g.to(acc), momentum, total)
         invstd_g = torch.rsqrt(var_g + eps)
         gamma = torch.ones_like(mean_g) if weight is None else weight.detach().double()
         beta = torch.zeros_like(mean_g) if bias is None else bias.detach().double()
