@@ -34,6 +34,7 @@ from resnet_fused.ops.cpu.onednn import cpu_winograd, set_cpu_winograd  # noqa: 
 from resnet_fused.ops.fold import bn_scale_shift  # noqa: E402
 from resnet_fused.registry import BUILDERS as _BUILDERS  # noqa: E402
 from resnet_fused.registry import MODEL_NAMES, get_model, list_models  # noqa: E402
+from resnet_fused.sync_batch_norm import FusedSyncBatchNorm, convert_sync_batchnorm  # noqa: E402
 
 # resnet18 ... wide_resnet101_2, from the registry's one list
 globals().update(_BUILDERS)
@@ -51,6 +52,8 @@ __all__ = [
     "unfuse",
     "FuseReport",
     "memory_efficient",
+    "FusedSyncBatchNorm",
+    "convert_sync_batchnorm",
     "CifarResNet",
     "CifarBasicBlock",
     "cifar_resnet",

@@ -5,7 +5,8 @@ The one fusability rule, used by the fused models, the CIFAR models, the fx
 rewrite and the CPU planner:
 * the convolution: a plain `nn.Conv2d` with zero padding given as numbers
   (`conv_reason`);
-* the norm: `nn.BatchNorm2d` or torchvision's `FrozenBatchNorm2d`
+* the norm: `nn.BatchNorm2d`, torchvision's `FrozenBatchNorm2d` or a
+  SyncBatchNorm (torch's, or `sync_batch_norm.FusedSyncBatchNorm`)
   (`norm_reason`); over running statistics (eval, or frozen) it is folded
   into the convolution's epilogue, over batch statistics it is the fused
   train-mode BN after the convolution.
@@ -22,14 +23,16 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from resnet_fused import ops
+from resnet_fused import ops, sync_batch_norm
 from resnet_fused.ops import common
 from resnet_fused.ops.cpu import modules as cpu_modules
 from resnet_fused.ops.cpu.onednn import member
 from resnet_fused.ops.fold import conv_scale_shift
 from resnet_fused.plan import Plan, called_plainly, current
 
-NORM_TYPES = (nn.BatchNorm2d, FrozenBatchNorm2d)
+# SyncBatchNorm is a BatchNorm2d here, except in training across a process
+# group, where its batch statistics are the group's (sync_batch_norm.py)
+NORM_TYPES = (nn.BatchNorm2d, FrozenBatchNorm2d, *sync_batch_norm.SYNC_NORMS)
 
 _warned: set[type] = set()
 _warned_lock = threading.Lock()
@@ -59,7 +62,7 @@ def norm_reason(norm: nn.Module, bn_part: bool = False) -> Optional[str]:
     its BatchNorm part is fused here."""
     if type(norm) in NORM_TYPES or (bn_part and carries_activation(norm)):
         return None
-    return f"{type(norm).__name__} is not nn.BatchNorm2d or FrozenBatchNorm2d"
+    return f"{type(norm).__name__} is not nn.BatchNorm2d, FrozenBatchNorm2d or a SyncBatchNorm"
 
 
 def uses_running_stats(norm: nn.Module) -> bool:
@@ -95,19 +98,6 @@ def _warn_unfused(module: nn.Module, what: str) -> None:
         RuntimeWarning,
         stacklevel=4,
     )
-
-
-def _batch_norm_args(bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], Optional[Tensor], float]:
-    """(running_mean, running_var, momentum) for a batch-statistics call, with
-    the module's own bookkeeping (num_batches_tracked) done exactly as
-    torch.nn.modules.batchnorm._BatchNorm.forward does it."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    if bn.training and not bn.track_running_stats:
-        return None, None, factor
-    return bn.running_mean, bn.running_var, factor
 
 
 def conv_norm_act(
@@ -156,7 +146,12 @@ def conv_norm_act(
             x, conv.weight, scale, shift, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups,
             residual_channel_offset,
         )
-    mean, var, momentum = _batch_norm_args(norm)
+    mean, var, momentum = common.batch_norm_module_args(norm)
+    group = sync_batch_norm.sync_group(norm) if type(norm) in sync_batch_norm.SYNC_NORMS else None
+    if group is not None:  # batch statistics over a process group
+        return sync_batch_norm.conv_norm_act_train(
+            conv, norm, x, mean, var, momentum, residual, relu, recompute, residual_channel_offset, group
+        )
     if recompute and conv.bias is None and torch.is_grad_enabled():
         return ops.conv_bn_act_train(
             x, conv.weight, norm.weight, norm.bias, mean, var, momentum, norm.eps, residual, relu,

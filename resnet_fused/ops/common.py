@@ -53,6 +53,21 @@ def conv_bn_act_needs_reference(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     return x.dtype == torch.float64 or records_grad(x, *tensors)
 
 
+def batch_norm_module_args(bn) -> tuple[Optional[Tensor], Optional[Tensor], float]:
+    """(running_mean, running_var, momentum) for a batch-statistics call of
+    BatchNorm module `bn`, with the module's own bookkeeping
+    (num_batches_tracked) done exactly as
+    torch.nn.modules.batchnorm._BatchNorm.forward does it (SyncBatchNorm's
+    is the same)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if bn.training and not bn.track_running_stats:
+        return None, None, factor
+    return bn.running_mean, bn.running_var, factor
+
+
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
 ) -> None:
