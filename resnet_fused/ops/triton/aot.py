@@ -247,7 +247,7 @@ def conv_launches(layer: Layer, dtype: torch.dtype, fmt) -> list[tuple]:
     vec = torch.empty(layer.w_shape[0], device="meta")
     index_64 = conv.needs_int64(x, w, residual) or library._out_needs_int64(shape)
     launches = []
-    for cfg in conv.configs_for(dtype, layer.w_shape[1], index_64):
+    for cfg in conv.configs_for(dtype, layer.w_shape[1], index_64, conv.channels_contiguous(x, w, residual)):
         rec = _Recorder()
         conv.launch(x, w, vec, vec, residual, layer.relu, layer.stride, layer.padding, layer.dilation, layer.groups,
                     out, cfg, rec)

@@ -153,7 +153,7 @@ def _configs(x: Tensor, weight: Tensor, residual: Optional[Tensor], shape) -> tu
     if conv.interpreting():
         return (conv.INTERPRETER_CONFIG,)
     index_64 = conv.needs_int64(x, weight, residual) or _out_needs_int64(shape)
-    return conv.configs_for(x.dtype, weight.shape[1], index_64)
+    return conv.configs_for(x.dtype, weight.shape[1], index_64, conv.channels_contiguous(x, weight, residual))
 
 
 def _reference(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset):
