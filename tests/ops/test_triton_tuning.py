@@ -53,8 +53,11 @@ def conv_op(x, w, scale, shift):
 
 @pytest.fixture
 def fresh_choices(monkeypatch):
-    """An empty tuning cache, so an earlier test's choice is not reused."""
+    """An empty tuning cache, so an earlier test's choice is not reused, and
+    no disk cache (tests/ops/test_triton_tuning_cache.py tests that)."""
     monkeypatch.setattr(tuning, "_choices", {})
+    monkeypatch.setattr(tuning, "_persisted", {})
+    monkeypatch.setenv("RESNET_FUSED_TUNING_CACHE", "0")
 
 
 # ---- symbolic shapes --------------------------------------------------------
