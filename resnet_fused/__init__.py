@@ -28,6 +28,7 @@ from resnet_fused.cifar import (  # noqa: E402
     cifar_resnet1202,
 )
 from resnet_fused.convert import FuseReport, fuse, unfuse  # noqa: E402
+from resnet_fused.autotune import tune  # noqa: E402
 from resnet_fused.ops.onednn import cpu_winograd, set_cpu_winograd  # noqa: E402
 from resnet_fused.models import (  # noqa: E402
     FusedBasicBlock,
@@ -59,6 +60,7 @@ __all__ = [
     "fuse",
     "unfuse",
     "FuseReport",
+    "tune",
     "CifarResNet",
     "CifarBasicBlock",
     "cifar_resnet",
