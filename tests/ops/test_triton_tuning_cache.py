@@ -107,6 +107,7 @@ def test_key_and_problem_text():
         base,
         key_of(x, w, relu=False),
         key_of(x, w, residual=torch.randn(2, 16, 5, 5, device=DEVICE)),
+        key_of(x, w, residual=torch.randn(2, 16, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)),
         key_of(x, w, residual=narrow_res, offset=4),
         key_of(x, w, residual=narrow_res, offset=0),
         key_of(x.half(), w.half()),
@@ -116,8 +117,8 @@ def test_key_and_problem_text():
     ]
     texts = [tuning.problem(k) for k in variants]
     assert len(set(texts)) == len(texts), texts
-    assert "residual-channels=4+8" in texts[3]
-    assert "float16" in texts[5] and "nhwc/nchw" in texts[6] and "nchw/nhwc" in texts[7]
+    assert "residual=nchw" in texts[2] and "residual=nhwc" in texts[3] and "residual-channels=4+8" in texts[4]
+    assert "float16" in texts[6] and "nhwc/nchw" in texts[7] and "nchw/nhwc" in texts[8]
     assert str(x.device) not in tuning.problem(base)
 
 

@@ -84,13 +84,16 @@ def key(
     x: Tensor, weight: Tensor, residual, relu, stride, padding, dilation, groups, residual_channel_offset=0, mode="auto"
 ) -> Optional[tuple]:
     """The cache key of one conv_bn_act problem, or None under symbolic
-    shapes (keys never hold SymInts)."""
+    shapes (keys never hold SymInts). The residual's layout is part of it:
+    it changes the kernel's loads and which tilings are offered
+    (`conv.channels_contiguous`)."""
     sizes = static_ints((*x.shape, *weight.shape, *stride, *padding, *dilation, groups))
     if sizes is None:
         return None
+    res = "none" if residual is None else ("nhwc" if is_channels_last(residual) else "nchw")
     k = (
         sizes[:4], sizes[4:8], x.dtype, is_channels_last(x), is_channels_last(weight),
-        residual is not None, bool(relu), sizes[8:10], sizes[10:12], sizes[12:14], sizes[14], str(x.device),
+        res, bool(relu), sizes[8:10], sizes[10:12], sizes[12:14], sizes[14], str(x.device),
         conv.input_precision(x.dtype), mode,
     )
     if residual is not None and residual.shape[1] != weight.shape[0]:
@@ -117,7 +120,7 @@ def problem(k: tuple) -> str:
     text = (
         f"x={dims(x)} w={dims(w)} {str(dtype).replace('torch.', '')} "
         f"{'nhwc' if x_cl else 'nchw'}/{'nhwc' if w_cl else 'nchw'} stride={dims(stride)} pad={dims(padding)} "
-        f"dil={dims(dilation)} groups={groups} {'residual' if residual else 'no-residual'} "
+        f"dil={dims(dilation)} groups={groups} residual={residual} "
         f"{'relu' if relu else 'no-relu'} {precision} {mode}"
     )
     if narrow:
