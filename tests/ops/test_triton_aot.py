@@ -76,6 +76,7 @@ def test_channels_last_only_tilings_never_launch_in_nchw():
     import torch
 
     layer = next(lay for lay in aot.layers(("resnet50",), 1) if lay.name == "layer2.0.conv2")
-    names = {fmt: {cfg.name for cfg, *_ in aot.conv_launches(layer, torch.float16, f)} for fmt, f in aot.LAYOUTS.items()}
+    names = {name: {cfg.name for cfg, *_ in aot.conv_launches(layer, torch.float16, fmt)}
+             for name, fmt in aot.LAYOUTS.items()}
     assert names["nchw"] == {cfg.name for cfg in triton_conv.CONFIGS}
     assert names["nhwc"] == {cfg.name for cfg in triton_conv.CONFIGS + triton_conv.CHANNELS_LAST_CONFIGS}
