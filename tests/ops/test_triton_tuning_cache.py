@@ -401,6 +401,33 @@ def test_torch_compile_uses_the_stored_choice(cache_dir, monkeypatch):
     assert seen and all(choice == tuning.CUDNN and not measurable for measurable, choice in seen)
 
 
+TRACE_REGISTRATION = """
+import torch, resnet_fused
+from torch.fx.experimental.proxy_tensor import make_fx
+from resnet_fused.ops.triton import tuning, tuning_cache
+op = torch.ops.resnet_fused.triton_conv_bn_act
+x, w, s, b = torch.randn(2, 8, 5, 5), torch.randn(16, 8, 3, 3), torch.rand(16), torch.rand(16)
+k = tuning.key(x, w, None, True, (1, 1), (1, 1), (1, 1), 1, 0, "auto")
+tuning_cache.store(tuning_cache.environment(x.device), {tuning.problem(k): "cudnn"})
+seen, real = [], tuning.pick
+tuning.pick = lambda *a, **kw: seen.append((a[3], real(*a, **kw))) or seen[-1][1]
+make_fx(lambda *t: op(*t, None, True, [1, 1], [1, 1], [1, 1], 1), tracing_mode="fake")(x, w, s, b)
+print(seen)
+"""
+
+
+def test_triton_op_registration_traces_with_the_stored_choice(tmp_path):
+    """The registration a GPU machine runs (triton_op, no interpreter), traced
+    with fake tensors as torch.compile does, here without a GPU: the choice
+    comes from the disk cache, with nothing measured."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", RESNET_FUSED_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", TRACE_REGISTRATION], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[(False, 'cudnn')]"
+
+
 # ---- the timer ---------------------------------------------------------------------------
 
 
