@@ -163,6 +163,18 @@ def test_directory_and_switches(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning_cache, "interpreting", lambda: False)
     assert tuning_cache.enabled()
 
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(tuning_cache.Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(tuning_cache, "_warned", set())
+    with pytest.warns(UserWarning, match="RESNET_FUSED_CACHE_DIR"):
+        assert tuning_cache.directory() is None
+    env = tuning_cache.environment(torch.device("cpu"))
+    assert tuning_cache.load(env) == {}
+    tuning_cache.store(env, {"p": tuning.CUDNN})  # nowhere to write: no error
+
 
 # ---- round trip ------------------------------------------------------------------
 
@@ -235,17 +247,18 @@ def _prepare(cache_dir, text):
     x, w, _, _ = inputs()
     path = tuning_cache.path_for(tuning_cache.environment(x.device))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return x, key_of(x, w), path
 
 
-@pytest.mark.parametrize("what", ["garbage", "truncated", "list", "format_2", "foreign_environment"])
+@pytest.mark.parametrize("what", ["garbage", "binary", "truncated", "list", "format_2", "foreign_environment"])
 def test_bad_file_is_ignored_with_one_warning(cache_dir, what):
     x, _, _, _ = inputs()
     env = tuning_cache.environment(x.device)
     good = {"format": 1, "environment": env, "choices": {}}
     text = {
         "garbage": "\x00\xff not json",
+        "binary": b"\xff\xfe\x00\x80",
         "truncated": json.dumps(good)[:-3],
         "list": "[1, 2]",
         "format_2": json.dumps(dict(good, format=2)),
@@ -270,8 +283,10 @@ def test_unreadable_entries_are_skipped(cache_dir):
     env = tuning_cache.environment(x.device)
     k = key_of(x, w)
     _prepare(cache_dir, json.dumps({"format": 1, "environment": env, "choices": {
-        "some problem": {"block_m": 64, "unknown_field": 1}, "other": 7, tuning.problem(k): "cudnn"}}))
+        "some problem": {"block_m": 64, "unknown_field": 1}, "other": 7,
+        "strings": dict(block_m="64", block_n=64, block_k=32), tuning.problem(k): "cudnn"}}))
     assert tuning.persisted(k) == tuning.CUDNN
+    assert tuning_cache.load(env) == {tuning.problem(k): tuning.CUDNN}
 
 
 def test_switched_off_nothing_is_read_or_written(cache_dir, monkeypatch):

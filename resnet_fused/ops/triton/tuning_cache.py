@@ -61,13 +61,23 @@ def enabled() -> bool:
     return not interpreting() or bool(os.environ.get("RESNET_FUSED_CACHE_DIR"))
 
 
-def directory() -> Path:
+def directory() -> Optional[Path]:
+    """Where the files live; None (and no disk cache, with one warning) where
+    no home directory can be found and no variable says where."""
     explicit = os.environ.get("RESNET_FUSED_CACHE_DIR")
     if explicit:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "resnet_fused"
+    if xdg:
+        return Path(xdg).expanduser() / "resnet_fused"
+    try:
+        return Path.home() / ".cache" / "resnet_fused"
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
+        if "no home" not in _warned:
+            _warned.add("no home")
+            warnings.warn("resnet_fused: no home directory for the tuning cache; set RESNET_FUSED_CACHE_DIR to "
+                          "keep tuned choices across processes", stacklevel=3)
+        return None
 
 
 def environment(device: torch.device) -> Optional[dict]:
@@ -97,9 +107,12 @@ def environment(device: torch.device) -> Optional[dict]:
     return env
 
 
-def path_for(env: dict) -> Path:
+def path_for(env: dict) -> Optional[Path]:
+    where = directory()
+    if where is None:
+        return None
     digest = hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
-    return directory() / f"conv_bn_act-{digest}.json"
+    return where / f"conv_bn_act-{digest}.json"
 
 
 def encode(choice: Choice):
@@ -110,10 +123,10 @@ def decode(value) -> Optional[Choice]:
     """A choice from its stored form, or None where it is not one."""
     if value == CUDNN:
         return CUDNN
-    if isinstance(value, dict):
+    if isinstance(value, dict) and all(type(v) is int and v > 0 for v in value.values()):
         try:
             return conv.ConvConfig(**value)
-        except TypeError:
+        except TypeError:  # a field this version does not have
             return None
     return None
 
@@ -131,12 +144,14 @@ def _read(path: Path, env: dict) -> dict[str, Choice]:
     """The choices in `path` for `env`; {} (with one warning) where the file
     is unreadable, not JSON, another format or another environment's."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError):  # nothing stored yet (a write says if it cannot be)
         return {}
     except OSError as e:
         _warn_once(path, "read", f"unreadable ({e}); ignored, shapes are tuned again")
         return {}
+    except UnicodeDecodeError:
+        text = ""  # binary garbage: not JSON either
     try:
         data = json.loads(text)
     except ValueError:
@@ -158,9 +173,8 @@ def _read(path: Path, env: dict) -> dict[str, Choice]:
 
 
 def load(env: dict) -> dict[str, Choice]:
-    if not enabled():
-        return {}
-    return _read(path_for(env), env)
+    path = path_for(env) if enabled() else None
+    return {} if path is None else _read(path, env)
 
 
 @contextlib.contextmanager
@@ -182,9 +196,9 @@ def store(env: dict, new: dict[str, Choice]) -> None:
     """Add `new` (problem -> choice) to env's file: merged with what other
     processes wrote meanwhile, replaced atomically. A failure (read-only or
     full disk) warns once and is otherwise ignored."""
-    if not enabled() or not new:
+    path = path_for(env) if enabled() and new else None
+    if path is None:
         return
-    path = path_for(env)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(path.with_suffix(".lock")):
@@ -193,7 +207,7 @@ def store(env: dict, new: dict[str, Choice]) -> None:
             text = json.dumps({"format": FORMAT, "environment": env, "choices": merged}, indent=1, sort_keys=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             try:
-                with os.fdopen(fd, "w") as f:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
