@@ -583,8 +583,22 @@ def test_tune_unfused_model_warns(cache_dir, timed):
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.gpu
-def test_tune_on_gpu_persists_measured_choices(cache_dir):
+def test_tune_on_gpu_persists_measured_choices(cache_dir, monkeypatch):
+    """On a GPU: measured, stored, and in a new process taken from disk
+    (checked, not timed)."""
     model = resnet_fused.resnet18().cuda().half().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half).contiguous(memory_format=torch.channels_last)
     summary = resnet_fused.tune(model, x)
     assert summary and set(stored(x)["choices"]) == set(summary)
+    tuning.clear()
+    monkeypatch.setattr(tuning, "cuda_time", never_timed)
+    assert resnet_fused.tune(model, x) == summary
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.gpu
+def test_cuda_timer_runs_on_a_gpu():
+    """The real clock (events, the GPU hold) works; no timing is asserted."""
+    a = torch.randn(512, 512, device="cuda")
+    ms = tuning.cuda_time(lambda: a @ a)
+    assert ms > 0 and ms == ms
