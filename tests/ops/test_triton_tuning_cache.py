@@ -586,8 +586,8 @@ def test_tune_unfused_model_warns(cache_dir, timed):
 def test_tune_on_gpu_persists_measured_choices(cache_dir, monkeypatch):
     """On a GPU: measured, stored, and in a new process taken from disk
     (checked, not timed)."""
-    model = resnet_fused.resnet18().cuda().half().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half).contiguous(memory_format=torch.channels_last)
+    model = small_model().cuda().half().to(memory_format=torch.channels_last)  # 7 convs: ~100 candidates
+    x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.half).contiguous(memory_format=torch.channels_last)
     summary = resnet_fused.tune(model, x)
     assert summary and set(stored(x)["choices"]) == set(summary)
     tuning.clear()
