@@ -44,7 +44,7 @@ def ref64(x, w, scale, shift, residual, relu, stride, padding, dilation, groups,
     return torch.relu(y) if relu else y
 
 
-def inputs(n, c, h, w, k, r, stride, padding, dilation, groups, dtype, res_channels=None, seed=0):
+def inputs(n, c, h, w, k, r, stride, padding, dilation, groups, dtype, res_channels=None, res_nhwc=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g).to(dtype).to(memory_format=torch.channels_last)
     weight = (torch.randn(k, c // groups, r, r, generator=g) / (c // groups * r * r) ** 0.5).to(dtype)
@@ -54,14 +54,18 @@ def inputs(n, c, h, w, k, r, stride, padding, dilation, groups, dtype, res_chann
     p = (h + 2 * padding - dilation * (r - 1) - 1) // stride + 1
     q = (w + 2 * padding - dilation * (r - 1) - 1) // stride + 1
     residual = torch.randn(n, res_channels or k, p, q, generator=g).to(dtype)
+    if res_nhwc:  # read by TMA; NCHW through pointers
+        residual = residual.to(memory_format=torch.channels_last)
     return (*(t.to(DEVICE) for t in (x, weight, scale, shift, residual)), conv)
 
 
-def run(x, w, scale, shift, res, relu, conv, config=conv_tma.INTERPRETER_CONFIG, offset=0, programs=None):
+def run(x, w, scale, shift, res, relu, conv, config=conv_tma.INTERPRETER_CONFIG, offset=0, programs=None,
+        res_index_64=None):
     shape = ops.conv_out_shape(x, w, conv["stride"], conv["padding"], conv["dilation"])
     out = conv_tma.output_like(x, shape)
     return conv_tma.launch(x, w, scale, shift, res, relu, conv["stride"], conv["padding"], conv["dilation"],
-                           conv["groups"], out, config, residual_channel_offset=offset, programs=programs)
+                           conv["groups"], out, config, residual_channel_offset=offset, programs=programs,
+                           res_index_64=res_index_64)
 
 
 # (n, c, h, w, k, r, stride, padding, dilation, groups): no size is a
@@ -98,14 +102,24 @@ def test_epilogue_without_residual(dtype, relu):
     assert_equivalent(out, ref64(x, w, scale, shift, None, relu, **conv), OP_TOL[dtype])
 
 
-@pytest.mark.parametrize("gemm", [False, True], ids=["conv", "gemm"])
-def test_residual_channel_offset(gemm):
+@pytest.mark.parametrize("res_read", ["tma", "pointers", "pointers_int64"])
+@pytest.mark.parametrize("path", ["3x3", "1x1_gemm", "groups2"])
+def test_residual_channel_offset(path, res_read):
     """The option-A shortcut: a residual of 16 channels added to output
-    channels [24, 40), read in place in NCHW (pointer loads)."""
-    shape = SHAPES["1x1_gemm"] if gemm else SHAPES["3x3"]
-    x, w, scale, shift, res, conv = inputs(*shape, torch.float16, res_channels=16)
-    out = run(x, w, scale, shift, res, True, conv, offset=24)
+    channels [24, 40), read in place: by TMA (channels_last; the box's
+    out-of-range channels are the zero padding) or through pointers (NCHW),
+    with int32 or int64 offsets."""
+    x, w, scale, shift, res, conv = inputs(*SHAPES[path], torch.float16, res_channels=16, res_nhwc=res_read == "tma")
+    assert conv_tma.residual_tma(res, 24) == (res_read == "tma")
+    out = run(x, w, scale, shift, res, True, conv, offset=24, res_index_64=res_read == "pointers_int64")
     assert_equivalent(out, ref64(x, w, scale, shift, res, True, **conv, offset=24), OP_TOL[torch.float16])
+
+
+@pytest.mark.parametrize("path", ["3x3", "1x1_gemm"])
+def test_full_width_residual_through_pointers(path):
+    x, w, scale, shift, res, conv = inputs(*SHAPES[path], torch.float16, res_nhwc=False)
+    out = run(x, w, scale, shift, res, True, conv)
+    assert_equivalent(out, ref64(x, w, scale, shift, res, True, **conv), OP_TOL[torch.float16])
 
 
 def test_relu_keeps_nan():
@@ -124,11 +138,13 @@ def test_persistent_grid_covers_every_tile(programs):
     assert_equivalent(out, ref64(x, w, scale, shift, res, True, **conv), OP_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("path", ["3x3", "1x1_gemm", "3x3_stride2"])
 @pytest.mark.parametrize("config", conv_tma.CONFIGS_SM90, ids=lambda c: c.name)
-def test_every_sm90_tiling(config):
-    """Each candidate's tile shape (stages and warp specialisation are no-ops
-    in the interpreter; the AOT test below compiles them)."""
-    x, w, scale, shift, res, conv = inputs(*SHAPES["3x3_stride2"], torch.bfloat16)
+def test_every_sm90_tiling(config, path):
+    """Each candidate's tile shape, the 256-wide one's epilogue in two halves
+    included (K = 136: one half full, one partial; stages mean nothing in
+    the interpreter, the AOT test below compiles them)."""
+    x, w, scale, shift, res, conv = inputs(*SHAPES[path], torch.bfloat16)
     out = run(x, w, scale, shift, res, True, conv, config=config)
     assert_equivalent(out, ref64(x, w, scale, shift, res, True, **conv), OP_TOL[torch.bfloat16])
 

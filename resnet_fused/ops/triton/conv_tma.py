@@ -43,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from resnet_fused.ops.triton import interpreting
+from resnet_fused.ops.triton.conv import needs_int64
 
 
 @triton.jit
@@ -61,22 +62,86 @@ def _taps(pad, dil, STRIDE: tl.constexpr, phase: tl.constexpr, R):
 
 
 @triton.jit
+def _epilogue(
+    acc, kn0, g, pid_m, n0, p0, q0,
+    y_d, r_d, scale_ptr, shift_ptr, res_ptr,
+    n_img, p_out, q_out, k_g, sr_n, sr_c, sr_h, sr_w, r_c0, r_cn,
+    GEMM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RES_TMA: tl.constexpr, RES_INDEX_64: tl.constexpr,
+    RELU: tl.constexpr, BLOCK_IMG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, EPI_N: tl.constexpr,
+):
+    """conv.py's epilogue in fp32 registers on an EPI_N-channel slice of the
+    accumulator starting at channel kn0 of group g, stored by TMA."""
+    BLOCK_M: tl.constexpr = BLOCK_IMG * BLOCK_H * BLOCK_W
+    offs_n = kn0 + tl.arange(0, EPI_N)
+    mask_n = offs_n < k_g
+    k_out = g * k_g + offs_n
+    scale = tl.load(scale_ptr + k_out, mask=mask_n, other=0.0)
+    shift = tl.load(shift_ptr + k_out, mask=mask_n, other=0.0)
+    out = acc * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL and RES_TMA:
+        # channels outside [r_c0, r_c0 + r_cn) are out of the box: zero
+        # filled. A group's box may run into the next group's channels;
+        # those columns are past k_g and the store clips them.
+        if GEMM:
+            res = r_d.load([pid_m * BLOCK_M, g * k_g + kn0 - r_c0])
+        else:
+            res = r_d.load([n0, p0, q0, g * k_g + kn0 - r_c0]).reshape(BLOCK_M, EPI_N)
+        out += res.to(tl.float32)
+    elif HAS_RESIDUAL:
+        # pointer loads: any residual layout and channel offset; int64
+        # only where the residual needs it (64-bit offset tensors of a
+        # 128×256 tile spill)
+        offs = tl.arange(0, BLOCK_M)
+        if GEMM:
+            m = pid_m * BLOCK_M + offs
+            if RES_INDEX_64:
+                m = m.to(tl.int64)
+            n_idx = m // (p_out * q_out)
+            p_idx = (m // q_out) % p_out
+            q_idx = m % q_out
+        else:
+            n_idx = n0 + offs // (BLOCK_H * BLOCK_W)
+            if RES_INDEX_64:
+                n_idx = n_idx.to(tl.int64)
+            p_idx = p0 + (offs // BLOCK_W) % BLOCK_H
+            q_idx = q0 + offs % BLOCK_W
+        in_m = (n_idx < n_img) & (p_idx < p_out) & (q_idx < q_out)
+        k_res = (k_out.to(tl.int64) if RES_INDEX_64 else k_out) - r_c0
+        res_mask = in_m[:, None] & (mask_n & (k_res >= 0) & (k_res < r_cn))[None, :]
+        res_off = (n_idx * sr_n + p_idx * sr_h + q_idx * sr_w)[:, None] + (k_res * sr_c)[None, :]
+        out += tl.load(res_ptr + res_off, mask=res_mask, other=0.0).to(tl.float32)
+    if RELU:
+        out = tl.where(out < 0.0, 0.0, out)  # keeps NaN, as torch.relu does
+    out = out.to(y_d.dtype)
+    # TMA clips the store at every bound: partial tiles need no mask
+    if GEMM:
+        y_d.store([pid_m * BLOCK_M, kn0], out)
+    else:
+        y_d.store([n0, p0, q0, g, kn0], out.reshape(BLOCK_IMG, BLOCK_H, BLOCK_W, 1, EPI_N))
+
+
+@triton.jit
 def _conv_tma_kernel(
     # activation descriptors: phase (oh, ow) = (0,0), (0,1), (1,0), (1,1);
     # stride 1 and the GEMM use x_d0 alone (the others are the same one)
     x_d0, x_d1, x_d2, x_d3,
     w_d, y_d,
+    # the residual as a descriptor (RES_TMA: channels_last, 16-byte aligned
+    # channel offset) or through pointers (any layout); the other one unused
+    r_d,
     scale_ptr, shift_ptr, res_ptr,
-    N, P, Q, R, S, C_G, K_G, G,
+    n_img, p_out, q_out, r_taps, s_taps, c_g, k_g, groups,
     pad_h, pad_w, dil_h, dil_w,
     sr_n, sr_c, sr_h, sr_w,
-    # the residual holds output channels [R_C0, R_C0 + R_CN) (option-A
+    # the residual holds output channels [r_c0, r_c0 + r_cn) (option-A
     # shortcuts read in place)
-    R_C0, R_CN,
-    NUM_PROGRAMS,
+    r_c0, r_cn,
+    num_programs,
     STRIDE: tl.constexpr,
     GEMM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    RES_TMA: tl.constexpr,
+    RES_INDEX_64: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK_IMG: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -85,25 +150,26 @@ def _conv_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     WARP_SPEC: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
     # as in conv.py: the 3.8 interpreter's bf16 dot is wrong; widen there only
     WIDEN_OPERANDS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_IMG * BLOCK_H * BLOCK_W
     if GEMM:
-        num_m = tl.cdiv(N * P * Q, BLOCK_M)
+        num_m = tl.cdiv(n_img * p_out * q_out, BLOCK_M)
     else:
-        tiles_w = tl.cdiv(Q, BLOCK_W)
-        tiles_h = tl.cdiv(P, BLOCK_H)
-        num_m = tl.cdiv(N, BLOCK_IMG) * tiles_h * tiles_w
-    num_n = tl.cdiv(K_G, BLOCK_N)
+        tiles_w = tl.cdiv(q_out, BLOCK_W)
+        tiles_h = tl.cdiv(p_out, BLOCK_H)
+        num_m = tl.cdiv(n_img, BLOCK_IMG) * tiles_h * tiles_w
+    num_n = tl.cdiv(k_g, BLOCK_N)
     tiles_per_group = num_m * num_n
-    num_tiles = tiles_per_group * G
-    c_blocks = tl.cdiv(C_G, BLOCK_K)
+    num_tiles = tiles_per_group * groups
+    c_blocks = tl.cdiv(c_g, BLOCK_K)
 
-    # persistent: one program per SM walks tiles NUM_PROGRAMS apart, so a
+    # persistent: one program per SM walks tiles num_programs apart, so a
     # tile's epilogue overlaps the next tile's first loads and no wave
     # quantisation tail is left to a second launch wave
-    for tile in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+    for tile in range(tl.program_id(0), num_tiles, num_programs):
         g = tile // tiles_per_group
         t = tile % tiles_per_group
         # grouped ordering: GROUP_M row tiles share each weight tile in L2
@@ -115,6 +181,9 @@ def _conv_tma_kernel(
         k0 = pid_n * BLOCK_N
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n0 = 0  # the conv path's tile origin (unused by the GEMM)
+        p0 = 0
+        q0 = 0
         if GEMM:
             m0 = pid_m * BLOCK_M
             for i in tl.range(0, c_blocks, warp_specialize=WARP_SPEC):
@@ -129,9 +198,9 @@ def _conv_tma_kernel(
             p0 = ((pid_m // tiles_w) % tiles_h) * BLOCK_H
             n0 = (pid_m // (tiles_w * tiles_h)) * BLOCK_IMG
             for ph in tl.static_range(STRIDE):
-                r_first, r_step, r_count = _taps(pad_h, dil_h, STRIDE, ph, R)
+                r_first, r_step, r_count = _taps(pad_h, dil_h, STRIDE, ph, r_taps)
                 for pw in tl.static_range(STRIDE):
-                    s_first, s_step, s_count = _taps(pad_w, dil_w, STRIDE, pw, S)
+                    s_first, s_step, s_count = _taps(pad_w, dil_w, STRIDE, pw, s_taps)
                     if ph * STRIDE + pw == 0:
                         xd = x_d0
                     elif ph * STRIDE + pw == 1:
@@ -149,45 +218,28 @@ def _conv_tma_kernel(
                         h = p0 + (r * dil_h - pad_h - ph) // STRIDE
                         w = q0 + (s * dil_w - pad_w - pw) // STRIDE
                         a = xd.load([n0, h, w, g, c0]).reshape(BLOCK_M, BLOCK_K)
-                        b = w_d.load([g, k0, r * S + s, c0]).reshape(BLOCK_N, BLOCK_K)
+                        b = w_d.load([g, k0, r * s_taps + s, c0]).reshape(BLOCK_N, BLOCK_K)
                         if WIDEN_OPERANDS:
                             a = a.to(tl.float32)
                             b = b.to(tl.float32)
                         acc = tl.dot(a, b.T, acc)
 
-        # epilogue, in fp32 registers (conv.py's)
-        offs_n = k0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < K_G
-        k_out = g * K_G + offs_n
-        scale = tl.load(scale_ptr + k_out, mask=mask_n, other=0.0)
-        shift = tl.load(shift_ptr + k_out, mask=mask_n, other=0.0)
-        out = acc * scale[None, :] + shift[None, :]
-        if HAS_RESIDUAL:
-            # pointer loads: any residual layout and channel offset, int64
-            # (read once per tile, off the reduction's critical path)
-            offs = tl.arange(0, BLOCK_M)
-            if GEMM:
-                m = (pid_m * BLOCK_M + offs).to(tl.int64)
-                n_idx = m // (P * Q)
-                p_idx = (m // Q) % P
-                q_idx = m % Q
-            else:
-                n_idx = (n0 + offs // (BLOCK_H * BLOCK_W)).to(tl.int64)
-                p_idx = p0 + (offs // BLOCK_W) % BLOCK_H
-                q_idx = q0 + offs % BLOCK_W
-            in_m = (n_idx < N) & (p_idx < P) & (q_idx < Q)
-            k_res = k_out.to(tl.int64) - R_C0
-            res_mask = in_m[:, None] & (mask_n & (k_res >= 0) & (k_res < R_CN))[None, :]
-            res_off = (n_idx * sr_n + p_idx * sr_h + q_idx * sr_w)[:, None] + (k_res * sr_c)[None, :]
-            out += tl.load(res_ptr + res_off, mask=res_mask, other=0.0).to(tl.float32)
-        if RELU:
-            out = tl.where(out < 0.0, 0.0, out)  # keeps NaN, as torch.relu does
-        out = out.to(y_d.dtype)
-        # TMA clips the store at every bound: partial tiles need no mask
-        if GEMM:
-            y_d.store([pid_m * BLOCK_M, k0], out)
+        # the epilogue in N halves where the tile is 256 wide: the residual
+        # and output slices of a whole 128×256 tile next to its accumulator
+        # spill (aot.py's report)
+        if SPLIT_EPILOGUE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            acc_lo, acc_hi = tl.split(halves)
+            _epilogue(acc_lo, k0, g, pid_m, n0, p0, q0, y_d, r_d, scale_ptr, shift_ptr, res_ptr,
+                      n_img, p_out, q_out, k_g, sr_n, sr_c, sr_h, sr_w, r_c0, r_cn,
+                      GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N // 2)
+            _epilogue(acc_hi, k0 + BLOCK_N // 2, g, pid_m, n0, p0, q0, y_d, r_d, scale_ptr, shift_ptr, res_ptr,
+                      n_img, p_out, q_out, k_g, sr_n, sr_c, sr_h, sr_w, r_c0, r_cn,
+                      GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N // 2)
         else:
-            y_d.store([n0, p0, q0, g, k0], out.reshape(BLOCK_IMG, BLOCK_H, BLOCK_W, 1, BLOCK_N))
+            _epilogue(acc, k0, g, pid_m, n0, p0, q0, y_d, r_d, scale_ptr, shift_ptr, res_ptr,
+                      n_img, p_out, q_out, k_g, sr_n, sr_c, sr_h, sr_w, r_c0, r_cn,
+                      GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,12 +263,16 @@ class TmaConfig:
 # The sm_90 candidates (tests/ops/test_triton_tma.py compiles each variant the
 # launcher produces: TMA, wgmma, no spills, shared memory within 227 KB).
 # 128×256 holds a 128 KB fp32 accumulator: 8 warps (two warpgroups) keep it
-# at 128 registers a thread, and 3 stages of 48 KB operands plus the 64 KB
-# output staging buffer stay under the limit.
+# at 128 registers a thread, 3 stages of 48 KB operands plus the epilogue's
+# 32 KB half-tile staging buffer stay under the limit.
+# No warp-specialised tiling: in Triton 3.8 `tl.range(warp_specialize=True)`
+# on sm_90 left this kernel's loop unpartitioned at 8 warps (the same code as
+# without it) and failed to compile at 4 warps (NVGPUWarpSpecialization:
+# "descriptor block and tensor must have the same number of elements").
+# WARP_SPEC stays in the kernel for a Triton that partitions it.
 CONFIGS_SM90: tuple[TmaConfig, ...] = (
     TmaConfig(128, 128, 64, num_stages=4, num_warps=8),
     TmaConfig(128, 128, 64, num_stages=5, num_warps=8),
-    TmaConfig(128, 128, 64, num_stages=4, num_warps=8, warp_specialize=True),
     TmaConfig(128, 256, 64, num_stages=3, num_warps=8),
 )
 # Under TRITON_INTERPRET=1: the tile shapes are the real ones (they decide the
@@ -299,6 +355,19 @@ def m_tile(config: TmaConfig, n: int, p: int, q: int) -> tuple[int, int, int]:
     return config.block_m // (bw * bh), bh, bw
 
 
+def residual_tma(residual: Tensor, channel_offset: int) -> bool:
+    """Whether the residual can be read by TMA: channels_last and dense, a
+    16-byte aligned base, channel count and channel offset (the interpreter
+    checks box offsets for that alignment; ResNet's option-A offsets, K/4,
+    have it)."""
+    return (
+        residual.is_contiguous(memory_format=torch.channels_last)
+        and residual.data_ptr() % 16 == 0
+        and residual.shape[1] % 8 == 0
+        and channel_offset % 8 == 0
+    )
+
+
 def _descriptor(base: Tensor, shape, strides, block):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -319,12 +388,12 @@ def _phase_views(x: Tensor, groups: int, stride: int, block) -> list:
     return descs + [descs[0]] * (4 - len(descs))
 
 
-def num_programs(device: torch.device, tiles: int) -> int:
+def num_programs(device: torch.device, tiles: int, sms: Optional[int] = None) -> int:
     """One program per SM (at most one per tile); under the interpreter two,
     so the persistent loop runs several tiles per program in tests."""
-    if device.type == "cuda":
+    if sms is None and device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
+    elif sms is None:
         sms = 2
     return max(1, min(sms, tiles))
 
@@ -345,10 +414,15 @@ def launch(
     kernel=None,
     residual_channel_offset: int = 0,
     programs: Optional[int] = None,
+    sms: Optional[int] = None,
+    res_index_64: Optional[bool] = None,
 ) -> Tensor:
     """Run the kernel with one tiling, writing `out` (N, K, P, Q),
     channels_last. `kernel`: the JIT function or its wrap_triton wrapper (or
-    aot.py's recorder); `programs`: the persistent grid (default: the SMs)."""
+    aot.py's recorder); `programs`: the persistent grid (default: one program
+    per SM, at most one per tile); `sms`: the SM count that default assumes
+    (default: x's device's; aot.py passes an H100's on meta tensors);
+    `res_index_64` forces the pointer-read residual's offset width (tests)."""
     kernel = _conv_tma_kernel if kernel is None else kernel
     n, c, h, w = x.shape
     k, c_g, r, s = weight.shape
@@ -360,26 +434,35 @@ def launch(
         raise ValueError("conv_tma.launch: `out` must be channels_last (the TMA store writes NHWC boxes)")
     wp = packed_weight(weight)
     bk, bn = config.block_k, config.block_n
+    split = bn > 128
+    en = bn // 2 if split else bn  # the epilogue's slice: the output and residual boxes' width
     gemm = is_gemm(weight, stride, padding, groups)
+    m = n * p * q
     if gemm:
         bi, bh, bw = 1, 1, config.block_m
-        m = n * p * q
         xd = _descriptor(x, (n * h * w, c), (c, 1), (config.block_m, bk))
         xds = [xd] * 4
         wd = _descriptor(wp, (k, c), (c, 1), (bn, bk))
-        yd = _descriptor(out, (m, k), (k, 1), (config.block_m, bn))
+        yd = _descriptor(out, (m, k), (k, 1), (config.block_m, en))
         tiles_m = triton.cdiv(m, config.block_m)
     else:
         bi, bh, bw = m_tile(config, n, p, q)
         xds = _phase_views(x, groups, stride[0], (bi, bh, bw, 1, bk))
         wd = _descriptor(wp, (groups, k_g, r * s, c_g), (k_g * r * s * c_g, r * s * c_g, c_g, 1), (1, bn, 1, bk))
-        yd = _descriptor(out, (n, p, q, groups, k_g), (p * q * k, q * k, k, k_g, 1), (bi, bh, bw, 1, bn))
+        yd = _descriptor(out, (n, p, q, groups, k_g), (p * q * k, q * k, k, k_g, 1), (bi, bh, bw, 1, en))
         tiles_m = triton.cdiv(n, bi) * triton.cdiv(p, bh) * triton.cdiv(q, bw)
     tiles = tiles_m * triton.cdiv(k_g, bn) * groups
-    grid_size = programs if programs is not None else num_programs(x.device, tiles)
+    grid_size = programs if programs is not None else num_programs(x.device, tiles, sms)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
+    res_tma = residual is not None and residual_tma(residual, residual_channel_offset)
+    if res_tma:
+        r_cn = residual.shape[1]
+        rd = (_descriptor(residual, (m, r_cn), (r_cn, 1), (config.block_m, en)) if gemm else
+              _descriptor(residual, (n, p, q, r_cn), (p * q * r_cn, q * r_cn, r_cn, 1), (bi, bh, bw, en)))
+    else:
+        rd = yd
     kernel[(grid_size,)](
-        *xds, wd, yd, scale, shift, res,
+        *xds, wd, yd, rd, scale, shift, res,
         n, p, q, r, s, c_g, k_g, groups,
         padding[0], padding[1], dilation[0], dilation[1],
         res.stride(0), res.stride(1), res.stride(2), res.stride(3),
@@ -388,6 +471,9 @@ def launch(
         STRIDE=1 if gemm else stride[0],
         GEMM=gemm,
         HAS_RESIDUAL=residual is not None,
+        RES_TMA=res_tma,
+        RES_INDEX_64=(residual is not None and not res_tma
+                      and (needs_int64(residual) if res_index_64 is None else res_index_64)),
         RELU=relu,
         BLOCK_IMG=bi,
         BLOCK_H=bh,
@@ -396,6 +482,7 @@ def launch(
         BLOCK_K=bk,
         GROUP_M=config.group_m,
         WARP_SPEC=config.warp_specialize,
+        SPLIT_EPILOGUE=split,
         WIDEN_OPERANDS=interpreting() and x.dtype == torch.bfloat16,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
