@@ -181,6 +181,23 @@ def test_packed_weight_cached_per_version():
     assert second is not first and torch.equal(second, w.permute(0, 2, 3, 1))
 
 
+def test_candidates_only_on_sm90(monkeypatch):
+    """No candidate off sm_90 (here: CPU tensors); on sm_90 every tiling,
+    each launcher computing the op (the device check patched, the kernel
+    interpreted)."""
+    x, w, scale, shift, res, conv = inputs(*SHAPES["1x1_stride2"], torch.float16)
+    args = (x, w, scale, shift, res, True, *conv.values())
+    assert conv_tma.candidates(*args) == {}
+    monkeypatch.setattr(conv_tma, "is_sm90", lambda device: True)
+    cands = conv_tma.candidates(*args)
+    assert set(cands) == set(conv_tma.CONFIGS_SM90)
+    ref = ref64(x, w, scale, shift, res, True, **conv)
+    for launcher in cands.values():
+        assert_equivalent(launcher(), ref, OP_TOL[torch.float16])
+    fp32 = (x.float(), w.float(), scale, shift, res.float(), True, *conv.values())
+    assert conv_tma.candidates(*fp32) == {}
+
+
 # ---- ahead-of-time compilation for sm_90 ----------------------------------------------
 
 

@@ -368,10 +368,15 @@ def residual_tma(residual: Tensor, channel_offset: int) -> bool:
     )
 
 
-def _descriptor(base: Tensor, shape, strides, block):
+def _descriptor(base: Tensor, shape, strides, block, offset: int = 0):
+    """A TMA descriptor of `base` seen as `shape`/`strides` (elements, from
+    `offset`), built as `TensorDescriptor.from_tensor` of that view: the one
+    form torch's wrap_triton rebuilds when it traces a kernel (it records a
+    descriptor argument as its tensor and block shape only)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor(base, list(shape), list(strides), list(block))
+    view = base.as_strided(tuple(shape), tuple(strides), base.storage_offset() + offset)
+    return TensorDescriptor.from_tensor(view, list(block))
 
 
 def _phase_views(x: Tensor, groups: int, stride: int, block) -> list:
@@ -382,9 +387,9 @@ def _phase_views(x: Tensor, groups: int, stride: int, block) -> list:
     descs = []
     for oh in range(stride):
         for ow in range(stride):
-            view = x.as_strided((1,), (1,), x.storage_offset() + oh * sh + ow * sw)
             shape = (n, (h - oh + stride - 1) // stride, (w - ow + stride - 1) // stride, groups, c // groups)
-            descs.append(_descriptor(view, shape, (sn, sh * stride, sw * stride, c // groups, 1), block))
+            descs.append(_descriptor(x, shape, (sn, sh * stride, sw * stride, c // groups, 1), block,
+                                     oh * sh + ow * sw))
     return descs + [descs[0]] * (4 - len(descs))
 
 
@@ -504,3 +509,23 @@ def run(config: TmaConfig, x, weight, scale, shift, residual, relu, stride, padd
     out = output_like(x, conv_out_shape(x, weight, stride, padding, dilation))
     return launch(x, weight, scale, shift, residual, relu, tuple(stride), tuple(padding), tuple(dilation), groups,
                   out, config, kernel, residual_channel_offset)
+
+
+def is_sm90(device: torch.device) -> bool:
+    """The candidates join the tuning on Hopper (compute capability 9.x)
+    only: sm_100's TMA and MMA differ, and sm_80 has no TMA."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def candidates(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+               residual_channel_offset: int = 0, kernel=None) -> dict:
+    """TmaConfig -> zero-argument launcher returning its output, for the
+    tuner (library.triton_conv_bn_act): every sm_90 tiling where the device
+    is sm_90 and the kernel applies, else none."""
+    if not is_sm90(x.device) or not applies(x, weight, residual, stride, padding, dilation, groups):
+        return {}
+    return {
+        cfg: (lambda cfg=cfg: run(cfg, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+                                  residual_channel_offset, kernel))
+        for cfg in CONFIGS_SM90
+    }
