@@ -198,6 +198,40 @@ def test_candidates_only_on_sm90(monkeypatch):
     assert conv_tma.candidates(*fp32) == {}
 
 
+def test_tuner_takes_it_when_fastest(monkeypatch):
+    """library.triton_conv_bn_act offers the sm_90 tilings to the tuner,
+    which checks each one's result and caches the fastest: with the device
+    check patched to sm_90, measuring patched on (CPU tensors are never
+    timed) and the Hopper launches made to time fastest, a TmaConfig is
+    cached for the key and the op's result comes from this kernel."""
+    from resnet_fused.ops.triton import tuning
+
+    launches = []
+    launch = conv_tma.launch
+
+    def counted(*args, **kwargs):
+        launches.append(args[11])
+        return launch(*args, **kwargs)
+
+    def measure(fn):
+        before = len(launches)
+        fn()
+        return 1.0 if len(launches) > before else 5.0
+
+    monkeypatch.setattr(conv_tma, "is_sm90", lambda device: True)
+    monkeypatch.setattr(conv_tma, "launch", counted)
+    monkeypatch.setattr(tuning, "can_measure", lambda x: True)
+    monkeypatch.setattr(tuning, "cuda_time", measure)
+    monkeypatch.setattr(tuning, "_choices", {})
+    x, w, scale, shift, res, conv = inputs(*SHAPES["1x1_stride2"], torch.float16)
+    with resnet_fused.backend("triton"):
+        out = ops.conv_bn_act(x, w, scale, shift, res, True, **conv)
+    assert_equivalent(out, ref64(x, w, scale, shift, res, True, **conv), OP_TOL[torch.float16])
+    (choice,) = tuning._choices.values()
+    assert isinstance(choice, conv_tma.TmaConfig)
+    assert set(launches) == set(conv_tma.CONFIGS_SM90) and launches[-1] == choice  # all tried, the chosen ran last
+
+
 # ---- ahead-of-time compilation for sm_90 ----------------------------------------------
 
 
