@@ -23,6 +23,12 @@ device allocator is needed):
   one view with unit steps, so each phase is a plain TMA loop;
 * 1×1 stride-1 convolutions: a GEMM over (N·H·W) × C with 2-D descriptors.
 
+Known from the compiled IR (aot.py), not measured: Triton 3.8 keeps the
+weight box in shared memory for wgmma (dropping unit dimensions is a view)
+but loads the activation box into registers first (merging images × rows ×
+columns into 128 rows is not a view it makes), so on the convolution path
+wgmma reads A from registers; the 1×1 GEMM reads both from shared memory.
+
 Not served (`applies` is False; today's kernel or cuDNN runs them): fp32
 (a 64-channel fp32 box is 256 B, past the 128 B swizzle the wgmma operand
 layout wants), channel counts per group not a multiple of 8 (TMA needs
