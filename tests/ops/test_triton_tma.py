@@ -82,6 +82,10 @@ SHAPES = {
     "1x1_gemm": (3, 72, 5, 7, 136, 1, 1, 0, 1, 1),  # M = 105
     "1x1_stride2": (2, 72, 9, 7, 40, 1, 2, 0, 1, 1),  # downsample: phase (0, 0) only
     "7x7_many_images": (5, 16, 3, 3, 24, 3, 1, 1, 1, 1),  # P = Q = 3: several images per M tile
+    # C/groups a multiple of 64: the weights' 2-D descriptor (W_2D), as in ResNet's layers
+    "3x3_c64": (1, 64, 7, 9, 40, 3, 1, 1, 1, 1),
+    "3x3_c128_stride2": (2, 128, 9, 8, 24, 3, 2, 1, 1, 1),
+    "groups2_c64": (1, 128, 5, 6, 80, 3, 1, 1, 1, 2),  # a group's 128-row weight box runs into the next group
 }
 
 

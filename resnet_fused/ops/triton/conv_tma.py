@@ -10,9 +10,10 @@ only (docs/design.md §6; no GPU has run it yet).
 
 Operands (all host-side `TensorDescriptor`s, built once per launch, so no
 device allocator is needed):
-* weights: pre-packed once per weight version as K × (R·S·C/groups), viewed
-  [G, K/G, R·S, C/G] so a box never reads another group's or tap's values
-  (out-of-bounds boxes are zero-filled instead);
+* weights: pre-packed once per weight version as K × (R·S·C/groups), read as
+  that 2-D matrix where C/groups is a multiple of BLOCK_K (every ResNet layer
+  but the stem), else viewed [G, K/G, R·S, C/G] so a box never reads the next
+  tap's values (out-of-bounds boxes are zero-filled instead);
 * activations, 3×3 and strided 1×1: per-(r, s) boxes of the NHWC tensor,
   viewed [N, H', W', G, C/G]. The M tile is images × output rows × output
   columns (BLOCK_IMG × BLOCK_H × BLOCK_W, fitted to the layer's P and Q), and
@@ -23,11 +24,13 @@ device allocator is needed):
   one view with unit steps, so each phase is a plain TMA loop;
 * 1×1 stride-1 convolutions: a GEMM over (N·H·W) × C with 2-D descriptors.
 
-Known from the compiled IR (aot.py), not measured: Triton 3.8 keeps the
-weight box in shared memory for wgmma (dropping unit dimensions is a view)
-but loads the activation box into registers first (merging images × rows ×
-columns into 128 rows is not a view it makes), so on the convolution path
-wgmma reads A from registers; the 1×1 GEMM reads both from shared memory.
+The convolution path computes weights × activationsᵀ (the accumulator is
+transposed once per tile, for the epilogue): Triton 3.8 loads an A operand
+that has a reshape in front of it into registers, but views a reshaped B
+operand in shared memory, so with the activation box (images × rows ×
+columns merged into 128 rows) as B and the weights as a plain 2-D box as A,
+wgmma reads both from shared memory (aot.py's TTGIR shows no local_load
+before warp_group_dot). The 1×1 GEMM needs no reshape at all.
 
 Not served (`applies` is False; today's kernel or cuDNN runs them): fp32
 (a 64-channel fp32 box is 256 B, past the 128 B swizzle the wgmma operand
@@ -157,6 +160,10 @@ def _conv_tma_kernel(
     GROUP_M: tl.constexpr,
     WARP_SPEC: tl.constexpr,
     SPLIT_EPILOGUE: tl.constexpr,
+    # the weights as a 2-D [K, R·S·C/G] descriptor: no reshape in front of
+    # the MMA; needs C/G a multiple of BLOCK_K so no box crosses into the
+    # next tap (rows past a group's K/G are computed, then clipped)
+    W_2D: tl.constexpr,
     # as in conv.py: the 3.8 interpreter's bf16 dot is wrong; widen there only
     WIDEN_OPERANDS: tl.constexpr,
 ):
@@ -172,9 +179,10 @@ def _conv_tma_kernel(
     num_tiles = tiles_per_group * groups
     c_blocks = tl.cdiv(c_g, BLOCK_K)
 
-    # persistent: one program per SM walks tiles num_programs apart, so a
-    # tile's epilogue overlaps the next tile's first loads and no wave
-    # quantisation tail is left to a second launch wave
+    # persistent: one program per SM walks tiles num_programs apart, so no
+    # partial second wave of programs is launched and each program's setup
+    # is paid once (whether the epilogue overlaps the next tile's loads is
+    # the compiler's; no GPU has measured it)
     for tile in range(tl.program_id(0), num_tiles, num_programs):
         g = tile // tiles_per_group
         t = tile % tiles_per_group
@@ -203,6 +211,7 @@ def _conv_tma_kernel(
             q0 = (pid_m % tiles_w) * BLOCK_W
             p0 = ((pid_m // tiles_w) % tiles_h) * BLOCK_H
             n0 = (pid_m // (tiles_w * tiles_h)) * BLOCK_IMG
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for ph in tl.static_range(STRIDE):
                 r_first, r_step, r_count = _taps(pad_h, dil_h, STRIDE, ph, r_taps)
                 for pw in tl.static_range(STRIDE):
@@ -224,12 +233,19 @@ def _conv_tma_kernel(
                         h = p0 + (r * dil_h - pad_h - ph) // STRIDE
                         w = q0 + (s * dil_w - pad_w - pw) // STRIDE
                         a = xd.load([n0, h, w, g, c0]).reshape(BLOCK_M, BLOCK_K)
-                        b = w_d.load([g, k0, r * s_taps + s, c0]).reshape(BLOCK_N, BLOCK_K)
+                        if W_2D:
+                            b = w_d.load([g * k_g + k0, (r * s_taps + s) * c_g + c0])
+                        else:
+                            b = w_d.load([g, k0, r * s_taps + s, c0]).reshape(BLOCK_N, BLOCK_K)
                         if WIDEN_OPERANDS:
                             a = a.to(tl.float32)
                             b = b.to(tl.float32)
-                        acc = tl.dot(a, b.T, acc)
+                        # weights × activationsᵀ: wgmma reads B from shared
+                        # memory through the reshaped box, while an A operand
+                        # behind a reshape is loaded into registers first
+                        acc_t = tl.dot(b, a.T, acc_t)
 
+            acc = acc_t.T  # once per tile, through shared memory
         # the epilogue in N halves where the tile is 256 wide: the residual
         # and output slices of a whole 128×256 tile next to its accumulator
         # spill (aot.py's report)
@@ -448,6 +464,7 @@ def launch(
     split = bn > 128
     en = bn // 2 if split else bn  # the epilogue's slice: the output and residual boxes' width
     gemm = is_gemm(weight, stride, padding, groups)
+    w_2d = gemm or c_g % bk == 0
     m = n * p * q
     if gemm:
         bi, bh, bw = 1, 1, config.block_m
@@ -459,7 +476,10 @@ def launch(
     else:
         bi, bh, bw = m_tile(config, n, p, q)
         xds = _phase_views(x, groups, stride[0], (bi, bh, bw, 1, bk))
-        wd = _descriptor(wp, (groups, k_g, r * s, c_g), (k_g * r * s * c_g, r * s * c_g, c_g, 1), (1, bn, 1, bk))
+        if w_2d:
+            wd = _descriptor(wp, (k, r * s * c_g), (r * s * c_g, 1), (bn, bk))
+        else:
+            wd = _descriptor(wp, (groups, k_g, r * s, c_g), (k_g * r * s * c_g, r * s * c_g, c_g, 1), (1, bn, 1, bk))
         yd = _descriptor(out, (n, p, q, groups, k_g), (p * q * k, q * k, k, k_g, 1), (bi, bh, bw, 1, en))
         tiles_m = triton.cdiv(n, bi) * triton.cdiv(p, bh) * triton.cdiv(q, bw)
     tiles = tiles_m * triton.cdiv(k_g, bn) * groups
@@ -494,6 +514,7 @@ def launch(
         GROUP_M=config.group_m,
         WARP_SPEC=config.warp_specialize,
         SPLIT_EPILOGUE=split,
+        W_2D=w_2d,
         WIDEN_OPERANDS=interpreting() and x.dtype == torch.bfloat16,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
