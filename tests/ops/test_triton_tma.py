@@ -78,14 +78,14 @@ SHAPES = {
     "3x3_dilation2": (1, 40, 9, 11, 24, 3, 1, 2, 2, 1),
     "3x3_stride2_dilation2": (1, 16, 12, 9, 24, 3, 2, 2, 2, 1),  # even dilation: one phase holds every tap
     "5x5_pad_asymmetric_taps": (1, 24, 7, 6, 16, 5, 2, 1, 1, 1),
-    "groups2": (2, 48, 7, 9, 80, 3, 1, 1, 1, 2),  # 24 channels in, 40 out per group
+    "groups2": (2, 48, 7, 9, 144, 3, 1, 1, 1, 2),  # 24 channels in, 72 out per group
     "1x1_gemm": (3, 72, 5, 7, 136, 1, 1, 0, 1, 1),  # M = 105
     "1x1_stride2": (2, 72, 9, 7, 40, 1, 2, 0, 1, 1),  # downsample: phase (0, 0) only
     "7x7_many_images": (5, 16, 3, 3, 24, 3, 1, 1, 1, 1),  # P = Q = 3: several images per M tile
     # C/groups a multiple of 64: the weights' 2-D descriptor (W_2D), as in ResNet's layers
     "3x3_c64": (1, 64, 7, 9, 40, 3, 1, 1, 1, 1),
     "3x3_c128_stride2": (2, 128, 9, 8, 24, 3, 2, 1, 1, 1),
-    "groups2_c64": (1, 128, 5, 6, 80, 3, 1, 1, 1, 2),  # a group's 128-row weight box runs into the next group
+    "groups2_c64": (1, 128, 5, 6, 144, 3, 1, 1, 1, 2),  # a group's 128-row weight box runs into the next group
 }
 
 
@@ -171,6 +171,12 @@ def test_applies_only_where_tma_can_describe_it():
     resnext_x = torch.empty(1, 128, 8, 8, dtype=torch.float16).to(memory_format=torch.channels_last)
     assert not conv_tma.applies(resnext_x, torch.empty(128, 4, 3, 3, dtype=torch.float16), None, (1, 1), (1, 1),
                                 (1, 1), 32)
+    # ResNeXt's layer4: 32 channels per group, TMA-legal but a mostly empty tile
+    wide_x = torch.empty(1, 1024, 8, 8, dtype=torch.float16).to(memory_format=torch.channels_last)
+    assert not conv_tma.applies(wide_x, torch.empty(1024, 32, 3, 3, dtype=torch.float16), None, (1, 1), (1, 1),
+                                (1, 1), 32)
+    assert conv_tma.applies(wide_x, torch.empty(2048, 32, 3, 3, dtype=torch.float16), None, (1, 1), (1, 1),
+                            (1, 1), 32)  # 64 per group
     assert not conv_tma.applies(x, w, res, (3, 3), (1, 1), (1, 1), 1)
 
 

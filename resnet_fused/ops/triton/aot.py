@@ -582,8 +582,8 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler", file=sys.stderr)
         return 2
     results = run(args.quick, args.workers, tuple(args.models.split(",")),
-                  tuple(int(b) for b in args.batches.split(",")), set(args.tilings.split(",")) if args.tilings else None,
-                  args.tma or None)
+                  tuple(int(b) for b in args.batches.split(",")),
+                  set(args.tilings.split(",")) if args.tilings else None, args.tma or None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(as_json(results), f, indent=1)

@@ -302,6 +302,9 @@ CONFIGS_SM90: tuple[TmaConfig, ...] = (
 INTERPRETER_CONFIG = TmaConfig(128, 128, 64, num_stages=1, num_warps=4)
 
 DTYPES = (torch.float16, torch.bfloat16)
+# Output channels per group below this leave a 128-wide N tile over half
+# empty (ResNeXt's groups have 4-32): `conv.py`'s narrow-N tiles serve them.
+MIN_CHANNELS_PER_GROUP = 64
 
 
 def is_gemm(weight: Tensor, stride, padding, groups) -> bool:
@@ -326,6 +329,7 @@ def applies(x: Tensor, weight: Tensor, residual: Optional[Tensor], stride, paddi
         and x.data_ptr() % 16 == 0
         and (c // groups) % 8 == 0
         and (k // groups) % 8 == 0
+        and (groups == 1 or k // groups >= MIN_CHANNELS_PER_GROUP)
         and stride[0] == stride[1]
         and stride[0] in (1, 2)
         and h >= stride[0]
