@@ -2,6 +2,9 @@
 the kernel variants the launcher produces for ResNet's real layers, and what
 the compiled code says about itself.
 
+Long on purpose (one reason to change: what the report compiles and says): the
+variant enumeration, the compile driver and the report read the same Job records.
+
     python -m resnet_fused.ops.triton.aot            # every variant (minutes on a few cores)
     python -m resnet_fused.ops.triton.aot --quick    # a representative subset (tests/ops/test_triton_aot.py)
 

@@ -3,6 +3,10 @@ operand moved by TMA (tensor descriptors), wgmma tiles of 128×128 and
 128×256, a persistent tile loop, and the epilogue of `conv.py` (scale/shift,
 residual with channel offset, ReLU keeping NaN) stored through TMA.
 
+Long on purpose: the kernel, its launcher (descriptor building, the tiling fit)
+and the weight pre-pack share the TmaConfig and the layout of the packed
+weights, which change together.
+
 A candidate beside `conv._conv_bn_act_kernel`, never a replacement: it
 serves fp16/bf16 channels_last layers whose sizes TMA can describe
 (`applies`), and the tuner times it against that kernel and cuDNN on sm_90

@@ -1,5 +1,9 @@
 """Which implementation serves each conv_bn_act shape on a CUDA device.
 
+Long on purpose: candidate assembly, the reference check, timing and the
+in-process/disk cache lookups are one decision per shape (the disk format
+itself is in tuning_cache.py).
+
 For every (shape, dtype, layout, device) the first call runs each candidate
 once — the Triton implicit-GEMM kernel in each tile configuration of
 `conv.configs_for`, and cuDNN's convolution followed by the fused Triton
