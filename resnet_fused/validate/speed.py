@@ -277,10 +277,10 @@ def _tuner_choice(ctx: Context, x, w, scale, shift, conv_args) -> str:
         return resnet_fused.backends.resolve_name("conv_bn_act", x.device)
     from resnet_fused.ops.triton import tuning
 
-    before = dict(tuning._choices)
+    before = tuning.choices()
     with resnet_fused.backend("triton"):
         ops.conv_bn_act(x, w, scale, shift, None, True, **conv_args)
-    added = [v for k, v in tuning._choices.items() if k not in before]
+    added = [v for k, v in tuning.choices().items() if k not in before]
     if not added:
         return "cached earlier"
     return getattr(added[0], "name", str(added[0]))
@@ -293,8 +293,7 @@ def layers(ctx: Context) -> None:
     if ctx.cuda:  # the speed stage, earlier in this process, tuned these shapes: each choice is made again here
         from resnet_fused.ops.triton import tuning
 
-        with tuning._lock:
-            tuning._choices.clear()
+        tuning.clear()
     for layer in resnet50_layers(batch, size):
         g = torch.Generator().manual_seed(1)
         x = torch.randn(layer["x"], generator=g).to(ctx.device, dtype).to(memory_format=CL)

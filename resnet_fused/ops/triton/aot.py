@@ -131,8 +131,8 @@ def _kernels():
     from resnet_fused.ops.triton import batch_norm, conv, conv_tma
 
     return {
-        "conv_bn_act": conv._conv_bn_act_kernel,
-        "conv_tma": conv_tma._conv_tma_kernel,
+        "conv_bn_act": conv.conv_bn_act_kernel,
+        "conv_tma": conv_tma.conv_tma_kernel,
         **{f"bn_{name}": k for name, k in batch_norm.KERNELS.items()},
     }
 
@@ -252,7 +252,7 @@ def conv_launches(layer: Layer, dtype: torch.dtype, fmt) -> list[tuple]:
     out = conv.output_like(x, shape)
     residual = _meta(shape, dtype, fmt) if layer.residual else None
     vec = torch.empty(layer.w_shape[0], device="meta")
-    index_64 = conv.needs_int64(x, w, residual) or library._out_needs_int64(shape)
+    index_64 = conv.needs_int64(x, w, residual) or library.out_needs_int64(shape)
     launches = []
     for cfg in conv.configs_for(dtype, layer.w_shape[1], index_64, conv.channels_contiguous(x, w, residual)):
         rec = _Recorder()

@@ -32,7 +32,7 @@ from resnet_fused.ops.triton import interpreting  # noqa: F401  (re-exported for
 
 
 @triton.jit
-def _conv_bn_act_kernel(
+def conv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
     # sizes
     N, H, W, P, Q, R, S, C_G, K_G,
@@ -302,7 +302,7 @@ def launch(
     `torch.library.wrap_triton` wrapper when called from a custom op.
     `index_64` forces the offset width (tests); by default it is int64 only
     where a tensor is large enough to need it."""
-    kernel = _conv_bn_act_kernel if kernel is None else kernel
+    kernel = conv_bn_act_kernel if kernel is None else kernel
     n, c, h, w = x.shape
     k, c_g, r, s = weight.shape
     _, _, p, q = out.shape

@@ -7,7 +7,7 @@ Long on purpose: the kernel, its launcher (descriptor building, the tiling fit)
 and the weight pre-pack share the TmaConfig and the layout of the packed
 weights, which change together.
 
-A candidate beside `conv._conv_bn_act_kernel`, never a replacement: it
+A candidate beside `conv.conv_bn_act_kernel`, never a replacement: it
 serves fp16/bf16 channels_last layers whose sizes TMA can describe
 (`applies`), and the tuner times it against that kernel and cuDNN on sm_90
 only (docs/design.md §6; no GPU has run it yet).
@@ -134,7 +134,7 @@ def _epilogue(
 
 
 @triton.jit
-def _conv_tma_kernel(
+def conv_tma_kernel(
     # activation descriptors: phase (oh, ow) = (0,0), (0,1), (1,0), (1,1);
     # stride 1 and the GEMM use x_d0 alone (the others are the same one)
     x_d0, x_d1, x_d2, x_d3,
@@ -458,7 +458,7 @@ def launch(
     per SM, at most one per tile); `sms`: the SM count that default assumes
     (default: x's device's; aot.py passes an H100's on meta tensors);
     `res_index_64` forces the pointer-read residual's offset width (tests)."""
-    kernel = _conv_tma_kernel if kernel is None else kernel
+    kernel = conv_tma_kernel if kernel is None else kernel
     n, c, h, w = x.shape
     k, c_g, r, s = weight.shape
     _, _, p, q = out.shape

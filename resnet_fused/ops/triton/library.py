@@ -69,7 +69,7 @@ def _wrapped(kernels: dict) -> dict:
     return {name: wrap_triton(k) for name, k in kernels.items()}
 
 
-def _out_needs_int64(shape) -> bool:
+def out_needs_int64(shape) -> bool:
     n, k, p, q = shape
     return n * k * p * q > 2**30
 
@@ -94,7 +94,7 @@ def triton_conv_bn_act(
     with _on_device(x):
         shape = conv_out_shape(x, weight, stride, padding, dilation)
         launchable = _launchable(x, weight, scale, shift, residual)
-        kernel = wrap_triton(conv._conv_bn_act_kernel)
+        kernel = wrap_triton(conv.conv_bn_act_kernel)
         fmt = common.memory_format(x)
 
         def implicit_gemm(cfg: conv.ConvConfig) -> Tensor:
@@ -129,7 +129,7 @@ def triton_conv_bn_act(
             if launchable and type(x) in (Tensor, torch.nn.Parameter):
                 candidates.update(conv_tma.candidates(
                     x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
-                    residual_channel_offset, wrap_triton(conv_tma._conv_tma_kernel)))
+                    residual_channel_offset, wrap_triton(conv_tma.conv_tma_kernel)))
         if mode in ("auto", tuning.CUDNN):
             candidates[tuning.CUDNN] = cudnn_then_epilogue
 
@@ -167,7 +167,7 @@ def _configs(x: Tensor, weight: Tensor, residual: Optional[Tensor], shape) -> tu
     interpreter: nothing is tuned there)."""
     if conv.interpreting():
         return (conv.INTERPRETER_CONFIG,)
-    index_64 = conv.needs_int64(x, weight, residual) or _out_needs_int64(shape)
+    index_64 = conv.needs_int64(x, weight, residual) or out_needs_int64(shape)
     return conv.configs_for(x.dtype, weight.shape[1], index_64, conv.channels_contiguous(x, weight, residual))
 
 

@@ -145,6 +145,12 @@ def cached(k: Optional[tuple]):
         return _choices.get(k)
 
 
+def choices() -> dict:
+    """A copy of this process's {key: choice} (for tools: validate's table)."""
+    with _lock:
+        return dict(_choices)
+
+
 def clear() -> None:
     """Forget every choice of this process, and what was read from disk
     (the disk cache itself is left alone): the next call per shape reads the
