@@ -29,6 +29,7 @@ from resnet_fused.cifar import (  # noqa: E402
     cifar_resnet1202,
 )
 from resnet_fused.convert import FuseReport, fuse, memory_efficient, unfuse  # noqa: E402
+from resnet_fused.autotune import tune  # noqa: E402
 from resnet_fused.models import FusedBasicBlock, FusedBottleneck, FusedResNet  # noqa: E402
 from resnet_fused.ops.cpu.onednn import cpu_winograd, set_cpu_winograd  # noqa: E402
 from resnet_fused.ops.fold import bn_scale_shift  # noqa: E402
@@ -54,6 +55,7 @@ __all__ = [
     "memory_efficient",
     "FusedSyncBatchNorm",
     "convert_sync_batchnorm",
+    "tune",
     "CifarResNet",
     "CifarBasicBlock",
     "cifar_resnet",

@@ -1,5 +1,8 @@
 """Throughput of torchvision vs resnet_fused on this machine, side by side.
 
+Long on purpose: the command line, the implementations it builds and the
+interleaved timing loop share the Impl records (the CPU peers are in peers.py).
+
     python -m resnet_fused.bench [--model resnet18 resnet50] [--batch 1 8] [--train]
                                  [--dtype float32] [--device auto] [--backend auto]
                                  [--compile] [--peers onnxruntime openvino] [--mixed]

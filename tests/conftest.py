@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 import pytest
@@ -8,6 +11,16 @@ import torch
 # This must happen before resnet_fused (and so every @triton.jit) is imported.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# The suite never reads or writes a user's tuning cache (~/.cache/resnet_fused,
+# ops/triton/tuning_cache.py): with a GPU it tunes into a directory of its own,
+# fresh each run; under the interpreter the disk cache stays off except where
+# a test points it at a temporary directory.
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    os.environ.pop("RESNET_FUSED_CACHE_DIR", None)
+else:
+    os.environ["RESNET_FUSED_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet_fused_tuning_")
+    atexit.register(shutil.rmtree, os.environ["RESNET_FUSED_CACHE_DIR"], ignore_errors=True)
 
 # Exact fp32 everywhere: the equivalence tolerances below assume no TF32.
 torch.backends.cudnn.allow_tf32 = False

@@ -100,7 +100,7 @@ def _tile_cases(ctx: Context) -> list[dict]:
 
     cases = []
     if ctx.quick:
-        tiles = conv.CONFIGS + conv.WIDE_CONFIGS + (conv.INTERPRETER_CONFIG,)
+        tiles = conv.CONFIGS + conv.CHANNELS_LAST_CONFIGS + conv.WIDE_CONFIGS + (conv.INTERPRETER_CONFIG,)
         for cfg in tiles:
             cases.append(dict(layer="3x3/1", dtype="float16", fmt="nhwc", epilogue="residual_relu", cfg=cfg,
                               int64=False))
@@ -113,7 +113,8 @@ def _tile_cases(ctx: Context) -> list[dict]:
         return cases
     for layer, dtype, fmt, int64 in itertools.product(LAYERS, _dtypes(ctx), FORMATS, (False, True)):
         c_g = LAYERS[layer][1] // LAYERS[layer][9]
-        for cfg in conv.configs_for(DTYPES[dtype], c_g, int64):
+        # conv_inputs gives x, weight and residual the one layout: nhwc has unit channel strides
+        for cfg in conv.configs_for(DTYPES[dtype], c_g, int64, fmt == "nhwc"):
             epilogue = "residual_relu" if not int64 else "offset_relu"
             cases.append(dict(layer=layer, dtype=dtype, fmt=fmt, epilogue=epilogue, cfg=cfg, int64=int64))
     return cases

@@ -253,7 +253,21 @@ def _candidates(ctx: Context, x, w, scale, shift, conv_args, out_shape) -> dict:
         return batch_norm.scale_shift_act_(y, s32, b32, None, True, batch_norm.KERNELS)
 
     cands["cudnn"] = cudnn  # (the tuner's name for cuDNN + the Triton epilogue)
+    cands["cudnn conv only"] = lambda: F.conv2d(x, w, None, stride, padding, dilation, groups)  # the floor to beat
+    cands.update(_hopper_candidates(x, w, s32, b32, conv_args, out))
     return cands
+
+
+def _hopper_candidates(x, w, s32, b32, conv_args, out) -> dict:
+    """The Hopper TMA kernel's tilings (ops/triton/conv_tma.py), on sm_90 and
+    where it applies to the layer; none elsewhere."""
+    from resnet_fused.ops.triton import conv_tma
+
+    args = tuple(conv_args[k] for k in ("stride", "padding", "dilation", "groups"))
+    if torch.cuda.get_device_capability(x.device)[0] != 9 or not conv_tma.applies(x, w, None, *args):
+        return {}
+    return {cfg.name: (lambda cfg=cfg: conv_tma.launch(x, w, s32, b32, None, True, *args, out, cfg))
+            for cfg in conv_tma.CONFIGS_SM90}
 
 
 def _tuner_choice(ctx: Context, x, w, scale, shift, conv_args) -> str:
@@ -263,10 +277,10 @@ def _tuner_choice(ctx: Context, x, w, scale, shift, conv_args) -> str:
         return resnet_fused.backends.resolve_name("conv_bn_act", x.device)
     from resnet_fused.ops.triton import tuning
 
-    before = dict(tuning._choices)
+    before = tuning.choices()
     with resnet_fused.backend("triton"):
         ops.conv_bn_act(x, w, scale, shift, None, True, **conv_args)
-    added = [v for k, v in tuning._choices.items() if k not in before]
+    added = [v for k, v in tuning.choices().items() if k not in before]
     if not added:
         return "cached earlier"
     return getattr(added[0], "name", str(added[0]))
@@ -279,8 +293,7 @@ def layers(ctx: Context) -> None:
     if ctx.cuda:  # the speed stage, earlier in this process, tuned these shapes: each choice is made again here
         from resnet_fused.ops.triton import tuning
 
-        with tuning._lock:
-            tuning._choices.clear()
+        tuning.clear()
     for layer in resnet50_layers(batch, size):
         g = torch.Generator().manual_seed(1)
         x = torch.randn(layer["x"], generator=g).to(ctx.device, dtype).to(memory_format=CL)

@@ -62,7 +62,8 @@ def run_launch(x, weight, scale, shift, residual, relu, conv, config, index_64=N
     return out
 
 
-ALL_CONFIGS = triton_conv.CONFIGS + triton_conv.WIDE_CONFIGS + (triton_conv.INTERPRETER_CONFIG,)
+ALL_CONFIGS = (triton_conv.CONFIGS + triton_conv.CHANNELS_LAST_CONFIGS + triton_conv.WIDE_CONFIGS
+               + (triton_conv.INTERPRETER_CONFIG,))
 # M = 1·7·9 = 63, K = 70, reduction 40·9 = 360: no multiple of any tile
 CHANNEL_BLOCKED = (1, 40, 7, 9, 70, 3, 1, 1, 1, 1)
 STEM = (1, 3, 13, 11, 20, 7, 2, 3, 1, 1)  # C = 3: flattened (r, s, c) reduction
@@ -96,8 +97,28 @@ def test_int64_chosen_only_for_large_tensors():
 
 def test_configs_for_variants():
     assert triton_conv.configs_for(torch.float16, 64, False) == triton_conv.CONFIGS
+    assert triton_conv.configs_for(torch.float16, 64, False, True) == (
+        triton_conv.CONFIGS + triton_conv.CHANNELS_LAST_CONFIGS)
     for args in ((torch.float32, 64, False), (torch.bfloat16, 3, False), (torch.float16, 64, True)):
         assert triton_conv.configs_for(*args) == triton_conv.WIDE_CONFIGS
+        assert triton_conv.configs_for(*args, True) == triton_conv.WIDE_CONFIGS
+    names = [c.name for c in ALL_CONFIGS]
+    assert len(set(names)) == len(names)
+    assert {c.block_k for c in triton_conv.CONFIGS} >= {64} and {c.num_stages for c in triton_conv.CONFIGS} >= {4}
+
+
+def test_channels_contiguous():
+    """What admits CHANNELS_LAST_CONFIGS: unit channel stride in x, the
+    weight and the residual (a 1×1 weight has it in either layout)."""
+    cl = torch.channels_last
+    x = torch.empty(2, 64, 8, 8)
+    w3, w1 = torch.empty(32, 64, 3, 3), torch.empty(32, 64, 1, 1)
+    res = torch.empty(2, 32, 8, 8)
+    assert triton_conv.channels_contiguous(x.to(memory_format=cl), w3.to(memory_format=cl), None)
+    assert triton_conv.channels_contiguous(x.to(memory_format=cl), w1, res.to(memory_format=cl))
+    assert not triton_conv.channels_contiguous(x, w3.to(memory_format=cl))
+    assert not triton_conv.channels_contiguous(x.to(memory_format=cl), w3)
+    assert not triton_conv.channels_contiguous(x.to(memory_format=cl), w1, res)
 
 
 def test_tf32_follows_cudnn_switch():

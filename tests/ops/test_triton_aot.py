@@ -64,7 +64,19 @@ def test_variants_are_the_launched_ones(quick_rows):
         assert "sx_n" not in r["not_divisible_by_16"], r["variant"]  # C·H·W, a multiple of 16 in every layer
     for arch in aot.ARCHS:
         tilings = {r["variant"].split()[0] for r in conv if r["arch"] == arch and " fp16 nhwc cblk" in r["variant"]}
-        assert tilings == {cfg.name for cfg in triton_conv.CONFIGS}
+        assert tilings == {cfg.name for cfg in triton_conv.CONFIGS + triton_conv.CHANNELS_LAST_CONFIGS}
         for layout in aot.LAYOUTS:
             assert any(f"fp32-ieee {layout}" in r["variant"] and r["arch"] == arch for r in conv)
     assert {r["kernel"] for r in rows} == {"conv_bn_act", *(f"bn_{k}" for k in batch_norm.KERNELS)}
+
+
+def test_channels_last_only_tilings_never_launch_in_nchw():
+    """CHANNELS_LAST_CONFIGS spilled with NCHW's strided channel loads: the
+    launcher offers them to channels_last layers only (no compile here)."""
+    import torch
+
+    layer = next(lay for lay in aot.layers(("resnet50",), 1) if lay.name == "layer2.0.conv2")
+    names = {name: {cfg.name for cfg, *_ in aot.conv_launches(layer, torch.float16, fmt)}
+             for name, fmt in aot.LAYOUTS.items()}
+    assert names["nchw"] == {cfg.name for cfg in triton_conv.CONFIGS}
+    assert names["nhwc"] == {cfg.name for cfg in triton_conv.CONFIGS + triton_conv.CHANNELS_LAST_CONFIGS}

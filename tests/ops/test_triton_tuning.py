@@ -53,8 +53,11 @@ def conv_op(x, w, scale, shift):
 
 @pytest.fixture
 def fresh_choices(monkeypatch):
-    """An empty tuning cache, so an earlier test's choice is not reused."""
+    """An empty tuning cache, so an earlier test's choice is not reused, and
+    no disk cache (tests/ops/test_triton_tuning_cache.py tests that)."""
     monkeypatch.setattr(tuning, "_choices", {})
+    monkeypatch.setattr(tuning, "_persisted", {})
+    monkeypatch.setenv("RESNET_FUSED_TUNING_CACHE", "0")
 
 
 # ---- symbolic shapes --------------------------------------------------------
@@ -200,7 +203,7 @@ def test_op_rejects_a_wrong_tiling(fresh_choices, monkeypatch, corrupt):
         warnings.simplefilter("always")
         with resnet_fused.backend("triton"):
             out = ops.conv_bn_act(*args, None, True, **CONV)
-    (choice,) = tuning._choices.values()
+    (choice,) = tuning.choices().values()
     if corrupt:
         assert choice == tuning.CUDNN
         assert any("rejected" in str(w.message) for w in caught)

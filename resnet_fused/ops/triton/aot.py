@@ -2,6 +2,9 @@
 the kernel variants the launcher produces for ResNet's real layers, and what
 the compiled code says about itself.
 
+Long on purpose (one reason to change: what the report compiles and says): the
+variant enumeration, the compile driver and the report read the same Job records.
+
     python -m resnet_fused.ops.triton.aot            # every variant (minutes on a few cores)
     python -m resnet_fused.ops.triton.aot --quick    # a representative subset (tests/ops/test_triton_aot.py)
 
@@ -88,6 +91,7 @@ class Job:
     options: dict
     needs_mma: bool
     uses: list = dataclasses.field(default_factory=list)  # "model batch layer" launching it
+    needs_tma: bool = False  # the Hopper kernel (conv_tma): TMA loads and wgmma required
 
     @property
     def spec(self) -> str:
@@ -109,6 +113,7 @@ class Result:
     cp_async: Optional[bool] = None
     mma: str = ""  # "wgmma", "mma", or "" for none
     error: Optional[str] = None
+    tma: Optional[bool] = None  # TMA loads (cp.async.bulk.tensor) in the PTX
 
     @property
     def ok(self) -> bool:
@@ -117,15 +122,17 @@ class Result:
             and self.spill_bytes == 0
             and self.shared_bytes <= SMEM_LIMIT[self.job.arch]
             and (bool(self.mma) or not self.job.needs_mma)
+            and (not self.job.needs_tma or (bool(self.tma) and self.mma == "wgmma"))
         )
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    from resnet_fused.ops.triton import batch_norm, conv
+    from resnet_fused.ops.triton import batch_norm, conv, conv_tma
 
     return {
-        "conv_bn_act": conv._conv_bn_act_kernel,
+        "conv_bn_act": conv.conv_bn_act_kernel,
+        "conv_tma": conv_tma.conv_tma_kernel,
         **{f"bn_{name}": k for name, k in batch_norm.KERNELS.items()},
     }
 
@@ -245,9 +252,9 @@ def conv_launches(layer: Layer, dtype: torch.dtype, fmt) -> list[tuple]:
     out = conv.output_like(x, shape)
     residual = _meta(shape, dtype, fmt) if layer.residual else None
     vec = torch.empty(layer.w_shape[0], device="meta")
-    index_64 = conv.needs_int64(x, w, residual) or library._out_needs_int64(shape)
+    index_64 = conv.needs_int64(x, w, residual) or library.out_needs_int64(shape)
     launches = []
-    for cfg in conv.configs_for(dtype, layer.w_shape[1], index_64):
+    for cfg in conv.configs_for(dtype, layer.w_shape[1], index_64, conv.channels_contiguous(x, w, residual)):
         rec = _Recorder()
         conv.launch(x, w, vec, vec, residual, layer.relu, layer.stride, layer.padding, layer.dilation, layer.groups,
                     out, cfg, rec)
@@ -350,6 +357,65 @@ def _limit_quick(jobs_: list[Job]) -> list[Job]:
     return keep
 
 
+# ---- the Hopper (TMA) kernel: sm_90 only -------------------------------------------
+
+TMA_ARCH = 90
+# The persistent grid is min(SMs, tiles) at launch: an int argument, so its
+# value decides the specialisation (1, divisible by 16) like any other. H100
+# SXM and H200 have 132 SMs.
+TMA_SMS = 132
+TMA_DTYPES = ("fp16", "bf16")
+
+
+def tma_launches(layer: Layer, dtype: torch.dtype) -> list[tuple]:
+    """(config, args, kwargs) of every launch of the Hopper kernel the tuner
+    may make for `layer` (channels_last: `conv_tma.applies` requires it);
+    none where it does not apply. The arguments come from `conv_tma.launch`
+    itself, host TensorDescriptors included: their type (dtype and block
+    shape) is part of the signature, their sizes and strides travel in the
+    CUtensorMap built at launch and specialise nothing."""
+    from resnet_fused.ops import conv_out_size
+    from resnet_fused.ops.triton import conv_tma
+
+    fmt = torch.channels_last
+    x = _meta(layer.x_shape, dtype, fmt)
+    w = _meta(layer.w_shape, dtype, fmt)
+    shape = conv_out_size(layer.x_shape, layer.w_shape, layer.stride, layer.padding, layer.dilation)
+    residual = _meta(shape, dtype, fmt) if layer.residual else None
+    if not conv_tma.applies(x, w, residual, layer.stride, layer.padding, layer.dilation, layer.groups):
+        return []
+    vec = torch.empty(layer.w_shape[0], device="meta")
+    launches = []
+    for cfg in conv_tma.CONFIGS_SM90:
+        rec = _Recorder()
+        conv_tma.launch(x, w, vec, vec, residual, layer.relu, layer.stride, layer.padding, layer.dilation,
+                        layer.groups, conv_tma.output_like(x, shape), cfg, rec, sms=TMA_SMS)
+        launches += [(cfg, *call) for call in rec.calls]
+    return launches
+
+
+def tma_jobs(quick: bool = False, models=MODELS, batches=BATCHES) -> list[Job]:
+    """One job per distinct variant of the Hopper kernel the launcher
+    produces, for sm_90. Quick: resnet50 at batch 32 in bf16, three layers
+    that take the three paths (1×1 GEMM with the residual, 3×3 stride 2,
+    3×3 stride 1 on 7×7 maps: several images per tile)."""
+    found: dict = {}
+    quick_layers = ("layer1.0.conv3", "layer2.0.conv2", "layer4.1.conv2")
+    for batch in ((32,) if quick else batches):
+        for layer in layers(("resnet50",) if quick else models, batch):
+            if quick and layer.name not in quick_layers:
+                continue
+            for dname in (("bf16",) if quick else TMA_DTYPES):
+                for cfg, args, kwargs in tma_launches(layer, DTYPES[dname][0]):
+                    path = "gemm" if kwargs["GEMM"] else f"s{kwargs['STRIDE']}"
+                    variant = f"{cfg.name} {dname} {path} nhwc"
+                    where = f"{layer.model} b{batch} {layer.name}"
+                    _add(found, "conv_tma", variant, TMA_ARCH, (args, kwargs), True, where)
+    for job in found.values():
+        job.needs_tma = True
+    return list(found.values())
+
+
 # ---- compiling and reading the result --------------------------------------------
 
 
@@ -408,16 +474,24 @@ def compile_job(job: Job) -> Result:
     if job.needs_mma and _wgmma_possible(job) and mma != "wgmma":
         mma = ""  # sm_90 tile that could use wgmma but does not: not the tensor-core path asked for
     return Result(job, reg, spill_stores + spill_loads, stack_frame, static_shared + k.metadata.shared,
-                  "cp.async" in ptx, mma)
+                  "cp.async" in ptx, mma, tma="cp.async.bulk.tensor" in ptx)
 
 
 def run(quick: bool = False, workers: Optional[int] = None, models=MODELS, batches=BATCHES,
-        tilings: Optional[set] = None) -> list[Result]:
+        tilings: Optional[set] = None, tma: Optional[bool] = None) -> list[Result]:
     """Compile the jobs (`tilings`: only conv variants in these tilings, by
-    ConvConfig.name, and no BN kernels) in `workers` processes."""
-    todo = jobs(quick, models, batches if not quick else (32,))
-    if quick:
-        todo = _limit_quick(todo)
+    ConvConfig.name, and no BN kernels) in `workers` processes. `tma`: True
+    compiles the Hopper kernel's variants only; by default the full report
+    has them and the quick one does not (its own test is
+    tests/ops/test_triton_tma.py)."""
+    if tma:
+        todo = tma_jobs(quick, models, batches)
+    else:
+        todo = jobs(quick, models, batches if not quick else (32,))
+        if quick:
+            todo = _limit_quick(todo)
+        else:
+            todo += tma_jobs(False, models, batches)
     if tilings:
         todo = [j for j in todo if j.kernel == "conv_bn_act" and j.variant.split()[0] in tilings]
     workers = workers or min(len(todo), os.cpu_count() or 1)
@@ -434,7 +508,7 @@ def table(results: list[Result]) -> str:
         tc = r.mma or ("NO" if r.job.needs_mma else "none")
         measured = ("error", "", "", "", "", r.error) if r.error else (
             str(r.registers), str(r.spill_bytes), str(r.stack_bytes), str(r.shared_bytes),
-            "yes" if r.cp_async else "no", tc)
+            "TMA" if r.tma else ("yes" if r.cp_async else "no"), tc)
         rows.append((r.job.kernel, r.job.variant, r.job.spec, f"sm_{r.job.arch}", *measured,
                      str(len(r.job.uses)), "yes" if r.ok else "NO"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -472,7 +546,7 @@ def as_json(results: list[Result]) -> list[dict]:
         rows.append(dict(
             kernel=r.job.kernel, variant=r.job.variant, spec=r.job.spec, arch=r.job.arch, registers=r.registers,
             spill_bytes=r.spill_bytes, stack_bytes=r.stack_bytes, shared_bytes=r.shared_bytes, cp_async=r.cp_async,
-            mma=r.mma, needs_mma=r.job.needs_mma, error=r.error, ok=r.ok, uses=r.job.uses, ones=ones,
+            mma=r.mma, needs_mma=r.job.needs_mma, tma=r.tma, error=r.error, ok=r.ok, uses=r.job.uses, ones=ones,
             not_divisible_by_16=plain, num_warps=r.job.options["num_warps"],
         ))
     return rows
@@ -505,12 +579,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     parser.add_argument("--json", default=None, help="also write every row, with the layers using it, here")
     parser.add_argument("--tilings", default=None, help="comma-separated tiling names: only those conv variants")
+    parser.add_argument("--tma", action="store_true", help="only the Hopper kernel's (conv_tma) sm_90 variants")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler", file=sys.stderr)
         return 2
     results = run(args.quick, args.workers, tuple(args.models.split(",")),
-                  tuple(int(b) for b in args.batches.split(",")), set(args.tilings.split(",")) if args.tilings else None)
+                  tuple(int(b) for b in args.batches.split(",")),
+                  set(args.tilings.split(",")) if args.tilings else None, args.tma or None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(as_json(results), f, indent=1)

@@ -1,6 +1,9 @@
 """Train-mode batch_norm_act as Triton kernels: batch statistics, normalise,
 residual add and ReLU forward; dγ, dβ, dx and d(residual) backward.
 
+Long on purpose: the forward and backward kernels share one row/channel tiling
+and index formulas, which must change together.
+
 x is viewed as rows × channels: rows are the N·H·W positions, reached through
 (n, l) with l = h·W + w, so NCHW (l contiguous) and channels_last (C
 contiguous) share one kernel and one set of index formulas.

@@ -32,7 +32,7 @@ from resnet_fused.ops.triton import interpreting  # noqa: F401  (re-exported for
 
 
 @triton.jit
-def _conv_bn_act_kernel(
+def conv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
     # sizes
     N, H, W, P, Q, R, S, C_G, K_G,
@@ -183,9 +183,11 @@ class ConvConfig:
 # register spills (python -m resnet_fused.ops.triton.aot prints the table).
 # Wide-N tiles for the late-stage layers, narrow-N tiles for 64-channel layers
 # and grouped convolutions (ResNeXt has 4–8 output channels per group at 32
-# groups), small-M tiles for small batches. 128×128 tiles are absent: with
-# pointer-gathered operands (no TMA for implicit GEMM) they spill on both
-# architectures at 4 or 8 warps.
+# groups), small-M tiles for small batches, 4 stages for the long reductions
+# of the late layers (3·3·512), a 64-channel K step that halves the loop trips
+# where C/groups allows it. 128×128 tiles are absent: with pointer-gathered
+# operands (no TMA for implicit GEMM) they spill on both architectures at 4
+# or 8 warps.
 CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(128, 64, 32, num_warps=8, num_stages=3),
     ConvConfig(64, 128, 32, num_warps=8, num_stages=3),
@@ -197,6 +199,22 @@ CONFIGS: tuple[ConvConfig, ...] = (
     # K = 64 here spilled 48-52 B on sm_80 in NCHW fp16/bf16 at batch 1 (the
     # launched variants, aot.py); K = 32 needs 128 registers, no spill
     ConvConfig(32, 64, 32, num_warps=4, num_stages=3),
+    ConvConfig(64, 64, 64, num_warps=8, num_stages=3),
+    ConvConfig(128, 64, 32, num_warps=8, num_stages=4),
+    ConvConfig(64, 128, 32, num_warps=8, num_stages=4),
+    ConvConfig(64, 64, 32, num_warps=4, num_stages=4),
+)
+# Only where the channels are unit-stride in x, the weight and the residual
+# (channels_last; `channels_contiguous`): the loads vectorise and every
+# launched variant fits without spilling (102-255 registers, aot.py over all
+# three models and batches). With NCHW's strided channel gathers the same
+# tilings spilled 400-1270 B (resnet50 batch 1): 4 warps holding a 128×64 or
+# 64×128 accumulator, or a 64-channel K step at 4 warps.
+CHANNELS_LAST_CONFIGS: tuple[ConvConfig, ...] = (
+    ConvConfig(64, 64, 64, num_warps=4, num_stages=3),
+    ConvConfig(128, 64, 64, num_warps=8, num_stages=3),
+    ConvConfig(128, 64, 32, num_warps=4, num_stages=3),
+    ConvConfig(64, 128, 32, num_warps=4, num_stages=3),
 )
 # fp32 operands (twice the registers per element), the flattened stem
 # reduction and int64 offsets raise register pressure past what most of the
@@ -215,12 +233,21 @@ def flat_rsc(channels_per_group: int) -> bool:
     return channels_per_group < FLAT_RSC_MAX_CHANNELS
 
 
-def configs_for(dtype: torch.dtype, channels_per_group: int, index_64: bool) -> tuple[ConvConfig, ...]:
+def configs_for(
+    dtype: torch.dtype, channels_per_group: int, index_64: bool, channels_contiguous: bool = False
+) -> tuple[ConvConfig, ...]:
     """The tilings verified spill-free (tests/ops/test_triton_aot.py) for
     this kernel variant."""
     if dtype in (torch.float16, torch.bfloat16) and not flat_rsc(channels_per_group) and not index_64:
-        return CONFIGS
+        return CONFIGS + CHANNELS_LAST_CONFIGS if channels_contiguous else CONFIGS
     return WIDE_CONFIGS
+
+
+def channels_contiguous(*tensors: Optional[Tensor]) -> bool:
+    """Whether every given tensor has unit stride along channels (dim 1):
+    what lets the kernel's channel-block loads vectorise (Triton specialises
+    a stride equal to 1 into a constant), so CHANNELS_LAST_CONFIGS fit."""
+    return all(t is None or t.shape[1] <= 1 or t.stride(1) == 1 for t in tensors)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -275,7 +302,7 @@ def launch(
     `torch.library.wrap_triton` wrapper when called from a custom op.
     `index_64` forces the offset width (tests); by default it is int64 only
     where a tensor is large enough to need it."""
-    kernel = _conv_bn_act_kernel if kernel is None else kernel
+    kernel = conv_bn_act_kernel if kernel is None else kernel
     n, c, h, w = x.shape
     k, c_g, r, s = weight.shape
     _, _, p, q = out.shape

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
 from resnet_fused.ops import common, reference
-from resnet_fused.ops.triton import batch_norm, conv, tuning
+from resnet_fused.ops.triton import batch_norm, conv, conv_tma, tuning
 
 
 def _launchable(*tensors: Optional[Tensor]) -> bool:
@@ -69,7 +69,7 @@ def _wrapped(kernels: dict) -> dict:
     return {name: wrap_triton(k) for name, k in kernels.items()}
 
 
-def _out_needs_int64(shape) -> bool:
+def out_needs_int64(shape) -> bool:
     n, k, p, q = shape
     return n * k * p * q > 2**30
 
@@ -94,7 +94,7 @@ def triton_conv_bn_act(
     with _on_device(x):
         shape = conv_out_shape(x, weight, stride, padding, dilation)
         launchable = _launchable(x, weight, scale, shift, residual)
-        kernel = wrap_triton(conv._conv_bn_act_kernel)
+        kernel = wrap_triton(conv.conv_bn_act_kernel)
         fmt = common.memory_format(x)
 
         def implicit_gemm(cfg: conv.ConvConfig) -> Tensor:
@@ -123,6 +123,13 @@ def triton_conv_bn_act(
         candidates = {}
         if mode in ("auto", "triton"):
             candidates.update({cfg: (lambda cfg=cfg: implicit_gemm(cfg)) for cfg in configs})
+            # the Hopper kernel's tilings, on sm_90 where it applies: real
+            # tensors only (its alignment check reads data_ptr; under tracing
+            # the kernel above serves), timed, never a heuristic pick
+            if launchable and type(x) in (Tensor, torch.nn.Parameter):
+                candidates.update(conv_tma.candidates(
+                    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+                    residual_channel_offset, wrap_triton(conv_tma.conv_tma_kernel)))
         if mode in ("auto", tuning.CUDNN):
             candidates[tuning.CUDNN] = cudnn_then_epilogue
 
@@ -144,6 +151,14 @@ def triton_conv_bn_act(
         choice = tuning.pick(key, candidates, heuristic, launchable and tuning.can_measure(x), check)
         if choice == tuning.CUDNN:
             return cudnn_then_epilogue()
+        if isinstance(choice, conv_tma.TmaConfig):
+            if choice in candidates:
+                return candidates[choice]()
+            # cached for this key, but this call cannot take it (a traced
+            # call, or an x whose storage offset breaks TMA's alignment)
+            choice = heuristic()
+            if choice == tuning.CUDNN:
+                return cudnn_then_epilogue()
         return implicit_gemm(choice)
 
 
@@ -152,8 +167,8 @@ def _configs(x: Tensor, weight: Tensor, residual: Optional[Tensor], shape) -> tu
     interpreter: nothing is tuned there)."""
     if conv.interpreting():
         return (conv.INTERPRETER_CONFIG,)
-    index_64 = conv.needs_int64(x, weight, residual) or _out_needs_int64(shape)
-    return conv.configs_for(x.dtype, weight.shape[1], index_64)
+    index_64 = conv.needs_int64(x, weight, residual) or out_needs_int64(shape)
+    return conv.configs_for(x.dtype, weight.shape[1], index_64, conv.channels_contiguous(x, weight, residual))
 
 
 def _reference(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset):
