@@ -139,8 +139,9 @@ setup(
     install_requires=["torch>=2.6", "torchvision>=0.21"],
     # plot: only for `python -m resnet_fused.bench --plot`
     extras_require={
-        # the test extra brings the CPU peer engines too, so their bench rows are tested
-        "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "openvino"],
+        # the test extra brings the CPU peer engines too, so their bench rows are tested, and
+        # timm, so its models are tested through fuse()
+        "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "openvino", "timm"],
         "peers": ["onnx", "onnxruntime", "openvino"],  # python -m resnet_fused.bench --peers
         "plot": ["matplotlib"],
     },
