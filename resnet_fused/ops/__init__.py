@@ -40,7 +40,7 @@ def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     return value  # type: ignore[return-value]
 
 
-def _check_activation(name: str, t: Tensor) -> None:
+def check_activation(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
@@ -51,7 +51,7 @@ def _check_activation(name: str, t: Tensor) -> None:
         )
 
 
-def _check_channel_vector(name: str, t: Optional[Tensor], channels: int, device: torch.device) -> None:
+def check_channel_vector(name: str, t: Optional[Tensor], channels: int, device: torch.device) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
@@ -60,10 +60,10 @@ def _check_channel_vector(name: str, t: Optional[Tensor], channels: int, device:
         raise ValueError(f"{name} must have shape ({channels},) (one value per channel), got {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    _check_device(name, t, device)
+    check_device(name, t, device)
 
 
-def _check_device(name: str, t: Tensor, device: torch.device) -> None:
+def check_device(name: str, t: Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must be on one device")
 
@@ -73,8 +73,8 @@ def check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor, channel_
         raise TypeError(f"residual_channel_offset must be an int or None, got {channel_offset!r}")
     if residual is None:
         return
-    _check_activation("residual", residual)
-    _check_device("residual", residual, x.device)
+    check_activation("residual", residual)
+    check_device("residual", residual, x.device)
     if channel_offset is None:
         if tuple(residual.shape) != tuple(shape):
             raise ValueError(f"residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
@@ -89,12 +89,12 @@ def check_residual(residual: Optional[Tensor], shape: tuple, x: Tensor, channel_
         )
 
 
-def _check_batch_norm(
+def check_batch_norm(
     weight: tuple, bias: tuple, running_mean, running_var, momentum, eps, channels: int, x, training: bool
 ) -> None:
     """BatchNorm arguments; `weight` and `bias` are (name, tensor) pairs."""
     for name, t in (weight, bias, ("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_vector(name, t, channels, x.device)
+        check_channel_vector(name, t, channels, x.device)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
@@ -105,7 +105,7 @@ def _check_batch_norm(
         raise ValueError(f"eps must be positive in training (as in F.batch_norm), got {eps!r}")
 
 
-def _check_relu(relu) -> None:
+def check_relu(relu) -> None:
     # a string or a tensor would be truthy: "no" must not mean yes
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {type(relu).__name__} {relu!r}")
@@ -150,9 +150,9 @@ def check_conv(x, weight, stride, padding, dilation, groups, autocast: bool = Tr
     """Validate a convolution's arguments (after autocast's casts, unless
     `autocast=False`: then dtypes are not compared); returns (x, weight,
     stride, padding, dilation, output shape)."""
-    _check_activation("x", x)
-    _check_activation("weight", weight)
-    _check_device("weight", weight, x.device)
+    check_activation("x", x)
+    check_activation("weight", weight)
+    check_device("weight", weight, x.device)
     if autocast:
         x, weight = _autocast(x, weight)
     if autocast and weight.dtype != x.dtype:
@@ -208,10 +208,10 @@ def conv_bn_act(
     """
     x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
-    _check_channel_vector("scale", scale, k, x.device)
-    _check_channel_vector("shift", shift, k, x.device)
+    check_channel_vector("scale", scale, k, x.device)
+    check_channel_vector("shift", shift, k, x.device)
     check_residual(residual, out_shape, x, residual_channel_offset)
-    _check_relu(relu)
+    check_relu(relu)
     impl = backends.resolve("conv_bn_act", x.device)
     return _call_with_residual(
         impl, (x, weight, scale, shift), residual, (relu, stride, padding, dilation, groups), k,
@@ -240,9 +240,9 @@ def batch_norm_act(
     its momentum is None. Differentiable in x, weight, bias and residual.
     `residual_channel_offset`: as in `conv_bn_act`.
     """
-    _check_activation("x", x)
+    check_activation("x", x)
     channels = x.shape[1]
-    _check_batch_norm(
+    check_batch_norm(
         ("weight", weight), ("bias", bias), running_mean, running_var, momentum, eps, channels, x, training
     )
     if not training and running_mean is None:
@@ -252,7 +252,7 @@ def batch_norm_act(
             f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}"
         )
     check_residual(residual, tuple(x.shape), x, residual_channel_offset)
-    _check_relu(relu)
+    check_relu(relu)
     impl = backends.resolve("batch_norm_act", x.device)
     return _call_with_residual(
         impl, (x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps)), residual,
@@ -286,7 +286,7 @@ def conv_bn_act_train(
     as in `conv_bn_act` (here the padded residual is always materialised)."""
     x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
-    _check_batch_norm(
+    check_batch_norm(
         ("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, momentum, eps, k, x, True
     )
     if 0 < out_shape[0] * out_shape[2] * out_shape[3] <= 1:
@@ -294,7 +294,7 @@ def conv_bn_act_train(
             f"Expected more than 1 value per channel when training, got a convolution output of shape {out_shape}"
         )
     check_residual(residual, out_shape, x, residual_channel_offset)
-    _check_relu(relu)
+    check_relu(relu)
     if residual_channel_offset is not None:
         residual = common.pad_residual(residual, k, residual_channel_offset)
     parts = backends.resolve("batch_norm_act_parts", x.device)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from resnet_fused.check import rel_err
+from resnet_fused import check
 
 # ‖out − ref‖ / ‖ref‖ against a float64 reference on the device, per compute
 # dtype; "tf32" is fp32 with TF32 tensor cores allowed (10-bit mantissa).
@@ -91,7 +91,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖/‖ref‖ in float64 (inf for non-finite outputs); shapes must match."""
     if tuple(out.shape) != tuple(ref.shape):
         raise AssertionError(f"shape {tuple(out.shape)} != {tuple(ref.shape)}")
-    return rel_err(out, ref)
+    return check.rel_err(out, ref)
 
 
 def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
