@@ -92,16 +92,23 @@ def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bo
     of 4x4 and 256 or more channels, reading the transformed filters (4x the
     weights) costs more than the multiplications it saves: measured 0.5-1.0x
     oneDNN there, 1.1-3.4x everywhere else (batch 1-8, 4x4 to 56x56 maps,
-    64-512 channels; docs/performance.md)."""
+    64-512 channels; docs/performance.md).
+    A dilated one (dilation d = padding d, both sides, the maps divisible by
+    d: DeepLab's and FCN's layer3/layer4) runs as d² undilated ones on the
+    interleaved sub-images (`_space_to_batch`)."""
     w = member(conv, "weight")
+    d = conv.dilation[0]
     if not (
         _winograd and dtype == torch.float32 and extension.is_loaded()
-        and tuple(w.shape[2:]) == (3, 3) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
-        and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+        and tuple(w.shape[2:]) == (3, 3) and tuple(conv.stride) == (1, 1)
+        and tuple(conv.dilation) == (d, d) and tuple(conv.padding) == (d, d) and conv.groups == 1
         and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
     ):
         return False
     n, _, h, wd = input_size
+    if h % d or wd % d:
+        return False
+    n, h, wd = n * d * d, h // d, wd // d
     tiles = n * -(-h // 4) * -(-wd // 4)
     return tiles >= 8 or max(w.shape[0], w.shape[1]) <= 128
 
@@ -321,7 +328,17 @@ def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: boo
         out = out.add_(residual.to(x.dtype))
         return out.relu_() if relu else out
     if packed.winograd:
-        return extension.winograd_conv3x3(x, packed.weight, packed.bias, None if residual is None else residual.to(x.dtype), relu)
+        d = packed.dilation[0]
+        residual = None if residual is None else residual.to(x.dtype)
+        if d == 1:
+            return extension.winograd_conv3x3(x, packed.weight, packed.bias, residual, relu)
+        # dilation d: the d² interleaved sub-images are independent undilated
+        # 3x3 convolutions with padding 1 (the maps divide by d: _winograd_fits)
+        out = extension.winograd_conv3x3(
+            _space_to_batch(x, d), packed.weight, packed.bias,
+            None if residual is None else _space_to_batch(residual, d), relu,
+        )
+        return _batch_to_space(out, d, x.shape[0], x.is_contiguous(memory_format=torch.channels_last))
     fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) \
         else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
@@ -340,6 +357,22 @@ def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: boo
         x, residual, packed.weight, packed.bias, packed.padding, packed.stride, packed.dilation, packed.groups,
         "add", None, "relu" if relu else None, [], "",
     )
+
+
+def _space_to_batch(t: Tensor, d: int) -> Tensor:
+    """(N, C, H, W) -> (N·d·d, C, H/d, W/d) channels_last: sub-image (i, j)
+    holds t[:, :, i::d, j::d]."""
+    n, c, h, w = t.shape
+    nhwc = t.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c)
+    return nhwc.permute(0, 2, 4, 1, 3, 5).reshape(n * d * d, h // d, w // d, c).permute(0, 3, 1, 2)
+
+
+def _batch_to_space(t: Tensor, d: int, n: int, channels_last: bool) -> Tensor:
+    """The inverse of `_space_to_batch`, in the input's layout."""
+    _, k, hd, wd = t.shape
+    nhwc = t.permute(0, 2, 3, 1).reshape(n, d, d, hd, wd, k).permute(0, 3, 1, 4, 2, 5).reshape(n, hd * d, wd * d, k)
+    out = nhwc.permute(0, 3, 1, 2)
+    return out if channels_last else out.contiguous()
 
 
 def cache_size() -> int:

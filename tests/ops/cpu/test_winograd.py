@@ -1,6 +1,7 @@
 """The cpu backend's Winograd F(4x4, 3x3) convolution
 (torch.ops.resnet_fused.winograd_conv3x3, csrc/cpu/winograd.cpp) and how the
 oneDNN inference path uses it (resnet_fused.ops.cpu.onednn)."""
+import copy
 import math
 import os
 import subprocess
@@ -194,7 +195,11 @@ def test_set_cpu_winograd_wants_a_bool():
         (torch.nn.Conv2d(16, 48, 3, padding=1), torch.float32, True),
         (torch.nn.Conv2d(64, 64, 3, padding=1), torch.bfloat16, False),
         (torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), torch.float32, False),
-        (torch.nn.Conv2d(64, 64, 3, padding=2, dilation=2), torch.float32, False),
+        # dilated with padding = dilation: d² undilated sub-image convolutions (28 divides by 2 and 4)
+        (torch.nn.Conv2d(64, 64, 3, padding=2, dilation=2), torch.float32, True),
+        (torch.nn.Conv2d(64, 64, 3, padding=4, dilation=4), torch.float32, True),
+        (torch.nn.Conv2d(64, 64, 3, padding=1, dilation=2), torch.float32, False),
+        (torch.nn.Conv2d(64, 64, 3, padding=3, dilation=3), torch.float32, False),  # 28 % 3 != 0
         (torch.nn.Conv2d(64, 64, 3, padding=0), torch.float32, False),
         (torch.nn.Conv2d(64, 64, 3, padding=1, groups=2), torch.float32, False),
         (torch.nn.Conv2d(40, 64, 3, padding=1), torch.float32, False),
@@ -249,4 +254,28 @@ def test_opcheck(fmt, residual):
         fw = ops.winograd_weight(mode.from_tensor(weight))
         out = ops.winograd_conv3x3(fx, fw, mode.from_tensor(bias), None, False)
     assert fw.shape == (36, 16, 32) and out.shape == (2, 32, 7, 9)
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.skipif(onednn.UNAVAILABLE is not None, reason=f"oneDNN path unavailable: {onednn.UNAVAILABLE}")
+@pytest.mark.parametrize("dilation", [2, 4])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_dilated_convolutions_run_as_sub_image_winograd(dilation, residual, fmt):
+    """DeepLab/FCN's dilated 3x3 layers: the cached convolution is the
+    Winograd kernel on the d² interleaved sub-images, within the per-op
+    fp32 bound of a float64 convolution, in the input's layout."""
+    torch.manual_seed(dilation)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=dilation, dilation=dilation, bias=False)
+    bn = randomize_norms(torch.nn.Sequential(torch.nn.BatchNorm2d(48)))[0]
+    conv.eval(), bn.eval()
+    x = torch.randn(2, 32, 24, 16).contiguous(memory_format=fmt)
+    r = torch.randn(2, 48, 24, 16).contiguous(memory_format=fmt) if residual else None
+    onednn.clear_cache()
+    with torch.no_grad():
+        out = resnet_fused.layers.conv_norm_act(conv, bn, x, residual=r)
+        ref = copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x.double()))
+        ref = (ref + r.double() if residual else ref).relu()
+    assert [p.winograd for p in onednn.cached(conv)] == [True]
+    assert_equivalent(out, ref, OP_TOL[torch.float32])
     assert out.is_contiguous(memory_format=fmt)
