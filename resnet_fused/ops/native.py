@@ -29,10 +29,10 @@ from resnet_fused.ops.cpu import onednn
 
 
 def conv_bn_act(
-    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset=-1
+    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset=0
 ) -> Tensor:
     if common.conv_bn_act_needs_reference(x, weight, scale, shift, residual):
-        residual = common.pad_residual(residual, weight.shape[0], max(residual_channel_offset, 0))
+        residual = common.pad_residual(residual, weight.shape[0], residual_channel_offset)
         return reference.conv_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups)
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     if residual is not None and residual.dtype != y.dtype:

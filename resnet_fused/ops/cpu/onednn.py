@@ -7,6 +7,9 @@ Winograd F(4x4, 3x3) kernel (`torch.ops.resnet_fused.winograd_conv3x3`,
 csrc/cpu/winograd.cpp) with the epilogue in its output transform; see
 `set_cpu_winograd`.
 
+Long on purpose: the cache entries, their checks and the one-call convolutions
+share the `Packed` records and the layout rules, which change together.
+
 Weights are folded and reordered into oneDNN's blocked layout once and kept
 in a cache keyed on the conv module, invalidated whenever a source changes
 (see `pack`: BN vectors and conv bias compared by value on every call; the conv weight tracked by
