@@ -284,21 +284,49 @@ def conv_bn_act_train(
     as `conv2d` followed by `batch_norm_act(..., training=True)`; the BN half
     runs on the selected backend's train-mode kernels. `residual_channel_offset`:
     as in `conv_bn_act` (here the padded residual is always materialised)."""
-    x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
-    k = weight.shape[0]
-    check_batch_norm(
-        ("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, momentum, eps, k, x, True
+    x, weight, stride, padding, dilation, out_shape, residual = check_conv_bn_act_train(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu,
+        stride, padding, dilation, groups, residual_channel_offset,
     )
     if 0 < out_shape[0] * out_shape[2] * out_shape[3] <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got a convolution output of shape {out_shape}"
         )
-    check_residual(residual, out_shape, x, residual_channel_offset)
-    check_relu(relu)
-    if residual_channel_offset is not None:
-        residual = common.pad_residual(residual, k, residual_channel_offset)
     parts = backends.resolve("batch_norm_act_parts", x.device)
     return recompute.conv_bn_act_train(
         parts, x, weight, bn_weight, bn_bias, running_mean, running_var, float(momentum), float(eps),
         residual, relu, stride, padding, dilation, groups,
     )
+
+
+def check_conv_bn_act_train(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu,
+    stride, padding, dilation, groups, residual_channel_offset,
+):
+    """The argument checks of `conv_bn_act_train` and of its SyncBatchNorm
+    variant (ops/sync_batch_norm.py, which leaves the more-than-one-value rule
+    to the whole group): (x, weight, stride, padding, dilation, out_shape,
+    residual), the residual zero-padded to full width where it was narrower."""
+    x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
+    k = weight.shape[0]
+    check_batch_norm(
+        ("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, momentum, eps, k, x, True
+    )
+    check_residual(residual, out_shape, x, residual_channel_offset)
+    check_relu(relu)
+    if residual_channel_offset is not None:
+        residual = common.pad_residual(residual, k, residual_channel_offset)
+    return x, weight, stride, padding, dilation, out_shape, residual
+
+
+def check_batch_norm_act_train(
+    x, weight, bias, running_mean, running_var, momentum, eps, residual, relu, residual_channel_offset,
+) -> int:
+    """The argument checks of a training `batch_norm_act` shared with its
+    SyncBatchNorm variant; returns the channel count."""
+    check_activation("x", x)
+    channels = x.shape[1]
+    check_batch_norm(("weight", weight), ("bias", bias), running_mean, running_var, momentum, eps, channels, x, True)
+    check_residual(residual, tuple(x.shape), x, residual_channel_offset)
+    check_relu(relu)
+    return channels

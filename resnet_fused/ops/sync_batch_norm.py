@@ -226,13 +226,9 @@ def sync_batch_norm_act(
     and residual; grad_weight and grad_bias are the rank's own (summed over
     ranks they are the whole batch's: DDP reduces them)."""
     group = resolve_group(process_group)
-    _ops.check_activation("x", x)
-    channels = x.shape[1]
-    _ops.check_batch_norm(
-        ("weight", weight), ("bias", bias), running_mean, running_var, momentum, eps, channels, x, True
+    channels = _ops.check_batch_norm_act_train(
+        x, weight, bias, running_mean, running_var, momentum, eps, residual, relu, residual_channel_offset
     )
-    _ops.check_residual(residual, tuple(x.shape), x, residual_channel_offset)
-    _ops.check_relu(relu)
     if residual_channel_offset is not None:
         residual = common.pad_residual(residual, channels, residual_channel_offset)
     if residual is not None and residual.dtype != x.dtype:
@@ -265,15 +261,10 @@ def conv_sync_bn_act_train(
     """`ops.conv_bn_act_train` (conv2d, then BN keeping no convolution output
     for backward: `memory_efficient`) with `sync_batch_norm_act`'s statistics."""
     group = resolve_group(process_group)
-    x, weight, stride, padding, dilation, out_shape = _ops.check_conv(x, weight, stride, padding, dilation, groups)
-    k = weight.shape[0]
-    _ops.check_batch_norm(
-        ("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, momentum, eps, k, x, True
+    x, weight, stride, padding, dilation, _, residual = _ops.check_conv_bn_act_train(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu,
+        stride, padding, dilation, groups, residual_channel_offset,
     )
-    _ops.check_residual(residual, out_shape, x, residual_channel_offset)
-    _ops.check_relu(relu)
-    if residual_channel_offset is not None:
-        residual = common.pad_residual(residual, k, residual_channel_offset)
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
     parts = SyncParts(backends.resolve("batch_norm_act_parts", x.device), group)
