@@ -118,10 +118,11 @@ def test_inference_epilogue(benchmark, impl, shape, fmt):
 
     elif impl == "resnet_fused-triton":
         from resnet_fused.ops.triton import batch_norm
+        from resnet_fused.ops.triton.fold import Affine
 
         def step():
             # the Triton epilogue behind cuDNN in the triton backend, in place
-            batch_norm.scale_shift_act_(y, scale, shift, r, True, batch_norm.KERNELS)
+            batch_norm.affine_act_(y, Affine.given(scale, shift), r, True, batch_norm.KERNELS)
             _sync(y)
 
     else:

@@ -27,7 +27,6 @@ from resnet_fused import ops, sync_batch_norm
 from resnet_fused.ops import common
 from resnet_fused.ops.cpu import modules as cpu_modules
 from resnet_fused.ops.cpu.onednn import member
-from resnet_fused.ops.fold import conv_scale_shift
 from resnet_fused.plan import Plan, called_plainly, current
 
 # SyncBatchNorm is a BatchNorm2d here, except in training across a process
@@ -141,10 +140,9 @@ def conv_norm_act(
             out = plan.cpu_inference(conv, norm, x, residual, relu, plan.autocast, consume_residual)
             if out is not None:
                 return out
-        scale, shift = conv_scale_shift(conv, norm)
-        return ops.conv_bn_act(
-            x, conv.weight, scale, shift, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups,
-            residual_channel_offset,
+        return ops.conv_bn_act_eval(
+            x, conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps, conv.bias,
+            residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups, residual_channel_offset,
         )
     mean, var, momentum = common.batch_norm_module_args(norm)
     group = sync_batch_norm.sync_group(norm) if type(norm) in sync_batch_norm.SYNC_NORMS else None

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from resnet_fused import backends
-from resnet_fused.ops import common, recompute, reference
+from resnet_fused.ops import common, fold, recompute, reference
 
-__all__ = ["conv_bn_act", "batch_norm_act", "conv_bn_act_train"]
+__all__ = ["conv_bn_act", "conv_bn_act_eval", "batch_norm_act", "conv_bn_act_train"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -298,6 +298,54 @@ def conv_bn_act_train(
         residual, relu, stride, padding, dilation, groups,
     )
 
+
+def conv_bn_act_eval(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float = 1e-5,
+    conv_bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    residual_channel_offset: Optional[int] = None,
+) -> Tensor:
+    """`act(F.batch_norm(conv2d(x, weight, conv_bias), running_mean,
+    running_var, bn_weight, bn_bias, training=False, eps=eps) + residual)`:
+    `conv_bn_act` taking the BatchNorm's own tensors (BatchNorm2d in eval,
+    FrozenBatchNorm2d), what a model's conv+BN pair calls.
+
+    A backend that folds the BN inside its kernel (the `triton` backend's
+    epilogue, ops/triton/fold.py) runs the pair as one launch with no torch
+    op before it; elsewhere, and where autograd records through the call or
+    x is float64, scale and shift come from ops/fold.py `scale_shift` and
+    `conv_bn_act` runs. `residual_channel_offset`: as in `conv_bn_act`."""
+    x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
+    k = weight.shape[0]
+    if running_mean is None or running_var is None:
+        raise ValueError("conv_bn_act_eval needs running_mean and running_var (eval-mode BatchNorm)")
+    check_batch_norm(("bn_weight", bn_weight), ("bn_bias", bn_bias), running_mean, running_var, 0.0, eps, k, x, False)
+    check_channel_vector("conv_bias", conv_bias, k, x.device)
+    check_residual(residual, out_shape, x, residual_channel_offset)
+    check_relu(relu)
+    folds = getattr(backends.resolve("conv_bn_act", x.device), "batch_norm_eval", None)
+    if folds is None or x.dtype == torch.float64 or common.records_grad(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, conv_bias, residual
+    ):
+        scale, shift = fold.scale_shift(bn_weight, bn_bias, running_mean, running_var, eps, conv_bias)
+        return conv_bn_act(
+            x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
+        )
+    return folds(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, float(eps), conv_bias, residual, relu,
+        stride, padding, dilation, groups, 0 if residual_channel_offset is None else residual_channel_offset,
+    )
 
 def check_conv_bn_act_train(
     x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu,

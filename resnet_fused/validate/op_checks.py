@@ -97,6 +97,7 @@ def _tile_cases(ctx: Context) -> list[dict]:
     launcher can pick for the variant (conv.configs_for), int32 and int64
     offsets. Quick: two layers, one dtype, every tiling under the interpreter."""
     from resnet_fused.ops.triton import conv
+    from resnet_fused.ops.triton.fold import Affine
 
     cases = []
     if ctx.quick:
@@ -122,6 +123,7 @@ def _tile_cases(ctx: Context) -> list[dict]:
 
 def _run_tile(ctx: Context, case: dict):
     from resnet_fused.ops.triton import conv
+    from resnet_fused.ops.triton.fold import Affine
 
     layers = QUICK_LAYERS if ctx.quick else LAYERS
     dtype = DTYPES[case["dtype"]]
@@ -130,7 +132,7 @@ def _run_tile(ctx: Context, case: dict):
     relu = case["epilogue"].endswith("relu")
     with tf32(case["dtype"] == "tf32"):
         out = conv.output_like(x, ops.conv_out_shape(x, w, cv["stride"], cv["padding"], cv["dilation"]))
-        conv.launch(x, w, scale.float().contiguous(), shift.float().contiguous(), res, relu, cv["stride"],
+        conv.launch(x, w, Affine.given(scale.float().contiguous(), shift.float().contiguous()), res, relu, cv["stride"],
                     cv["padding"], cv["dilation"], cv["groups"], out, case["cfg"], index_64=case["int64"],
                     residual_channel_offset=offset or 0)
         ref = conv_reference(x, w, scale, shift, res, relu, cv, offset)

@@ -239,26 +239,27 @@ def _candidates(ctx: Context, x, w, scale, shift, conv_args, out_shape) -> dict:
             return run
         return {b: op(b) for b in backends_for(ctx.device) if b != "triton"}  # interpreted: not a speed
     from resnet_fused.ops.triton import batch_norm, conv
+    from resnet_fused.ops.triton.fold import Affine
 
     stride, padding, dilation, groups = (conv_args[k] for k in ("stride", "padding", "dilation", "groups"))
-    s32, b32 = scale.float().contiguous(), shift.float().contiguous()
+    affine = Affine.given(scale.float().contiguous(), shift.float().contiguous())
     out = conv.output_like(x, out_shape)
     cands = {}
     for cfg in conv.configs_for(x.dtype, w.shape[1], conv.needs_int64(x, w, out)):
-        cands[cfg.name] = (lambda cfg=cfg: conv.launch(x, w, s32, b32, None, True, stride, padding, dilation,
+        cands[cfg.name] = (lambda cfg=cfg: conv.launch(x, w, affine, None, True, stride, padding, dilation,
                                                        groups, out, cfg))
 
     def cudnn():
         y = F.conv2d(x, w, None, stride, padding, dilation, groups)
-        return batch_norm.scale_shift_act_(y, s32, b32, None, True, batch_norm.KERNELS)
+        return batch_norm.affine_act_(y, affine, None, True, batch_norm.KERNELS)
 
     cands["cudnn"] = cudnn  # (the tuner's name for cuDNN + the Triton epilogue)
     cands["cudnn conv only"] = lambda: F.conv2d(x, w, None, stride, padding, dilation, groups)  # the floor to beat
-    cands.update(_hopper_candidates(x, w, s32, b32, conv_args, out))
+    cands.update(_hopper_candidates(x, w, affine, conv_args, out))
     return cands
 
 
-def _hopper_candidates(x, w, s32, b32, conv_args, out) -> dict:
+def _hopper_candidates(x, w, affine, conv_args, out) -> dict:
     """The Hopper TMA kernel's tilings (ops/triton/conv_tma.py), on sm_90 and
     where it applies to the layer; none elsewhere."""
     from resnet_fused.ops.triton import conv_tma
@@ -266,7 +267,7 @@ def _hopper_candidates(x, w, s32, b32, conv_args, out) -> dict:
     args = tuple(conv_args[k] for k in ("stride", "padding", "dilation", "groups"))
     if torch.cuda.get_device_capability(x.device)[0] != 9 or not conv_tma.applies(x, w, None, *args):
         return {}
-    return {cfg.name: (lambda cfg=cfg: conv_tma.launch(x, w, s32, b32, None, True, *args, out, cfg))
+    return {cfg.name: (lambda cfg=cfg: conv_tma.launch(x, w, affine, None, True, *args, out, cfg))
             for cfg in conv_tma.CONFIGS_SM90}
 
 

@@ -21,6 +21,7 @@ from conftest import OP_TOL, assert_equivalent
 
 triton_conv = pytest.importorskip("resnet_fused.ops.triton.conv")
 from resnet_fused.ops.triton import batch_norm, device, library, tuning  # noqa: E402
+from resnet_fused.ops.triton.fold import Affine  # noqa: E402
 
 DEVICE = device()
 
@@ -57,7 +58,7 @@ def conv_inputs(n, c, h, w, k, r, stride, padding, dilation, groups, dtype, chan
 def run_launch(x, weight, scale, shift, residual, relu, conv, config, index_64=None):
     shape = ops.conv_out_shape(x, weight, conv["stride"], conv["padding"], conv["dilation"])
     out = triton_conv.output_like(x, shape)
-    triton_conv.launch(x, weight, scale, shift, residual, relu, conv["stride"], conv["padding"], conv["dilation"],
+    triton_conv.launch(x, weight, Affine.given(scale, shift), residual, relu, conv["stride"], conv["padding"], conv["dilation"],
                        conv["groups"], out, config, index_64=index_64)
     return out
 
@@ -252,7 +253,7 @@ def test_batch_norm_64_bit_rows_same_result(monkeypatch):
         monkeypatch.setattr(batch_norm, "_rows_64", lambda rows, wide=wide: wide)
         out, mean, invstd, var = batch_norm.forward(x, w, b, 1e-5, res, True, batch_norm.KERNELS)
         grads = batch_norm.backward(grad, x, out, w, mean, invstd, True, True, batch_norm.KERNELS)
-        y = batch_norm.scale_shift_act_(out.clone(), w, b, res, True, batch_norm.KERNELS)
+        y = batch_norm.affine_act_(out.clone(), Affine.given(w, b), res, True, batch_norm.KERNELS)
         runs.append((out, mean, invstd, var, y, *grads))
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)

@@ -27,6 +27,7 @@ from conftest import OP_TOL, assert_equivalent
 
 conv_tma = pytest.importorskip("resnet_fused.ops.triton.conv_tma")
 from resnet_fused.ops.triton import aot, device  # noqa: E402
+from resnet_fused.ops.triton.fold import Affine  # noqa: E402
 
 DEVICE = device()
 
@@ -63,7 +64,7 @@ def run(x, w, scale, shift, res, relu, conv, config=conv_tma.INTERPRETER_CONFIG,
         res_index_64=None):
     shape = ops.conv_out_shape(x, w, conv["stride"], conv["padding"], conv["dilation"])
     out = conv_tma.output_like(x, shape)
-    return conv_tma.launch(x, w, scale, shift, res, relu, conv["stride"], conv["padding"], conv["dilation"],
+    return conv_tma.launch(x, w, Affine.given(scale, shift), res, relu, conv["stride"], conv["padding"], conv["dilation"],
                            conv["groups"], out, config, residual_channel_offset=offset, programs=programs,
                            res_index_64=res_index_64)
 
@@ -196,7 +197,7 @@ def test_candidates_only_on_sm90(monkeypatch):
     each launcher computing the op (the device check patched, the kernel
     interpreted)."""
     x, w, scale, shift, res, conv = inputs(*SHAPES["1x1_stride2"], torch.float16)
-    args = (x, w, scale, shift, res, True, *conv.values())
+    args = (x, w, Affine.given(scale, shift), res, True, *conv.values())
     assert conv_tma.candidates(*args) == {}
     monkeypatch.setattr(conv_tma, "is_sm90", lambda device: True)
     cands = conv_tma.candidates(*args)
@@ -204,7 +205,7 @@ def test_candidates_only_on_sm90(monkeypatch):
     ref = ref64(x, w, scale, shift, res, True, **conv)
     for launcher in cands.values():
         assert_equivalent(launcher(), ref, OP_TOL[torch.float16])
-    fp32 = (x.float(), w.float(), scale, shift, res.float(), True, *conv.values())
+    fp32 = (x.float(), w.float(), Affine.given(scale, shift), res.float(), True, *conv.values())
     assert conv_tma.candidates(*fp32) == {}
 
 
@@ -220,7 +221,7 @@ def test_tuner_takes_it_when_fastest(monkeypatch):
     launch = conv_tma.launch
 
     def counted(*args, **kwargs):
-        launches.append(args[11])
+        launches.append(args[10])
         return launch(*args, **kwargs)
 
     def measure(fn):
@@ -273,4 +274,7 @@ def test_sm90_variants_use_tma_and_wgmma(sm90_rows):
         assert r["spill_bytes"] == 0, where
         assert 0 < r["shared_bytes"] <= aot.SMEM_LIMIT[90], where
     assert {r["variant"].split()[0] for r in rows} == {c.name for c in conv_tma.CONFIGS_SM90}
+    # the models' epilogue (BN folded in the kernel) on the tilings offered for it
+    folded = conv_tma.configs_for(Affine.batch_norm(*[torch.ones(1)] * 4, 1e-5))
+    assert {r["variant"].split()[0] for r in rows if r["variant"].endswith(" bn")} == {c.name for c in folded}
     assert {r["variant"].split()[2] for r in rows} >= {"gemm", "s1", "s2"}

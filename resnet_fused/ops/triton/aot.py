@@ -240,6 +240,16 @@ def _meta(shape, dtype, fmt) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=fmt)
 
 
+def _model_affine(vec: torch.Tensor):
+    """The epilogue a model's pairs launch: the eval-mode BN with γ and β
+    folded in the kernel (layers.conv_norm_act → ops.conv_bn_act_eval).
+    The given-(scale, shift) variant of the public op is the same code with
+    those loads and five instructions left out."""
+    from resnet_fused.ops.triton.fold import Affine
+
+    return Affine.batch_norm(vec, vec, vec, vec, 1e-5)
+
+
 def conv_launches(layer: Layer, dtype: torch.dtype, fmt) -> list[tuple]:
     """(config, args, kwargs) of every launch conv_bn_act can make for
     `layer`: one per tiling the tuner may pick (library.triton_conv_bn_act)."""
@@ -256,7 +266,7 @@ def conv_launches(layer: Layer, dtype: torch.dtype, fmt) -> list[tuple]:
     launches = []
     for cfg in conv.configs_for(dtype, layer.w_shape[1], index_64, conv.channels_contiguous(x, w, residual)):
         rec = _Recorder()
-        conv.launch(x, w, vec, vec, residual, layer.relu, layer.stride, layer.padding, layer.dilation, layer.groups,
+        conv.launch(x, w, _model_affine(vec), residual, layer.relu, layer.stride, layer.padding, layer.dilation, layer.groups,
                     out, cfg, rec)
         launches += [(cfg, *call) for call in rec.calls]
     return launches
@@ -275,10 +285,10 @@ def bn_launches(layer: Layer, dtype: torch.dtype, fmt) -> list[tuple]:
     rec = {name: _Recorder() for name in batch_norm.KERNELS}
     out, mean, invstd, _ = batch_norm.forward(x, vec, vec, 1e-5, residual, layer.relu, rec)
     batch_norm.backward(torch.empty_like(out), x, out, vec, mean, invstd, layer.relu, layer.residual, rec)
-    epilogue = {"apply": _Recorder()}
-    batch_norm.scale_shift_act_(x, vec, vec, residual, layer.relu, epilogue)
+    epilogue = {"affine_act": _Recorder()}
+    batch_norm.affine_act_(x, _model_affine(vec), residual, layer.relu, epilogue)
     calls = [(name, *call) for name, r in rec.items() for call in r.calls]
-    return calls + [("apply", *call) for call in epilogue["apply"].calls]
+    return calls + [("affine_act", *call) for call in epilogue["affine_act"].calls]
 
 
 def _add(found: dict, kernel: str, variant: str, arch: int, call: tuple, needs_mma: bool, where: str) -> None:
@@ -376,6 +386,7 @@ def tma_launches(layer: Layer, dtype: torch.dtype) -> list[tuple]:
     CUtensorMap built at launch and specialise nothing."""
     from resnet_fused.ops import conv_out_size
     from resnet_fused.ops.triton import conv_tma
+    from resnet_fused.ops.triton.fold import Affine
 
     fmt = torch.channels_last
     x = _meta(layer.x_shape, dtype, fmt)
@@ -386,11 +397,14 @@ def tma_launches(layer: Layer, dtype: torch.dtype) -> list[tuple]:
         return []
     vec = torch.empty(layer.w_shape[0], device="meta")
     launches = []
-    for cfg in conv_tma.CONFIGS_SM90:
-        rec = _Recorder()
-        conv_tma.launch(x, w, vec, vec, residual, layer.relu, layer.stride, layer.padding, layer.dilation,
-                        layer.groups, conv_tma.output_like(x, shape), cfg, rec, sms=TMA_SMS)
-        launches += [(cfg, *call) for call in rec.calls]
+    # the models' epilogue (BN folded) and the public op's (scale, shift
+    # given): their tilings differ (conv_tma.configs_for)
+    for affine in (_model_affine(vec), Affine.given(vec, vec)):
+        for cfg in conv_tma.configs_for(affine):
+            rec = _Recorder()
+            conv_tma.launch(x, w, affine, residual, layer.relu, layer.stride, layer.padding, layer.dilation,
+                            layer.groups, conv_tma.output_like(x, shape), cfg, rec, sms=TMA_SMS)
+            launches += [(cfg, *call) for call in rec.calls]
     return launches
 
 
@@ -408,7 +422,8 @@ def tma_jobs(quick: bool = False, models=MODELS, batches=BATCHES) -> list[Job]:
             for dname in (("bf16",) if quick else TMA_DTYPES):
                 for cfg, args, kwargs in tma_launches(layer, DTYPES[dname][0]):
                     path = "gemm" if kwargs["GEMM"] else f"s{kwargs['STRIDE']}"
-                    variant = f"{cfg.name} {dname} {path} nhwc"
+                    epilogue = "bn" if kwargs["BN"] else "given"
+                    variant = f"{cfg.name} {dname} {path} nhwc {epilogue}"
                     where = f"{layer.model} b{batch} {layer.name}"
                     _add(found, "conv_tma", variant, TMA_ARCH, (args, kwargs), True, where)
     for job in found.values():

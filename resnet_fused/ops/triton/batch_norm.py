@@ -30,6 +30,7 @@ from torch import Tensor
 from resnet_fused.ops.common import memory_format
 
 from resnet_fused.ops.triton import interpreting
+from resnet_fused.ops.triton.fold import Affine, channel_affine
 
 
 @triton.jit
@@ -164,6 +165,31 @@ def _bn_act_apply_kernel(
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _affine_act_kernel(
+    y_ptr, a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps, res_ptr,
+    C, L, W, ROWS, s_n, s_c, s_l, r_n, r_c, r_h, r_w, R_C0, R_CN,
+    BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_64: tl.constexpr,
+):
+    """In place: y = act(y·scale[c] + shift[c] + residual) with the
+    per-channel affine of fold.py, the epilogue behind a cuDNN convolution
+    (conv.py's epilogue, on a stored output)."""
+    rows = _rows(tl.program_id(0) * BLOCK_R, BLOCK_R, ROWS_64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (rows < ROWS)[:, None] & mask_c[None, :]
+    scale, shift = channel_affine(a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps, offs_c, mask_c, BN)
+    off = _row_offsets(rows, L, s_n, s_l)[:, None] + (offs_c * s_c)[None, :]
+    y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        r_off, r_mask = _residual_offsets(rows, offs_c, L, W, r_n, r_c, r_h, r_w, R_C0, R_CN)
+        y += tl.load(res_ptr + r_off, mask=mask & r_mask[None, :], other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -399,6 +425,7 @@ KERNELS = {
     "stats_partial": _bn_stats_partial_kernel,
     "stats_final": _bn_stats_final_kernel,
     "apply": _bn_act_apply_kernel,
+    "affine_act": _affine_act_kernel,
     "bwd_partial": _bn_act_bwd_partial_kernel,
     "bwd_final": _bn_act_bwd_final_kernel,
     "bwd_apply": _bn_act_bwd_apply_kernel,
@@ -416,12 +443,13 @@ class _NoLaunch:
 NO_LAUNCH = {name: _NoLaunch() for name in KERNELS}
 
 
-def scale_shift_act_(
-    y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool, kernels: dict,
+def affine_act_(
+    y: Tensor, affine: Affine, residual: Optional[Tensor], relu: bool, kernels: dict,
     residual_channel_offset: int = 0,
 ) -> Tensor:
-    """In place: y = act(y·scale[c] + shift[c] + residual), the epilogue behind
-    a cuDNN convolution. The normalise kernel with mean 0 and invstd = scale."""
+    """In place: y = act(y·scale[c] + shift[c] + residual), `affine` (fold.py)
+    giving scale and shift: the epilogue behind a cuDNN convolution, one
+    launch, no scratch tensor."""
     fmt = memory_format(y)
     assert y.is_contiguous(memory_format=fmt)
     if y.numel() == 0:
@@ -429,12 +457,11 @@ def scale_shift_act_(
     n, c, h, w = y.shape
     rows, l = n * h * w, h * w
     s_n, s_c, s_l = _view(y)
-    zeros = torch.zeros_like(scale)
     res = residual if residual is not None else y
-    kernels["apply"][(triton.cdiv(rows, BLOCK_R), triton.cdiv(c, BLOCK_C))](
-        y, zeros, scale, scale, shift, res, y,
+    kernels["affine_act"][(triton.cdiv(rows, BLOCK_R), triton.cdiv(c, BLOCK_C))](
+        y, *affine.args(), res,
         c, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
-        HAS_WEIGHT=False, HAS_BIAS=True, HAS_RESIDUAL=residual is not None,
-        RELU=relu, ACC=tl.float32, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
+        BN=affine.bn, HAS_RESIDUAL=residual is not None, RELU=relu,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROWS_64=_rows_64(rows),
     )
     return y

@@ -1,6 +1,6 @@
 """conv_bn_act as one Triton kernel: implicit-GEMM convolution with the
-BatchNorm scale/shift, residual add and ReLU applied in registers before the
-single store.
+BatchNorm scale/shift (given, or folded from the BN's tensors in the kernel:
+fold.py), residual add and ReLU applied in registers before the single store.
 
 GEMM view (per group g): M = N·P·Q output pixels, N_gemm = K/groups output
 channels, reduction over R·S·C/groups. Every tensor is addressed through its
@@ -27,13 +27,17 @@ import triton.language as tl
 from torch import Tensor
 
 from resnet_fused.ops.common import memory_format
+from resnet_fused.ops.triton.fold import Affine, channel_affine
 
 from resnet_fused.ops.triton import interpreting  # noqa: F401  (re-exported for tuning)
 
 
 @triton.jit
 def conv_bn_act_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    x_ptr, w_ptr,
+    # the per-channel affine (fold.py): scale/shift, or BN folded in here
+    a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps,
+    res_ptr, y_ptr,
     # sizes
     N, H, W, P, Q, R, S, C_G, K_G,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -45,6 +49,7 @@ def conv_bn_act_kernel(
     # the residual holds output channels [R_C0, R_C0 + R_CN): the zero-padded
     # option-A shortcut reads in place, never materialised
     R_C0, R_CN,
+    BN: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
     FLAT_RSC: tl.constexpr,
@@ -147,8 +152,7 @@ def conv_bn_act_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     # epilogue, in fp32 registers
-    scale = tl.load(scale_ptr + k_out, mask=mask_n, other=0.0)
-    shift = tl.load(shift_ptr + k_out, mask=mask_n, other=0.0)
+    scale, shift = channel_affine(a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps, k_out, mask_n, BN)
     out = acc * scale[None, :] + shift[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     k64 = k_out.to(tl.int64) if INDEX_64 else k_out
@@ -282,8 +286,7 @@ def needs_int64(*tensors: Optional[Tensor]) -> bool:
 def launch(
     x: Tensor,
     weight: Tensor,
-    scale: Tensor,
-    shift: Tensor,
+    affine: Affine,
     residual: Optional[Tensor],
     relu: bool,
     stride: tuple[int, int],
@@ -296,7 +299,8 @@ def launch(
     index_64: Optional[bool] = None,
     residual_channel_offset: int = 0,
 ) -> Tensor:
-    """Run the kernel with one tiling, writing `out` (N, K, P, Q).
+    """Run the kernel with one tiling, writing `out` (N, K, P, Q), with
+    `affine` (fold.py) as its epilogue's per-channel scale and shift.
 
     `kernel` is the launcher to use: the raw JIT function, or its
     `torch.library.wrap_triton` wrapper when called from a custom op.
@@ -313,11 +317,12 @@ def launch(
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(k_g, config.block_n), groups)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
     kernel[grid](
-        x, weight, scale, shift, res, out,
+        x, weight, *affine.args(), res, out,
         n, h, w, p, q, r, s, c_g, k_g,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         residual_channel_offset, res.shape[1],
+        BN=affine.bn,
         HAS_RESIDUAL=residual is not None,
         RELU=relu,
         FLAT_RSC=flat_rsc(c_g),

@@ -57,6 +57,7 @@ from torch import Tensor
 
 from resnet_fused.ops.triton import interpreting
 from resnet_fused.ops.triton.conv import needs_int64
+from resnet_fused.ops.triton.fold import Affine, channel_affine
 
 
 @triton.jit
@@ -77,9 +78,9 @@ def _taps(pad, dil, STRIDE: tl.constexpr, phase: tl.constexpr, R):
 @triton.jit
 def _epilogue(
     acc, kn0, g, pid_m, n0, p0, q0,
-    y_d, r_d, scale_ptr, shift_ptr, res_ptr,
+    y_d, r_d, a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps, res_ptr,
     n_img, p_out, q_out, k_g, sr_n, sr_c, sr_h, sr_w, r_c0, r_cn,
-    GEMM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RES_TMA: tl.constexpr, RES_INDEX_64: tl.constexpr,
+    BN: tl.constexpr, GEMM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RES_TMA: tl.constexpr, RES_INDEX_64: tl.constexpr,
     RELU: tl.constexpr, BLOCK_IMG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, EPI_N: tl.constexpr,
 ):
     """conv.py's epilogue in fp32 registers on an EPI_N-channel slice of the
@@ -88,8 +89,7 @@ def _epilogue(
     offs_n = kn0 + tl.arange(0, EPI_N)
     mask_n = offs_n < k_g
     k_out = g * k_g + offs_n
-    scale = tl.load(scale_ptr + k_out, mask=mask_n, other=0.0)
-    shift = tl.load(shift_ptr + k_out, mask=mask_n, other=0.0)
+    scale, shift = channel_affine(a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps, k_out, mask_n, BN)
     out = acc * scale[None, :] + shift[None, :]
     if HAS_RESIDUAL and RES_TMA:
         # channels outside [r_c0, r_c0 + r_cn) are out of the box: zero
@@ -142,7 +142,9 @@ def conv_tma_kernel(
     # the residual as a descriptor (RES_TMA: channels_last, 16-byte aligned
     # channel offset) or through pointers (any layout); the other one unused
     r_d,
-    scale_ptr, shift_ptr, res_ptr,
+    # the per-channel affine (fold.py)
+    a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps,
+    res_ptr,
     n_img, p_out, q_out, r_taps, s_taps, c_g, k_g, groups,
     pad_h, pad_w, dil_h, dil_w,
     sr_n, sr_c, sr_h, sr_w,
@@ -150,6 +152,7 @@ def conv_tma_kernel(
     # shortcuts read in place)
     r_c0, r_cn,
     num_programs,
+    BN: tl.constexpr,
     STRIDE: tl.constexpr,
     GEMM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -256,16 +259,16 @@ def conv_tma_kernel(
         if SPLIT_EPILOGUE:
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             acc_lo, acc_hi = tl.split(halves)
-            _epilogue(acc_lo, k0, g, pid_m, n0, p0, q0, y_d, r_d, scale_ptr, shift_ptr, res_ptr,
+            _epilogue(acc_lo, k0, g, pid_m, n0, p0, q0, y_d, r_d, a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps, res_ptr,
                       n_img, p_out, q_out, k_g, sr_n, sr_c, sr_h, sr_w, r_c0, r_cn,
-                      GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N // 2)
-            _epilogue(acc_hi, k0 + BLOCK_N // 2, g, pid_m, n0, p0, q0, y_d, r_d, scale_ptr, shift_ptr, res_ptr,
+                      BN, GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N // 2)
+            _epilogue(acc_hi, k0 + BLOCK_N // 2, g, pid_m, n0, p0, q0, y_d, r_d, a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps, res_ptr,
                       n_img, p_out, q_out, k_g, sr_n, sr_c, sr_h, sr_w, r_c0, r_cn,
-                      GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N // 2)
+                      BN, GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N // 2)
         else:
-            _epilogue(acc, k0, g, pid_m, n0, p0, q0, y_d, r_d, scale_ptr, shift_ptr, res_ptr,
+            _epilogue(acc, k0, g, pid_m, n0, p0, q0, y_d, r_d, a_ptr, b_ptr, gamma_ptr, beta_ptr, bias_ptr, eps, res_ptr,
                       n_img, p_out, q_out, k_g, sr_n, sr_c, sr_h, sr_w, r_c0, r_cn,
-                      GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N)
+                      BN, GEMM, HAS_RESIDUAL, RES_TMA, RES_INDEX_64, RELU, BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +304,18 @@ CONFIGS_SM90: tuple[TmaConfig, ...] = (
     TmaConfig(128, 128, 64, num_stages=5, num_warps=8),
     TmaConfig(128, 256, 64, num_stages=3, num_warps=8),
 )
+
+
+def configs_for(affine: Affine) -> tuple[TmaConfig, ...]:
+    """The tilings offered for an epilogue: with the BN folded in the kernel
+    (fold.py; what models launch) the 128×256 tiling's split epilogue
+    spills on sm_90 (aot.py: 255 registers, 272 B, for the 1×1 GEMM), so
+    it is offered only with a given scale and shift."""
+    if affine.bn:
+        return tuple(cfg for cfg in CONFIGS_SM90 if cfg.block_n <= 128)
+    return CONFIGS_SM90
+
+
 # Under TRITON_INTERPRET=1: the tile shapes are the real ones (they decide the
 # box shapes and the partial-tile handling); stages and warps mean nothing there.
 INTERPRETER_CONFIG = TmaConfig(128, 128, 64, num_stages=1, num_warps=4)
@@ -436,8 +451,7 @@ def num_programs(device: torch.device, tiles: int, sms: Optional[int] = None) ->
 def launch(
     x: Tensor,
     weight: Tensor,
-    scale: Tensor,
-    shift: Tensor,
+    affine: Affine,
     residual: Optional[Tensor],
     relu: bool,
     stride: tuple[int, int],
@@ -501,12 +515,13 @@ def launch(
     else:
         rd = yd
     kernel[(grid_size,)](
-        *xds, wd, yd, rd, scale, shift, res,
+        *xds, wd, yd, rd, *affine.args(), res,
         n, p, q, r, s, c_g, k_g, groups,
         padding[0], padding[1], dilation[0], dilation[1],
         res.stride(0), res.stride(1), res.stride(2), res.stride(3),
         residual_channel_offset, res.shape[1],
         grid_size,
+        BN=affine.bn,
         STRIDE=1 if gemm else stride[0],
         GEMM=gemm,
         HAS_RESIDUAL=residual is not None,
@@ -534,7 +549,7 @@ def output_like(x: Tensor, shape) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-def run(config: TmaConfig, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+def run(config: TmaConfig, x, weight, affine, residual, relu, stride, padding, dilation, groups,
         residual_channel_offset: int = 0, kernel=None) -> Tensor:
     """A tuning candidate's launcher (library.triton_conv_bn_act's
     `implicit_gemm(cfg)` shape): allocates the channels_last output (the op's
@@ -542,7 +557,7 @@ def run(config: TmaConfig, x, weight, scale, shift, residual, relu, stride, padd
     from resnet_fused.ops import conv_out_shape
 
     out = output_like(x, conv_out_shape(x, weight, stride, padding, dilation))
-    return launch(x, weight, scale, shift, residual, relu, tuple(stride), tuple(padding), tuple(dilation), groups,
+    return launch(x, weight, affine, residual, relu, tuple(stride), tuple(padding), tuple(dilation), groups,
                   out, config, kernel, residual_channel_offset)
 
 
@@ -552,7 +567,7 @@ def is_sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def candidates(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+def candidates(x, weight, affine, residual, relu, stride, padding, dilation, groups,
                residual_channel_offset: int = 0, kernel=None) -> dict:
     """TmaConfig -> zero-argument launcher returning its output, for the
     tuner (library.triton_conv_bn_act): every sm_90 tiling where the device
@@ -560,7 +575,7 @@ def candidates(x, weight, scale, shift, residual, relu, stride, padding, dilatio
     if not is_sm90(x.device) or not applies(x, weight, residual, stride, padding, dilation, groups):
         return {}
     return {
-        cfg: (lambda cfg=cfg: run(cfg, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+        cfg: (lambda cfg=cfg: run(cfg, x, weight, affine, residual, relu, stride, padding, dilation, groups,
                                   residual_channel_offset, kernel))
-        for cfg in CONFIGS_SM90
+        for cfg in configs_for(affine)
     }

@@ -1,9 +1,12 @@
 """torch.library registration of the Triton kernels and the `triton` backend's
 op implementations.
 
-Both ops are `torch.library.triton_op`s whose kernels are launched through
+The ops are `torch.library.triton_op`s whose kernels are launched through
 `wrap_triton`, so torch.compile sees the kernels themselves (no graph break,
 no opaque call), and fake tensors get their shapes from the same Python code.
+`triton_conv_bn_act` takes a per-channel scale and shift;
+`triton_conv_bn_act_eval` takes an eval-mode BN's own tensors and folds them
+inside the kernel's epilogue (fold.py), the one launch a model's pair costs.
 `triton_batch_norm_act_fwd` has autograd registered; its backward is the op
 `triton_batch_norm_act_bwd`.
 
@@ -17,6 +20,7 @@ autograd and the compiled graph around an opaque call.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -25,7 +29,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
 from resnet_fused.ops import common, reference
-from resnet_fused.ops.triton import batch_norm, conv, conv_tma, tuning
+from resnet_fused.ops.triton import batch_norm, conv, conv_tma, fold, tuning
 
 
 def _launchable(*tensors: Optional[Tensor]) -> bool:
@@ -88,20 +92,67 @@ def triton_conv_bn_act(
     groups: int,
     residual_channel_offset: int = 0,
 ) -> Tensor:
+    return _conv_affine_act(
+        x, weight, fold.Affine.given(scale, shift), residual, relu, stride, padding, dilation, groups,
+        residual_channel_offset,
+    )
+
+
+@_define("resnet_fused::triton_conv_bn_act_eval")
+def triton_conv_bn_act_eval(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    conv_bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    relu: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    residual_channel_offset: int = 0,
+) -> Tensor:
+    """conv_bn_act with the eval-mode BN folded inside the kernel's epilogue
+    (fold.py): one launch per conv+BN pair, no torch op before it."""
+    affine = fold.Affine.batch_norm(bn_weight, bn_bias, running_mean, running_var, eps, conv_bias)
+    return _conv_affine_act(
+        x, weight, affine, residual, relu, stride, padding, dilation, groups, residual_channel_offset
+    )
+
+
+@functools.cache
+def _kernels() -> tuple:
+    """The kernels as wrap_triton launchers, wrapped once per process (not
+    per call): (conv, Hopper conv, batch_norm.KERNELS)."""
+    return (
+        wrap_triton(conv.conv_bn_act_kernel), wrap_triton(conv_tma.conv_tma_kernel), _wrapped(batch_norm.KERNELS)
+    )
+
+
+def _conv_affine_act(
+    x: Tensor, weight: Tensor, affine: fold.Affine, residual: Optional[Tensor], relu: bool, stride, padding,
+    dilation, groups: int, residual_channel_offset: int,
+) -> Tensor:
+    """Both ops' body: the tuned choice among the implicit-GEMM tilings, the
+    Hopper kernel's and cuDNN + the epilogue kernel, `affine` their epilogue."""
     from resnet_fused.ops import conv_out_shape
 
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     with _on_device(x):
         shape = conv_out_shape(x, weight, stride, padding, dilation)
-        launchable = _launchable(x, weight, scale, shift, residual)
-        kernel = wrap_triton(conv.conv_bn_act_kernel)
+        launchable = _launchable(x, weight, residual, *affine.tensors())
+        kernel, tma_kernel, bn_kernels = _kernels()
         fmt = common.memory_format(x)
 
         def implicit_gemm(cfg: conv.ConvConfig) -> Tensor:
             out = conv.output_like(x, shape)
             if launchable:
                 conv.launch(
-                    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, out, cfg, kernel,
+                    x, weight, affine, residual, relu, stride, padding, dilation, groups, out, cfg, kernel,
                     residual_channel_offset=residual_channel_offset,
                 )
             return out
@@ -113,9 +164,7 @@ def triton_conv_bn_act(
             if y.stride() != conv.output_strides(shape, fmt):
                 y = conv.output_like(x, shape).copy_(y)
             if launchable:
-                y = batch_norm.scale_shift_act_(
-                    y, scale, shift, residual, relu, _wrapped(batch_norm.KERNELS), residual_channel_offset
-                )
+                y = batch_norm.affine_act_(y, affine, residual, relu, bn_kernels, residual_channel_offset)
             return y
 
         mode = tuning.forced()
@@ -128,8 +177,8 @@ def triton_conv_bn_act(
             # the kernel above serves), timed, never a heuristic pick
             if launchable and type(x) in (Tensor, torch.nn.Parameter):
                 candidates.update(conv_tma.candidates(
-                    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
-                    residual_channel_offset, wrap_triton(conv_tma.conv_tma_kernel)))
+                    x, weight, affine, residual, relu, stride, padding, dilation, groups,
+                    residual_channel_offset, tma_kernel))
         if mode in ("auto", tuning.CUDNN):
             candidates[tuning.CUDNN] = cudnn_then_epilogue
 
@@ -143,7 +192,8 @@ def triton_conv_bn_act(
         def check(out: Tensor):
             if not ref:  # rounded to the output dtype: where that overflows, every candidate does
                 ref.append(_reference(
-                    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
+                    x, weight, *affine.scale_shift(), residual, relu, stride, padding, dilation, groups,
+                    residual_channel_offset,
                 ).to(out.dtype))
             return tuning.mismatch(out, ref[0], tuning.tolerance(x.dtype))
 
@@ -192,7 +242,7 @@ def triton_batch_norm_act_fwd(
     relu: bool,
     residual_channel_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    kernels = _wrapped(batch_norm.KERNELS) if _launchable(x, weight, bias, residual) else batch_norm.NO_LAUNCH
+    kernels = _kernels()[2] if _launchable(x, weight, bias, residual) else batch_norm.NO_LAUNCH
     with _on_device(x):
         return batch_norm.forward(x, weight, bias, eps, residual, relu, kernels, residual_channel_offset)
 
@@ -211,7 +261,7 @@ def triton_batch_norm_act_bwd(
     residual_channel_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     launchable = _launchable(grad_out, x, out, weight, mean, invstd)
-    kernels = _wrapped(batch_norm.KERNELS) if launchable else batch_norm.NO_LAUNCH
+    kernels = _kernels()[2] if launchable else batch_norm.NO_LAUNCH
     with _on_device(x):
         return batch_norm.backward(
             grad_out, x, out, weight, mean, invstd, relu, residual_grad, kernels, residual_channels,
@@ -240,7 +290,24 @@ def conv_bn_act(
     )
 
 
+def conv_bn_act_eval(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, eps, conv_bias, residual, relu, stride, padding,
+    dilation, groups, residual_channel_offset=0,
+) -> Tensor:
+    """ops.conv_bn_act_eval on this backend: the BN folded in the kernel.
+    The caller (ops.conv_bn_act_eval) sends float64 and calls autograd
+    records through to conv_bn_act instead."""
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.to(x.dtype)
+    return torch.ops.resnet_fused.triton_conv_bn_act_eval(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, eps, conv_bias, residual, relu,
+        list(stride), list(padding), list(dilation), groups, residual_channel_offset,
+    )
+
+
 conv_bn_act.reads_padded_residual = True  # see ops.conv_bn_act(residual_channel_offset=)
+# the eval-mode BN folded in the kernel: ops.conv_bn_act_eval's fast path
+conv_bn_act.batch_norm_eval = conv_bn_act_eval
 
 OPS = {
     "conv_bn_act": conv_bn_act,
