@@ -10,9 +10,10 @@ kernels move at least this much):
   weight, writes y), BatchNorm (reads y and 4 fp32 vectors: mean, var, γ, β;
   writes y), for a block's last pair the residual add (reads y and the
   identity, writes y), and ReLU (reads and writes y): 3 or 4 kernels.
-* resnet_fused: one kernel per pair that reads x, the weight, 2 fp32 vectors
-  (scale, shift) and, for a block's last pair, the identity, and writes y
-  once. (The `cpu`/`cuda` backends are cuDNN/oneDNN + one epilogue pass: 2
+* resnet_fused: one kernel per pair that reads x, the weight, the BN's 4
+  vectors (mean, var, γ, β: folded into scale and shift inside the kernel,
+  ops/triton/fold.py, so no other launch computes them) and, for a block's
+  last pair, the identity, and writes y once. (The `cpu`/`cuda` backends are cuDNN/oneDNN + one epilogue pass: 2
   kernels and one extra read and write of y; `triton` is the one-kernel case
   counted here.)
 * both: max pool, average pool and the fc layer, counted the same way.
@@ -164,7 +165,7 @@ def _kernels(calls: list, esize: int, fused: bool) -> list:
             k = c.y[1]
             if fused:
                 extra = y if c.residual else 0
-                out.append(Kernel(c.name, "conv_bn_act", x + w + 2 * k * FP32_PARAM + extra + y, _conv_flops(c)))
+                out.append(Kernel(c.name, "conv_bn_act", x + w + 4 * k * FP32_PARAM + extra + y, _conv_flops(c)))
                 continue
             out.append(Kernel(c.name, "conv", x + w + y, _conv_flops(c)))
             out.append(Kernel(c.name, "bn", 2 * y + 4 * k * FP32_PARAM))

@@ -22,9 +22,10 @@ def test_traffic_of_a_basic_block_by_hand():
     assert [k.op for k in eager.kernels] == ["conv", "bn", "relu", "conv", "bn", "add", "relu"]
     assert eager.bytes == 2 * (act + w + act) + 2 * (2 * act + 4 * 64 * 4) + 2 * (2 * act) + 3 * act
     assert eager.launches == 7
-    # fused: each pair reads x, w, scale and shift, writes y once; conv2 also reads the identity
+    # fused: each pair reads x, w and the BN's 4 vectors (folded in the
+    # kernel), writes y once; conv2 also reads the identity
     assert [k.op for k in fused.kernels] == ["conv_bn_act", "conv_bn_act"]
-    assert fused.bytes == 2 * (act + w + 2 * 64 * 4 + act) + act
+    assert fused.bytes == 2 * (act + w + 4 * 64 * 4 + act) + act
     assert eager.flops == fused.flops == 2 * flops
     # roofline floor on an H100: each kernel at its own roof
     h100 = traffic.GPUS["H100"]
@@ -43,8 +44,8 @@ def test_traffic_of_a_bottleneck_with_projection():
     out = 2 * 512 * 14 * 14 * 2
     residual_reads = [k for k in fused.kernels if k.layer == "conv3"]
     proj = [k for k in fused.kernels if k.layer == "downsample.0"][0]
-    assert proj.bytes == 2 * 256 * 28 * 28 * 2 + 512 * 256 * 2 + 2 * 512 * 4 + out
-    assert residual_reads[0].bytes == 2 * 128 * 14 * 14 * 2 + 512 * 128 * 2 + 2 * 512 * 4 + out + out
+    assert proj.bytes == 2 * 256 * 28 * 28 * 2 + 512 * 256 * 2 + 4 * 512 * 4 + out
+    assert residual_reads[0].bytes == 2 * 128 * 14 * 14 * 2 + 512 * 128 * 2 + 4 * 512 * 4 + out + out
 
 
 def test_traffic_of_whole_models():

@@ -1,6 +1,6 @@
 """The model-level correctness stages: models (eval and one train step
 against torchvision), compile (torch.compile, two batch sizes), cudagraph
-(capture and replay)."""
+(capture and replay, and the kernel launches of one forward)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,7 @@ import copy
 import itertools
 
 import torch
+import torch.utils._python_dispatch
 
 import resnet_fused
 from resnet_fused.check import randomize_bn, train_step_errors, backends_for
@@ -131,6 +132,71 @@ def _compiled(ctx: Context) -> None:
 def cudagraph(ctx: Context) -> None:
     with one_tile() if _has_triton(ctx) else contextlib.nullcontext():
         _cudagraph(ctx)
+        _launches(ctx)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Ops dispatched at the top level (a custom op's inner ops unseen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_launches(fn, device: torch.device) -> int:
+    """Kernels one call of fn() launches: on CUDA the profiler's kernel
+    events; on the CPU (no launches) the ops it dispatches, the same
+    count for the triton backend under the interpreter."""
+    if device.type != "cuda":
+        with _OpCounter() as counter:
+            fn()
+        return counter.count
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+# what the stem's pooling and the head may launch beyond the pairs (max
+# pool, average pool, the fc GEMM and its bias: cuBLAS may split it)
+HEAD_LAUNCHES = 6
+
+
+def _launches(ctx: Context) -> None:
+    """Kernel launches of one fp32 inference forward (no autocast: its
+    weight casts are launches of their own). Checked on the triton backend,
+    which folds each BN into its kernel: at most one launch per conv+BN
+    pair plus the head. The counts of torchvision and of the other backends
+    (the convolution, the epilogue and the torch ops of the scale/shift
+    fold per pair) go in the same row."""
+    if "triton" not in backends_for(ctx.device):
+        return
+    arch, batch, size = ("resnet18", 1, 32) if ctx.quick else ("resnet50", 1, 224)
+    tv, fused = model_pair(arch)
+    tv, fused = tv.to(ctx.device).eval(), fused.to(ctx.device).eval()
+    x = torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=torch.channels_last)
+    pairs = sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+
+    def launches(model, name="auto") -> int:
+        with torch.no_grad(), resnet_fused.backend(name):
+            model(x)  # tunes, packs
+            return count_launches(lambda: model(x), ctx.device)
+
+    def run():
+        n = launches(fused, "triton")
+        others = {f"{b}_launches": launches(fused, b) for b in backends_for(ctx.device) if b != "triton"}
+        info = {"launches": n, "pairs": pairs, "torchvision_launches": launches(tv), **others}
+        return float(n), float(pairs + HEAD_LAUNCHES), info
+
+    what = "kernel launches per forward" if ctx.cuda else "CPU analogue: ops dispatched per forward"
+    ctx.check(what, f"{arch} triton", run, model=arch, backend="triton", batch=batch)
 
 
 def _cudagraph(ctx: Context) -> None:
