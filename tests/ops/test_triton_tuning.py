@@ -7,6 +7,7 @@ Tensors live where Triton runs (CUDA with a GPU, else CPU under
 TRITON_INTERPRET=1); the CUDA-only logic (capture, the guard's device) is
 checked with mocks."""
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -305,6 +306,8 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch, mode):
     real_wrap = library.wrap_triton
     monkeypatch.setattr(library, "_device_guard", guard)
     monkeypatch.setattr(library, "wrap_triton", lambda k: Spy(real_wrap(k)))
+    # the kernels are wrapped once per process: wrap them again, spied, for this test only
+    monkeypatch.setattr(library, "_kernels", functools.cache(library._kernels.__wrapped__))
     monkeypatch.setenv("RESNET_FUSED_TRITON_CONV", mode)
     x, w, scale, shift = inputs(2)
     conv_op(x, w, scale, shift)
