@@ -133,6 +133,68 @@ def speed(ctx: Context) -> None:
                 _measure(ctx, arch, batch, size, dtype, compiled, refs)
                 if ctx.cuda:
                     torch.cuda.empty_cache()
+            if ctx.cuda and not compiled and 1 in batches:
+                _graph_rows(ctx, arch, size, dtype, refs)
+
+
+def _graphed(ctx: Context, model, x, backend, dtype):
+    """A zero-argument replay of `model(x)` captured in a CUDA graph after
+    warm-up on a side stream (tuning, packing and compiling done before the
+    capture, nothing timed during it), and its static output."""
+    amp = torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
+    with torch.no_grad(), amp, resnet_fused.backend(backend or "auto"):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+    return graph.replay, out
+
+
+def _graph_rows(ctx: Context, arch: str, size: int, dtype, refs: dict) -> None:
+    """Batch 1, where launches and Python cost more than the kernels: the
+    fused model and torchvision replayed from CUDA graphs, and each under
+    torch.compile(mode="reduce-overhead") (Inductor's own graphs), beside
+    the eager rows of the same batch (`vs_torchvision_eager` against
+    torchvision eager NCHW, as every row)."""
+    tv, fused = model_pair(arch)
+    tv = tv.to(ctx.device).eval().to(memory_format=CL)
+    fused = fused.to(ctx.device).eval().to(memory_format=CL)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, size, size, generator=g).to(ctx.device).to(memory_format=CL)
+    ref, base_ms = refs[(arch, 1)]
+    rows = (
+        ("torchvision eager channels_last CUDA graph", tv, None, False),
+        ("resnet_fused auto channels_last CUDA graph", fused, "auto", False),
+        ("torchvision compile reduce-overhead channels_last", tv, None, True),
+        ("resnet_fused auto compile reduce-overhead channels_last", fused, "auto", True),
+    )
+    for name, model, backend, compiled in rows:
+        try:
+            if compiled:
+                model = torch.compile(copy.deepcopy(model), mode="reduce-overhead")
+
+                def run(model=model, backend=backend):
+                    with torch.no_grad(), _amp(ctx, dtype), resnet_fused.backend(backend or "auto"):
+                        return model(x)
+            else:
+                replay, out = _graphed(ctx, model, x, backend, dtype)
+
+                def run(replay=replay, out=out):
+                    replay()
+                    return out
+            ms = ctx.time_ms(run, ctx.repeats)  # (its warm-up compiles the reduce-overhead rows)
+            err = max_err(run().float(), ref)
+        except Exception as e:  # reported; the other rows still run
+            ctx.emit(table="inference", model=arch, batch=1, implementation=name, error=f"{type(e).__name__}: {e}"[:200])
+            continue
+        ctx.emit(table="inference", model=arch, batch=1, implementation=name, ms=ms, images_per_s=1e3 / ms,
+                 vs_torchvision_eager=base_ms / ms, max_err=err)
+        torch._dynamo.reset()
 
 
 def _saved_bytes(model, x, target, backend) -> int:
