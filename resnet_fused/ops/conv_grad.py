@@ -20,7 +20,10 @@ kernel) have no autograd of their own; this Function gives them one:
                         recomputed, and only when scale needs a gradient
                         (with frozen BN it never does).
 Sums and the g·scale product run in fp32 (fp64 for double, which gradcheck
-uses) and each gradient comes back in its input's dtype.
+uses) and each gradient comes back in its input's dtype. The backward is
+made of differentiable torch ops, so double backward (create_graph=True)
+and torch.func.grad work through it; the ReLU mask is piecewise constant in
+the saved output, so nothing is lost by differentiating it as a constant.
 """
 from __future__ import annotations
 
@@ -98,8 +101,8 @@ class _ConvBnAct(torch.autograd.Function):
         if need_shift:
             grad_shift = g.sum((0, 2, 3), dtype=acc).to(ctx.shift_dtype)
         if need_x or need_weight:
-            # computed in acc and rounded once to g's dtype, without an acc-sized temporary
-            g_conv = torch.mul(g, _channel(scale, acc), out=torch.empty_like(g))
+            # computed in acc, rounded once to g's dtype
+            g_conv = (g * _channel(scale, acc)).to(g.dtype)
             grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
                 g_conv, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
                 [need_x, need_weight, False],

@@ -100,6 +100,8 @@ def test_gradcheck_of_the_backward_formula(name, frozen):
         run, x, w, s, b, _residual([x, w, s, b, r], conv, offset), relu, *_conv_args(conv), offset
     )
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8)
+    if name == "narrow_relu":  # the backward is itself differentiable (double backward, torch.func)
+        assert torch.autograd.gradgradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 @pytest.fixture
@@ -189,6 +191,21 @@ def test_nan_reaches_the_gradients_autograd_gives(device, backend, reference_fal
     assert_same_masks(out.double(), ref, OP_TOL[torch.float32])
     for what, a, b in zip(NAMES, got, want):
         assert_same_masks(a.double(), b, OP_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_torch_func_grad_takes_the_same_backward(device, backend):
+    leaves, relu, conv, offset = _case("residual_relu", torch.float32, device=device)
+    x, w, scale, shift, res = (t.detach() for t in leaves)
+    grad = torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(device)
+    _, want = _grads(leaves, relu, conv, offset, grad)
+    with resnet_fused.backend(backend):
+        got = torch.func.grad(
+            lambda w, scale: (ops.conv_bn_act(x, w, scale, shift, res, relu, **conv) * grad.float()).sum(),
+            argnums=(0, 1),
+        )(w, scale)
+    for what, a, b in zip(("weight", "scale"), got, want[1:3]):
+        assert_equivalent(a, b, OP_TOL[torch.float32], f"grad of {what}")
 
 
 @pytest.mark.parametrize("needs_scale", [False, True], ids=["frozen", "scale_grad"])
