@@ -86,8 +86,9 @@ KERNEL_BACKENDS = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}
 def test_option_a_shortcut_is_never_materialised(monkeypatch, device):
     """The zero-padded shortcut tensor is never built in Python on the kernel
     backends of the device (cpu and triton on CPU tensors; cuda, whose CUDA
-    epilogue pads inside its op, and triton on CUDA tensors), in eval or
-    train: the cpu and triton kernels read the stride-2 view in place."""
+    epilogue pads inside its op, and triton on CUDA tensors), in eval (with
+    and without grad: ops/conv_grad.py's forward is the kernel's) or train:
+    the cpu and triton kernels read the stride-2 view in place."""
     calls = []
     real = common.pad_residual
 
@@ -104,6 +105,7 @@ def test_option_a_shortcut_is_never_materialised(monkeypatch, device):
         with resnet_fused.backend(backend):
             with torch.no_grad():
                 fused.eval()(x)
+            fused.eval()(x).sum().backward()
             fused.train()(x).sum().backward()
     assert calls == []
     with resnet_fused.backend("eager"):  # the reference composition does build it: the spy sees it

@@ -304,7 +304,7 @@ def test_memory_efficient_on_an_fx_fused_model(monkeypatch):
     fused(x).square().mean().backward()
     model(x).square().mean().backward()
     assert len(calls) == len(_fused_calls(fused)) > 0
-    _assert_same_gradients(fused, model)
+    assert_same_gradients(fused, model)
     resnet_fused.memory_efficient(fused, False)
     calls.clear()
     fused(x).sum().backward()
@@ -336,19 +336,22 @@ def test_timm_norm_act_models(arch):
     xd = x.double()
     model(xd).sum().backward()
     fused(xd).sum().backward()
-    _assert_same_gradients(fused, model)
+    assert_same_gradients(fused, model)
 
 
-def _assert_same_gradients(fused, model):
+def assert_same_gradients(fused, model, rtol=TRAIN_TOL, atol=1e-9):
     """Every float64 gradient of an fx-fused model equals the model's, judged
-    against the largest one: a bias feeding a conv and then a train-mode BN
-    (a conv bias before BN; a BN's bias before a 1x1 conv and BN) has a
-    gradient of 0 up to rounding, as the next BN removes any per-channel shift."""
+    against the largest one (`atol` is a fraction of it): a bias feeding a conv
+    and then a train-mode BN (a conv bias before BN; a BN's bias before a 1x1
+    conv and BN) has a gradient of 0 up to rounding, as the next BN removes any
+    per-channel shift. Also for a lower-precision model against a float64
+    copy (tests/ops/test_conv_bn_act_grad.py: then rtol/atol are its own)."""
     scale = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
     fused_params = dict(fused.named_parameters())  # a GraphModule orders its modules by first use
     assert fused_params.keys() == dict(model.named_parameters()).keys()
     for key, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(
-                fused_params[key].grad, p.grad, rtol=TRAIN_TOL, atol=1e-9 * scale, msg=lambda m, key=key: f"{key}: {m}"
+                fused_params[key].grad.to(p.grad.dtype), p.grad, rtol=rtol, atol=atol * scale,
+                msg=lambda m, key=key: f"{key}: {m}",
             )

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from resnet_fused import backends
-from resnet_fused.ops import common, fold, recompute, reference
+from resnet_fused.ops import common, conv_grad, fold, recompute, reference
 
 __all__ = ["conv_bn_act", "conv_bn_act_eval", "batch_norm_act", "conv_bn_act_train"]
 
@@ -205,6 +205,12 @@ def conv_bn_act(
     shortcut of the ResNet paper's option A, whose spatial subsampling is a
     strided view (`x[:, :, ::2, ::2]`) that is also read in place. Backends
     that cannot read it in place get a zero-padded copy.
+
+    Differentiable in x, weight, scale, shift and residual on every backend.
+    With autograd recording (BN-in-eval fine-tuning, FrozenBatchNorm2d) the
+    kernel backends still run their fused forward, with the backward of
+    `ops/conv_grad.py`; float64, torch.compile and torch.jit.trace take the
+    reference composition instead (`conv_grad.applies` says why).
     """
     x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
@@ -213,10 +219,18 @@ def conv_bn_act(
     check_residual(residual, out_shape, x, residual_channel_offset)
     check_relu(relu)
     impl = backends.resolve("conv_bn_act", x.device)
-    return _call_with_residual(
-        impl, (x, weight, scale, shift), residual, (relu, stride, padding, dilation, groups), k,
-        residual_channel_offset,
-    )
+
+    def run(x, weight, scale, shift, residual):
+        return _call_with_residual(
+            impl, (x, weight, scale, shift), residual, (relu, stride, padding, dilation, groups), k,
+            residual_channel_offset,
+        )
+
+    if conv_grad.applies(impl, x, weight, scale, shift, residual):
+        return conv_grad.conv_bn_act(
+            run, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
+        )
+    return run(x, weight, scale, shift, residual)
 
 
 def batch_norm_act(

@@ -45,12 +45,21 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def conv_bn_act_kernels_take(x: Tensor) -> bool:
+    """Whether the kernel backends' `conv_bn_act` kernels take x's dtype:
+    all but float64 (their scale/shift and epilogue are fp32)."""
+    return x.dtype != torch.float64
+
+
 def conv_bn_act_needs_reference(x: Tensor, *tensors: Optional[Tensor]) -> bool:
-    """Whether a kernel backend's inference `conv_bn_act` hands the call to the
-    differentiable reference: float64 (the kernels' scale/shift are fp32) or
-    autograd recording through the call (BN-in-eval fine-tuning; the fused
-    inference kernels have no backward)."""
-    return x.dtype == torch.float64 or records_grad(x, *tensors)
+    """Whether a kernel backend's `conv_bn_act` implementation hands the call
+    to the differentiable reference: float64, or autograd recording through
+    the call (the kernels have no autograd of their own). The public
+    `ops.conv_bn_act` calls implementations with grad mode off inside the
+    Function of `ops/conv_grad.py`, which is their backward, so through it
+    only float64, torch.compile and torch.jit.trace reach the reference; a
+    direct call of an implementation with grad stays correct by this rule."""
+    return not conv_bn_act_kernels_take(x) or records_grad(x, *tensors)
 
 
 def batch_norm_module_args(bn) -> tuple[Optional[Tensor], Optional[Tensor], float]:

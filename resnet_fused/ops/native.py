@@ -3,9 +3,12 @@
 * conv_bn_act: the convolution (oneDNN on CPU, cuDNN on CUDA, no bias), then
   the fused epilogue `scale_shift_add_relu_` in place on its output: one pass
   over memory instead of eager's BN, add and ReLU passes. The in-place
-  epilogue has no backward, so when autograd is recording through this call
-  (BN-in-eval fine-tuning) the differentiable reference composition runs
-  instead; float64 also takes the reference (the kernel's scale is fp32).
+  epilogue has no autograd of its own: `ops.conv_bn_act` wraps this
+  implementation in the Function of `ops/conv_grad.py` when autograd records
+  (BN-in-eval fine-tuning), which calls it with grad mode off and is its
+  backward. Called directly with grad recorded, it runs the differentiable
+  reference composition instead; float64 always does (the kernel's scale is
+  fp32).
 * conv_bn_act_module (cpu only): the module-level inference op of
   `ops/cpu/modules.py`, which `layers.conv_norm_act` uses where this backend
   serves `conv_bn_act`.

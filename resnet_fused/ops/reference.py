@@ -41,6 +41,11 @@ def conv_bn_act(
     return out.to(y.dtype)
 
 
+# autograd records through the torch ops above: ops.conv_bn_act calls it as it
+# is, with grad too (no ops/conv_grad.py Function around it)
+conv_bn_act.differentiable = True
+
+
 def batch_norm_act(
     x: Tensor,
     weight: Optional[Tensor],
