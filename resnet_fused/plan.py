@@ -62,6 +62,8 @@ def decide(x: Tensor, model: Optional[nn.Module] = None) -> Plan:
         # (inductor folds and pre-packs the weights itself; the cache cannot
         # be traced), and nothing is walked that would only add guards
         return Plan(device, None, torch.is_grad_enabled(), None, True)
+    if common.transformed():  # forward AD, torch.func: the differentiable composition
+        return Plan(device, None, True, None, True)
     cpu_inference = None
     if device.type == "cpu":
         cpu_inference = backends.resolve_module_op("conv_bn_act_module", "conv_bn_act", device)

@@ -33,8 +33,19 @@ def is_channels_last(t: Tensor) -> bool:
 
 def records_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd records through a call on `tensors`: grad mode on and
-    any of them requiring grad (the one gradient gate of every fast path)."""
+    any of them requiring grad, or a transform is active (`transformed`)
+    (the one gradient gate of every fast path)."""
+    if transformed():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def transformed() -> bool:
+    """Forward-mode AD (an open `torch.autograd.forward_ad.dual_level`) or a
+    torch.func transform (jvp, vmap, grad) is active: tangents or batch
+    dimensions may ride on any tensor, which the kernels would drop
+    silently; the differentiable torch composition serves instead."""
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -46,13 +46,16 @@ def applies(impl: Callable, x: Tensor, *tensors: Optional[Tensor]) -> bool:
       reference composition the kernel backends hand it when grad is
       recorded, and would have to treat this Function as opaque;
     * not under torch.jit.trace: a Python Function is an opaque PythonOp in a
-      traced graph, which can then not be saved; the reference is traced instead."""
+      traced graph, which can then not be saved; the reference is traced instead;
+    * no forward-mode AD or torch.func transform (`common.transformed`): this
+      Function has no jvp and no batching rule; the reference composition has both."""
     return (
         common.records_grad(x, *tensors)
         and not getattr(impl, "differentiable", False)
         and common.conv_bn_act_kernels_take(x)
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+        and not common.transformed()
     )
 
 

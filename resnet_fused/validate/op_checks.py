@@ -192,8 +192,10 @@ def _has_triton(ctx: Context) -> bool:
 
 def _epilogue_cases(ctx: Context) -> list[dict]:
     """The C++ epilogue (scale_shift_add_relu_) on its 16-byte vector path
-    (the run of channels, or of pixels in NCHW, a multiple of 16 bytes;
-    aligned pointers) and its scalar path (odd runs, a misaligned residual)."""
+    (channels_last: C a multiple of 16 bytes; NCHW: planes of at least one
+    pack, which a pack may straddle, and a tail past the last whole pack;
+    aligned pointers) and its scalar path (odd channel runs, planes smaller
+    than a pack, a misaligned residual)."""
     kernel = "cuda" if ctx.cuda else "cpu"
     if kernel not in backends_for(ctx.device):
         return []
@@ -201,7 +203,9 @@ def _epilogue_cases(ctx: Context) -> list[dict]:
         "vector nhwc C=64": ((2, 64, 7, 7), "nhwc", False),
         "vector nchw HW=64": ((2, 24, 8, 8), "nchw", False),
         "scalar nhwc C=13": ((2, 13, 5, 5), "nhwc", False),
-        "scalar nchw HW=49": ((2, 16, 7, 7), "nchw", False),
+        "vector nchw HW=49 packs straddle planes": ((2, 16, 7, 7), "nchw", False),
+        "vector nchw HW=49 with a tail": ((1, 3, 7, 7), "nchw", False),
+        "scalar nchw HW=3": ((2, 16, 1, 3), "nchw", False),
         "scalar misaligned residual": ((2, 64, 4, 4), "nhwc", True),
     }
     dtypes = ["bfloat16", "float16", "float32"] if ctx.cuda else ["float32", "bfloat16"]

@@ -194,7 +194,9 @@ def test_nan_reaches_the_gradients_autograd_gives(device, backend, reference_fal
 
 
 @pytest.mark.parametrize("device, backend", device_backend_params())
-def test_torch_func_grad_takes_the_same_backward(device, backend):
+def test_torch_func_grad_gives_the_same_gradients(device, backend):
+    """torch.func.grad (a functorch transform: the reference composition
+    serves, common.transformed) gives autograd's gradients."""
     leaves, relu, conv, offset = _case("residual_relu", torch.float32, device=device)
     x, w, scale, shift, res = (t.detach() for t in leaves)
     grad = torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(device)
@@ -304,3 +306,34 @@ def test_traced_eval_block_with_grad_keeps_its_backward_and_saves():
     want = _input_and_parameter_grads(tv, x)
     for a, b in zip(_input_and_parameter_grads(traced, x), want):
         assert_equivalent(a, b, NET_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_forward_mode_ad_gives_torchvisions_tangents(backend):
+    """Forward-mode AD through a fused model (a dual_level, and torch.func.jvp)
+    gives torchvision's tangent: under a transform the differentiable
+    composition runs (common.transformed), never a kernel that would drop
+    the tangent (before: none, or zeros, silently)."""
+    import torch.autograd.forward_ad as fwAD
+    import torchvision
+
+    if resnet_fused.backends.reason_unavailable(backend) is not None or "cpu" not in resnet_fused.backends.device_types(
+        backend
+    ):
+        pytest.skip(f"backend {backend!r} does not run on CPU tensors here")
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().eval()
+    fused = resnet_fused.fuse(copy.deepcopy(tv)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 3, 32, 32, generator=g), torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        _, want = torch.func.jvp(tv.double(), (x.double(),), (t.double(),))
+        tv.float()
+        with resnet_fused.backend(backend):
+            with fwAD.dual_level():
+                dual = fused(fwAD.make_dual(x, t))
+                got_dual = fwAD.unpack_dual(dual).tangent
+            _, got_jvp = torch.func.jvp(fused, (x,), (t,))
+    for got in (got_dual, got_jvp):
+        assert got is not None
+        assert_equivalent(got, want, 1e-4, "tangent")

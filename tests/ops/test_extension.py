@@ -4,6 +4,7 @@ The CPU kernel calls the same csrc/epilogue.h arithmetic the CUDA kernel
 compiles, so these tests pin the GPU's per-element math too.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,43 @@ def test_cuda_build_contains_sm80_and_sm90():
     assert "sm_90" in ptx, ptx  # "+PTX": JIT-able on GPUs newer than Hopper
 
 
+def _sass_functions(lib: str) -> dict:
+    """{(arch, mangled name): SASS text} of a library's device code."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton's bundled copy)")
+    text = subprocess.run([tool, "-sass", lib], capture_output=True, text=True, check=True, timeout=300).stdout
+    functions = {}
+    for section in re.split(r"\n(?=arch = sm_)", text):
+        arch = re.match(r"arch = (sm_\d+)", section)
+        parts = re.split(r"\n\s*Function : (\S+)\n", section)
+        for name, body in zip(parts[1::2], parts[2::2]):
+            key = (arch.group(1) if arch else "?", name)
+            functions[key] = functions.get(key, "") + body
+    return functions
+
+
+def test_cuda_epilogue_loads_and_stores_16_bytes():
+    """The compiled CUDA epilogue (scale_shift_add_act_kernel, behind the
+    cuda backend's conv_bn_act and its train-mode BN) moves 16 bytes per
+    load and store in every vector instantiation (VEC > 1: each dtype, both
+    layouts, with and without residual) on sm_80 and sm_90, and the scalar
+    ones do not: what the launcher's choice of path buys. Read from the
+    SASS of the built library; no GPU needed."""
+    if not extension.has_kernel("scale_shift_add_relu_", "CUDA"):
+        pytest.skip(f"built without CUDA kernels: {extension.unavailable_reason('CUDA')}")
+    functions = _sass_functions(extension._C.__file__)
+    kernels = {k: v for k, v in functions.items() if "scale_shift_add_act_kernel" in k[1]}
+    assert {arch for arch, _ in kernels} >= {"sm_80", "sm_90"}, sorted({a for a, _ in functions})
+    vectors = 0
+    for (arch, name), sass in kernels.items():
+        vec = int(re.search(r"Li(\d+)E", name).group(1))
+        wide = "LDG.E.128" in sass and "STG.E.128" in sass
+        assert wide == (vec > 1), (arch, name)
+        vectors += vec > 1
+    assert vectors >= 2 * 4 * 4  # two archs × (bf16, fp16, fp32, fp64) × layouts × residual
+
+
 def test_import_without_extension_warns_once_and_eager_serves():
     code = (
         "import sys, warnings\n"
@@ -82,7 +120,7 @@ def reference64(y, scale, shift, residual, relu):
     return torch.relu(out) if relu else out
 
 
-SHAPES = [(2, 64, 7, 7), (2, 3, 5, 6), (1, 13, 1, 1), (3, 130, 3, 5), (2, 7, 4, 4), (1, 256, 2, 2)]
+SHAPES = [(2, 64, 7, 7), (2, 3, 5, 6), (1, 13, 1, 1), (3, 130, 3, 5), (2, 7, 4, 4), (1, 256, 2, 2), (1, 3, 7, 7)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
