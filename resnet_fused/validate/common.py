@@ -164,3 +164,21 @@ def break_backend(name: str) -> None:
     for op in ("conv_bn_act", "batch_norm_act"):
         if op in b.ops:
             b.ops[op] = wrong(b.ops[op])
+
+
+def capture_graph(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
+    """fn() run three times on a side stream (tuning, packing and compiling
+    done before the capture; nothing is timed during it), then captured in
+    a CUDA graph: (replay, the graph's static output). The caller holds the
+    contexts fn runs under (no_grad, autocast without its weight cache, the
+    backend)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out

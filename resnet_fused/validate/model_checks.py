@@ -12,7 +12,7 @@ import torch.utils._python_dispatch
 
 import resnet_fused
 from resnet_fused.check import randomize_bn, train_step_errors, backends_for
-from resnet_fused.validate.common import Context, one_tile, rel_err
+from resnet_fused.validate.common import Context, capture_graph, one_tile, rel_err
 from resnet_fused.validate.op_checks import FORMATS, _has_triton
 
 MODELS = ("resnet18", "resnet50", "resnext50_32x4d")
@@ -221,17 +221,9 @@ def _cudagraph(ctx: Context) -> None:
                     static.copy_(xs[1])
                     return (0.0 if torch.equal(fused(static), fused(xs[1])) and first.shape == (batch, 1000)
                             else float("inf")), 0.0
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(3):
-                        fused(static)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = fused(static)
+                replay, out = capture_graph(lambda: fused(static))
                 static.copy_(xs[1])
-                graph.replay()
+                replay()
                 want = fused(xs[1])
             torch.cuda.synchronize()
             return rel_err(out.float(), want.float()), 1e-2, {"bitwise": torch.equal(out, want)}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import resnet_fused
 from resnet_fused import ops
 from resnet_fused.check import backends_for
-from resnet_fused.validate.common import Context, max_err
+from resnet_fused.validate.common import Context, capture_graph, max_err
 from resnet_fused.validate.model_checks import MODELS, model_pair
 
 CL = torch.channels_last
@@ -138,21 +138,11 @@ def speed(ctx: Context) -> None:
 
 
 def _graphed(ctx: Context, model, x, backend, dtype):
-    """A zero-argument replay of `model(x)` captured in a CUDA graph after
-    warm-up on a side stream (tuning, packing and compiling done before the
-    capture, nothing timed during it), and its static output."""
+    """(replay, static output) of `model(x)` captured in a CUDA graph."""
+    # no autocast weight cache: a graph must not capture a cast made once outside it
     amp = torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
     with torch.no_grad(), amp, resnet_fused.backend(backend or "auto"):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                model(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model(x)
-    return graph.replay, out
+        return capture_graph(lambda: model(x))
 
 
 def _graph_rows(ctx: Context, arch: str, size: int, dtype, refs: dict) -> None:
