@@ -290,7 +290,7 @@ def _candidates(ctx: Context, x, w, scale, shift, conv_args, out_shape) -> dict:
                     return ops.conv_bn_act(x, w, scale, shift, None, True, **conv_args)
             return run
         return {b: op(b) for b in backends_for(ctx.device) if b != "triton"}  # interpreted: not a speed
-    from resnet_fused.ops.triton import batch_norm, conv
+    from resnet_fused.ops.triton import batch_norm, conv, cudnn_fused
     from resnet_fused.ops.triton.fold import Affine
 
     stride, padding, dilation, groups = (conv_args[k] for k in ("stride", "padding", "dilation", "groups"))
@@ -306,6 +306,9 @@ def _candidates(ctx: Context, x, w, scale, shift, conv_args, out_shape) -> dict:
         return batch_norm.affine_act_(y, affine, None, True, batch_norm.KERNELS)
 
     cands["cudnn"] = cudnn  # (the tuner's name for cuDNN + the Triton epilogue)
+    if cudnn_fused.applies(x, w, None, True, 0):  # cuDNN's fused conv + bias + ReLU, BN in its weight
+        cands[cudnn_fused.NAME] = lambda: cudnn_fused.run(x, w, affine, None, stride, padding, dilation, groups,
+                                                          lambda s: conv.output_like(x, s))
     cands["cudnn conv only"] = lambda: F.conv2d(x, w, None, stride, padding, dilation, groups)  # the floor to beat
     cands.update(_hopper_candidates(x, w, affine, conv_args, out))
     return cands

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
 from resnet_fused.ops import common, reference
-from resnet_fused.ops.triton import batch_norm, conv, conv_tma, fold, tuning
+from resnet_fused.ops.triton import batch_norm, conv, conv_tma, cudnn_fused, fold, tuning
 
 
 def _launchable(*tensors: Optional[Tensor]) -> bool:
@@ -138,7 +138,8 @@ def _conv_affine_act(
     dilation, groups: int, residual_channel_offset: int,
 ) -> Tensor:
     """Both ops' body: the tuned choice among the implicit-GEMM tilings, the
-    Hopper kernel's and cuDNN + the epilogue kernel, `affine` their epilogue."""
+    Hopper kernel's, cuDNN + the epilogue kernel and cuDNN's fused
+    convolution (cudnn_fused.py), `affine` their epilogue."""
     from resnet_fused.ops import conv_out_shape
 
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
@@ -181,6 +182,11 @@ def _conv_affine_act(
                     residual_channel_offset, tma_kernel))
         if mode in ("auto", tuning.CUDNN):
             candidates[tuning.CUDNN] = cudnn_then_epilogue
+            # cuDNN's own conv + bias [+ z] + ReLU, the BN folded into its weight
+            if launchable and cudnn_fused.applies(x, weight, residual, relu, residual_channel_offset):
+                candidates[cudnn_fused.NAME] = lambda: cudnn_fused.run(
+                    x, weight, affine, residual, stride, padding, dilation, groups, lambda s: conv.output_like(x, s)
+                )
 
         def heuristic() -> tuning.Choice:
             if mode == tuning.CUDNN:
@@ -201,11 +207,12 @@ def _conv_affine_act(
         choice = tuning.pick(key, candidates, heuristic, launchable and tuning.can_measure(x), check)
         if choice == tuning.CUDNN:
             return cudnn_then_epilogue()
-        if isinstance(choice, conv_tma.TmaConfig):
+        if isinstance(choice, conv_tma.TmaConfig) or choice == cudnn_fused.NAME:
             if choice in candidates:
                 return candidates[choice]()
             # cached for this key, but this call cannot take it (a traced
-            # call, or an x whose storage offset breaks TMA's alignment)
+            # call, an x whose storage offset breaks TMA's alignment, a
+            # device whose fused cuDNN ReLU drops NaN)
             choice = heuristic()
             if choice == tuning.CUDNN:
                 return cudnn_then_epilogue()

@@ -16,7 +16,7 @@ an unreadable or unwritable cache only costs re-tuning.
     {"format": 1, "environment": {...}, "choices": {problem: choice}}
 
 `problem` is the tuning key as text without the device index (two GPUs of
-the same model share choices); `choice` is "cudnn" or a tiling's fields.
+the same model share choices); `choice` is "cudnn", "cudnn_fused" or a tiling's fields.
 
 Where: `$RESNET_FUSED_CACHE_DIR`, else `$XDG_CACHE_HOME/resnet_fused`, else
 `~/.cache/resnet_fused`. `RESNET_FUSED_TUNING_CACHE=0` turns it off (no
@@ -49,6 +49,7 @@ from resnet_fused.ops.triton import conv, interpreting
 
 FORMAT = 1
 CUDNN = "cudnn"
+CUDNN_FUSED = "cudnn_fused"  # cudnn_fused.py
 Choice = Union[conv.ConvConfig, str]
 
 _warned: set = set()
@@ -121,8 +122,8 @@ def encode(choice: Choice):
 
 def decode(value) -> Optional[Choice]:
     """A choice from its stored form, or None where it is not one."""
-    if value == CUDNN:
-        return CUDNN
+    if value in (CUDNN, CUDNN_FUSED):
+        return value
     if isinstance(value, dict) and all(type(v) is int and v > 0 for v in value.values()):
         try:
             return conv.ConvConfig(**value)
