@@ -113,6 +113,8 @@ def propagates_nan(device: torch.device) -> bool:
     and an inf in its input, both with and without z."""
     name = str(device)
     if name not in _nan_safe:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False  # nothing may run outside the graph being captured: probed at a later call
         _nan_safe[name] = _probe(device)
     return _nan_safe[name]
 
