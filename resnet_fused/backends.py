@@ -162,11 +162,11 @@ def resolve_name(op: str, device: torch.device) -> str:
 
 
 def resolve_module_op(op: str, serving: str, device: torch.device) -> Optional[Callable]:
-    """The module-level op `op` (one that takes the modules, not their
-    tensors: the cpu backend's `conv_bn_act_module`) of the backend that
-    serves `serving` on `device`, or None where that backend has none. One
-    decision with `resolve`: the backend that would run the tensor op runs
-    the module op."""
+    """The op `op` of the backend that serves `serving` on `device` (a
+    module-level op such as the cpu backend's `conv_bn_act_module`, or the
+    serving op itself, to read what it declares), or None where that
+    backend has none. One decision with `resolve`: the backend that would
+    run the tensor op runs the module op. Neither warns nor raises."""
     b = _REGISTRY.get(resolve_name(serving, device))
     return None if b is None else b.ops.get(op)
 

@@ -182,12 +182,13 @@ def unfused(y: Tensor, residual: Optional[Tensor], relu: bool, residual_channel_
 
 def stem_layout(x: Tensor, stem_norm: nn.Module, plan: Plan) -> Tensor:
     """A whole model's input in channels_last when its inference will run on
-    the cpu backend's module op: its output (logits) has no layout, so
-    nothing is lost, and no layer then has to convert back and forth. Not
-    where a hook could see an activation (`plan.hooks`): it gets the layout
-    torchvision would give it."""
+    a backend that is fastest there (`plan.channels_last`: the cpu
+    backend's module op, the triton and cuda backends' kernels): its output
+    (logits) has no layout, so nothing is lost, and no layer then has to
+    convert back and forth or run NCHW tiles. Not where a hook could see an
+    activation (`plan.hooks`): it gets the layout torchvision would give it."""
     if (
-        plan.cpu_inference is not None
+        plan.channels_last
         and isinstance(x, Tensor)
         and x.dim() == 4
         and not common.records_grad(x)

@@ -41,6 +41,11 @@ class Plan(NamedTuple):
     # a forward hook anywhere inside the model (or globally) could see an
     # activation: the layouts and buffers must be torchvision's
     hooks: bool = True
+    # the backend serving conv_bn_act here runs fastest on channels_last
+    # activations (its kernels' tiles, cuDNN's NHWC tensor-core paths, the
+    # cpu module op): an inference forward converts its input once at the
+    # stem (layers.stem_layout) rather than run every layer in NCHW
+    channels_last: bool = False
 
 
 _current: contextvars.ContextVar[Optional[Plan]] = contextvars.ContextVar("resnet_fused_plan", default=None)
@@ -69,7 +74,9 @@ def decide(x: Tensor, model: Optional[nn.Module] = None) -> Plan:
         cpu_inference = backends.resolve_module_op("conv_bn_act_module", "conv_bn_act", device)
     autocast = common.autocast_dtype("cpu") if device.type == "cpu" else None
     hooks = True if model is None else hooks_anywhere(model)
-    return Plan(device, cpu_inference, torch.is_grad_enabled(), autocast, hooks)
+    serving = backends.resolve_module_op("conv_bn_act", "conv_bn_act", device)
+    channels_last = cpu_inference is not None or getattr(serving, "prefers_channels_last", False)
+    return Plan(device, cpu_inference, torch.is_grad_enabled(), autocast, hooks, channels_last)
 
 
 def current(x: Tensor) -> Plan:

@@ -46,6 +46,9 @@ def conv_bn_act(
 # the epilogue kernel takes the narrower residual (CPU: read in place; CUDA:
 # padded inside the op)
 conv_bn_act.reads_padded_residual = True
+# cuDNN's and oneDNN's fastest convolutions and the epilogue's vector path are
+# channels_last ones: models run inference there (plan.Plan.channels_last)
+conv_bn_act.prefers_channels_last = True
 
 
 def _cpu_unavailable() -> Optional[str]:

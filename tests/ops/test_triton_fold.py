@@ -290,17 +290,19 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# what torchvision's stem pooling and head issue after the last block
-HEAD_OPS = {"aten.max_pool2d_with_indices.default": 1, "aten.mean.dim": 1, "aten.view.default": 1,
-            "aten.t.default": 1, "aten.addmm.default": 1}
+# the NCHW input's one conversion to channels_last at the stem (plan.Plan.channels_last),
+# and what torchvision's stem pooling and head issue after the last block
+HEAD_OPS = {"aten.clone.default": 1, "aten.max_pool2d_with_indices.default": 1, "aten.mean.dim": 1,
+            "aten.view.default": 1, "aten.t.default": 1, "aten.addmm.default": 1}
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_one_op_per_conv_bn_pair(arch, monkeypatch):
     """An eval forward of a fused model on the triton backend issues exactly
     one op per conv+BN(+add)+ReLU pair (the kernel, BN folded inside) plus
-    the stem's pooling and the head; before the fold each pair also issued
-    six torch ops for its scale and shift (resnet50: 376 ops, now 58). No
+    the input's conversion to channels_last, the stem's pooling and the
+    head; before the fold each pair also issued six torch ops for its scale
+    and shift (resnet50: 376 ops, now 59). No
     kernel is re-wrapped per call (wrap_triton refuses after the first
     forward)."""
     model = resnet_fused.get_model(arch).eval().to(DEVICE)
@@ -316,3 +318,34 @@ def test_one_op_per_conv_bn_pair(arch, monkeypatch):
         with _OpCounter() as counter:
             model(x)
     assert dict(counter.ops) == {"resnet_fused.triton_conv_bn_act_eval.default": pairs, **HEAD_OPS}
+
+
+def test_nchw_input_runs_the_kernels_channels_last(monkeypatch):
+    """An NCHW input to a fused model's inference on the triton backend is
+    converted once at the stem (plan.Plan.channels_last): every pair's
+    kernel gets channels_last activations (its tiles' layout), the logits
+    equal torchvision's. With a forward hook inside, nothing is converted:
+    the hook sees torchvision's layout."""
+    import torchvision
+
+    seen = []
+    real = library.conv_bn_act.batch_norm_eval
+
+    def spy(x, *args, **kwargs):
+        if x.shape[2] * x.shape[3] > 1:  # (a 1×1 map is both layouts at once)
+            seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(library.conv_bn_act, "batch_norm_eval", spy)
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().eval()
+    fused = resnet_fused.fuse(tv).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), resnet_fused.backend("triton"):
+        assert_equivalent(fused(x), tv(x), 1e-4, "logits")
+        assert seen and all(seen)
+        seen.clear()
+        layouts = []
+        fused.layer2.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous()))
+        assert_equivalent(fused(x), tv(x), 1e-4, "logits")
+    assert layouts == [True] and seen and not any(seen)

@@ -114,6 +114,9 @@ class Result:
     mma: str = ""  # "wgmma", "mma", or "" for none
     error: Optional[str] = None
     tma: Optional[bool] = None  # TMA loads (cp.async.bulk.tensor) in the PTX
+    # the widest global load and store in the PTX, bits (128: 16-byte vectors)
+    load_bits: int = 0
+    store_bits: int = 0
 
     @property
     def ok(self) -> bool:
@@ -489,7 +492,17 @@ def compile_job(job: Job) -> Result:
     if job.needs_mma and _wgmma_possible(job) and mma != "wgmma":
         mma = ""  # sm_90 tile that could use wgmma but does not: not the tensor-core path asked for
     return Result(job, reg, spill_stores + spill_loads, stack_frame, static_shared + k.metadata.shared,
-                  "cp.async" in ptx, mma, tma="cp.async.bulk.tensor" in ptx)
+                  "cp.async" in ptx, mma, tma="cp.async.bulk.tensor" in ptx,
+                  load_bits=widest_access(ptx, "ld"), store_bits=widest_access(ptx, "st"))
+
+
+def widest_access(ptx: str, op: str) -> int:
+    """The widest global `ld` or `st` in PTX text, in bits: `.v4.b32` is
+    128 (a 16-byte vector access), a scalar `.b16` 16."""
+    widest = 0
+    for vec, bits in re.findall(rf"\b{op}\.global(?:\.[a-z_0-9:]+)*?(?:\.v(\d))?\.[bfus](\d+)\b", ptx):
+        widest = max(widest, int(vec or 1) * int(bits))
+    return widest
 
 
 def run(quick: bool = False, workers: Optional[int] = None, models=MODELS, batches=BATCHES,
@@ -518,12 +531,12 @@ def run(quick: bool = False, workers: Optional[int] = None, models=MODELS, batch
 
 def table(results: list[Result]) -> str:
     rows = [("kernel", "variant", "spec", "arch", "regs", "spill B", "stack B", "smem B", "cp.async", "tensor cores",
-             "layers", "ok")]
+             "ld/st bits", "layers", "ok")]
     for r in results:
         tc = r.mma or ("NO" if r.job.needs_mma else "none")
-        measured = ("error", "", "", "", "", r.error) if r.error else (
+        measured = ("error", "", "", "", "", r.error, "") if r.error else (
             str(r.registers), str(r.spill_bytes), str(r.stack_bytes), str(r.shared_bytes),
-            "TMA" if r.tma else ("yes" if r.cp_async else "no"), tc)
+            "TMA" if r.tma else ("yes" if r.cp_async else "no"), tc, f"{r.load_bits}/{r.store_bits}")
         rows.append((r.job.kernel, r.job.variant, r.job.spec, f"sm_{r.job.arch}", *measured,
                      str(len(r.job.uses)), "yes" if r.ok else "NO"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -561,7 +574,8 @@ def as_json(results: list[Result]) -> list[dict]:
         rows.append(dict(
             kernel=r.job.kernel, variant=r.job.variant, spec=r.job.spec, arch=r.job.arch, registers=r.registers,
             spill_bytes=r.spill_bytes, stack_bytes=r.stack_bytes, shared_bytes=r.shared_bytes, cp_async=r.cp_async,
-            mma=r.mma, needs_mma=r.job.needs_mma, tma=r.tma, error=r.error, ok=r.ok, uses=r.job.uses, ones=ones,
+            mma=r.mma, needs_mma=r.job.needs_mma, tma=r.tma, load_bits=r.load_bits, store_bits=r.store_bits,
+            error=r.error, ok=r.ok, uses=r.job.uses, ones=ones,
             not_divisible_by_16=plain, num_warps=r.job.options["num_warps"],
         ))
     return rows

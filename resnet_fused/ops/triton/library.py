@@ -313,6 +313,9 @@ def conv_bn_act_eval(
 
 
 conv_bn_act.reads_padded_residual = True  # see ops.conv_bn_act(residual_channel_offset=)
+# its tiles are laid out for channels_last (C contiguous: vector loads); models
+# run inference there (plan.Plan.channels_last)
+conv_bn_act.prefers_channels_last = True
 # the eval-mode BN folded in the kernel: ops.conv_bn_act_eval's fast path
 conv_bn_act.batch_norm_eval = conv_bn_act_eval
 
