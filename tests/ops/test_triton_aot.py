@@ -70,6 +70,31 @@ def test_variants_are_the_launched_ones(quick_rows):
     assert {r["kernel"] for r in rows} == {"conv_bn_act", *(f"bn_{k}" for k in batch_norm.KERNELS)}
 
 
+def test_memory_bound_kernels_move_16_bytes_per_access_in_channels_last(quick_rows):
+    """The BN and epilogue kernels in channels_last (the layout inference
+    runs in: plan.Plan.channels_last) load their activations with 16-byte
+    vector loads, and the element-wise ones store 16 bytes too: read from
+    each variant's PTX (`widest_access`). The per-channel partial-sum
+    kernels store one fp32 per channel, the final ones read those."""
+    _, rows = quick_rows
+    bn = [r for r in rows if r["kernel"].startswith("bn_") and "nhwc" in r["variant"]]
+    assert {r["kernel"] for r in bn} >= {"bn_apply", "bn_affine_act", "bn_bwd_apply", "bn_stats_partial"}
+    for r in bn:
+        where = f"{r['kernel']} {r['variant']} sm_{r['arch']}"
+        if r["kernel"] in ("bn_apply", "bn_affine_act", "bn_bwd_apply"):
+            assert (r["load_bits"], r["store_bits"]) == (128, 128), where
+        elif r["kernel"] in ("bn_stats_partial", "bn_bwd_partial"):
+            assert r["load_bits"] == 128, where
+
+
+def test_widest_access_reads_ptx():
+    ptx = ("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n ld.global.b16 %rs1, [%rd2];\n"
+           "st.global.v2.b16 [%rd3], {%rs1, %rs2};\n @%p1 ld.global.L1::evict_last.v2.b64 {%rd4, %rd5}, [%rd6];")
+    assert aot.widest_access(ptx, "ld") == 128
+    assert aot.widest_access(ptx, "st") == 32
+    assert aot.widest_access("ld.shared.v4.b32 {}, [x];", "ld") == 0
+
+
 def test_channels_last_only_tilings_never_launch_in_nchw():
     """CHANNELS_LAST_CONFIGS spilled with NCHW's strided channel loads: the
     launcher offers them to channels_last layers only (no compile here)."""
