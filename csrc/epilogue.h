@@ -10,6 +10,8 @@
 #define RF_HOST_DEVICE inline
 #endif
 
+#include <cmath>
+
 namespace resnet_fused {
 
 // ReLU that propagates NaN like torch.relu (fmax(NaN, 0) would return 0 and
@@ -29,6 +31,29 @@ RF_HOST_DEVICE acc_t scale_shift_add_act(acc_t v, acc_t scale, acc_t shift,
   out = out + shift;
   out = out + residual;
   return relu ? relu_keep_nan(out) : out;
+}
+
+// An eval-mode BatchNorm over a convolution's output without its bias as
+// (scale, shift), in resnet_fused/ops/fold.py `scale_shift`'s order:
+//   scale = γ · (1 / sqrt(var + eps)),  shift = β − mean·scale (+ bias·scale)
+// gamma/beta/bias may be null (absent). Every step rounds once, correctly
+// (the CPU build has -ffp-contract=off; the device uses the _rn intrinsics,
+// no fused multiply-add), so both devices give torch's CPU bits.
+RF_HOST_DEVICE void bn_scale_shift(float var, float mean, const float* gamma, const float* beta,
+                                   const float* bias, float eps, float& scale, float& shift) {
+#if defined(__CUDA_ARCH__)
+  scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
+  if (gamma) scale = __fmul_rn(*gamma, scale);
+  shift = __fmul_rn(-mean, scale);
+  if (beta) shift = __fadd_rn(*beta, shift);
+  if (bias) shift = __fadd_rn(shift, __fmul_rn(*bias, scale));
+#else
+  scale = 1.0f / std::sqrt(var + eps);
+  if (gamma) scale = *gamma * scale;
+  shift = -mean * scale;
+  if (beta) shift = *beta + shift;
+  if (bias) shift = shift + *bias * scale;
+#endif
 }
 
 }  // namespace resnet_fused

@@ -6,6 +6,9 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
+#include <utility>
+
 namespace resnet_fused {
 
 // Returns the memory format the kernels address `y` in. Both kernels need a
@@ -15,6 +18,43 @@ namespace resnet_fused {
 // given (residual_channel_offset >= 0) and offset + C_r <= C: it is added to
 // channels [offset, offset + C_r) only (a zero-padded residual without the
 // padding). The default offset, -1, asks for a residual of y's shape.
+// bn_eval_add_relu_'s BatchNorm tensors: fp32 vectors of length C on y's
+// device (the optional ones may be absent), eps non-negative.
+inline void check_bn_eval_args(const at::Tensor& y, std::initializer_list<std::pair<const char*, const c10::optional<at::Tensor>*>> vectors,
+                               double eps) {
+  TORCH_CHECK(y.dim() == 4, "bn_eval_add_relu_: y must be a 4-D (N, C, H, W) tensor, got ", y.dim(), "-D");
+  const int64_t C = y.size(1);
+  for (const auto& pair : vectors) {
+    if (!pair.second->has_value()) continue;
+    const at::Tensor& t = **pair.second;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "bn_eval_add_relu_: ", pair.first,
+                " must be a 1-D tensor of length C=", C, ", got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "bn_eval_add_relu_: ", pair.first,
+                " must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == y.device(), "bn_eval_add_relu_: ", pair.first, " is on ", t.device(),
+                " but y is on ", y.device());
+  }
+  TORCH_CHECK(eps >= 0, "bn_eval_add_relu_: eps must be non-negative, got ", eps);
+}
+
+// The BN tensors of bn_eval_add_relu_, checked and contiguous, with the
+// pointers the fold reads (null where absent).
+struct BnEvalVectors {
+  at::Tensor weight, bias, mean, var, conv_bias;
+  static const float* ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
+};
+
+inline BnEvalVectors bn_eval_vectors(const at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                     const at::Tensor& running_var, double eps,
+                                     const c10::optional<at::Tensor>& conv_bias) {
+  const c10::optional<at::Tensor> mean = running_mean, var = running_var;
+  check_bn_eval_args(y, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &mean}, {"running_var", &var},
+                         {"conv_bias", &conv_bias}}, eps);
+  auto dense = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  return {dense(weight), dense(bias), running_mean.contiguous(), running_var.contiguous(), dense(conv_bias)};
+}
+
 inline at::MemoryFormat check_scale_shift_add_relu_args(
     const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
     const c10::optional<at::Tensor>& residual, int64_t residual_channel_offset = -1) {

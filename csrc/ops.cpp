@@ -108,6 +108,15 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "scale_shift_add_relu_(Tensor(a!) y, Tensor scale, Tensor shift, "
       "Tensor? residual, bool relu, int residual_channel_offset=-1) -> ()");
+  // The same epilogue with an eval-mode BatchNorm's own tensors (fp32
+  // vectors of length C; weight, bias and conv_bias optional): scale and
+  // shift are folded from them on the device first (csrc/epilogue.h
+  // bn_scale_shift, resnet_fused/ops/fold.py's formula and bits), one small
+  // pass over C values instead of the six torch ops the fold takes.
+  m.def(
+      "bn_eval_add_relu_(Tensor(a!) y, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "Tensor running_var, float eps, Tensor? conv_bias, Tensor? residual, bool relu, "
+      "int residual_channel_offset=-1) -> ()");
 
   // Train-mode BatchNorm with batch statistics, + residual, ReLU:
   //   out = act((x - mean) * invstd * weight + bias + residual)

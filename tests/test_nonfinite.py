@@ -173,13 +173,13 @@ def test_the_epilogue_kernel_and_the_reference_keep_nan(fmt):
 
 def test_finite_inputs_still_take_the_packed_path(monkeypatch):
     """The finite case keeps its speed: every convolution runs from the cache
-    (no composed conv_bn_act call); a NaN input sends every one of them to
-    the composed path instead."""
+    (no composed conv_bn_act_eval call); a NaN input sends every one of them
+    to the composed path instead."""
     _, fused = pair("resnet18")
     x = torch.randn(2, 3, 40, 40)
     calls = []
-    real = ops.conv_bn_act
-    monkeypatch.setattr(ops, "conv_bn_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ops.conv_bn_act_eval
+    monkeypatch.setattr(ops, "conv_bn_act_eval", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         fused(x)
         fused(x)

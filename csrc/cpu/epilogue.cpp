@@ -1,4 +1,4 @@
-// CPU kernels of the inference epilogue (scale_shift_add_relu_).
+// CPU kernels of the inference epilogue (scale_shift_add_relu_, bn_eval_add_relu_).
 #include <ATen/ATen.h>
 #include <algorithm>
 #include <ATen/Dispatch.h>
@@ -52,10 +52,31 @@ void scale_shift_add_relu_cpu(at::Tensor& y, const at::Tensor& scale, const at::
       });
 }
 
+void bn_eval_add_relu_cpu(at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                          const at::Tensor& running_var, double eps, const c10::optional<at::Tensor>& conv_bias,
+                          const c10::optional<at::Tensor>& residual, bool relu, int64_t residual_channel_offset) {
+  const BnEvalVectors v = bn_eval_vectors(y, weight, bias, running_mean, running_var, eps, conv_bias);
+  const int64_t C = y.size(1);
+  at::Tensor scale = at::empty({C}, y.options().dtype(at::kFloat));
+  at::Tensor shift = at::empty({C}, y.options().dtype(at::kFloat));
+  float* s = scale.data_ptr<float>();
+  float* b = shift.data_ptr<float>();
+  const float *g = BnEvalVectors::ptr(v.weight), *be = BnEvalVectors::ptr(v.bias),
+              *cb = BnEvalVectors::ptr(v.conv_bias);
+  const float *mp = v.mean.const_data_ptr<float>(), *vp = v.var.const_data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    bn_scale_shift(vp[c], mp[c], g ? g + c : nullptr, be ? be + c : nullptr, cb ? cb + c : nullptr,
+                   static_cast<float>(eps), s[c], b[c]);
+  }
+  scale_shift_add_relu_cpu(y, scale, shift, residual, relu, residual_channel_offset);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("scale_shift_add_relu_", &scale_shift_add_relu_cpu);
+  m.impl("bn_eval_add_relu_", &bn_eval_add_relu_cpu);
 }
 
 }  // namespace resnet_fused

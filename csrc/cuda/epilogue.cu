@@ -1,4 +1,4 @@
-// CUDA kernels of the inference epilogue (scale_shift_add_relu_).
+// CUDA kernels of the inference epilogue (scale_shift_add_relu_, bn_eval_add_relu_).
 //
 // c10/cuda only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers
 // that a bare CUDA toolkit need not have.
@@ -38,10 +38,42 @@ void scale_shift_add_relu_cuda(at::Tensor& y, const at::Tensor& scale, const at:
       });
 }
 
+// One thread per channel: the BN folded into (scale, shift), epilogue.h's
+// bn_scale_shift (torch's CPU bits).
+__global__ void bn_fold_kernel(const float* __restrict__ var, const float* __restrict__ mean,
+                               const float* __restrict__ gamma, const float* __restrict__ beta,
+                               const float* __restrict__ bias, float eps, float* scale, float* shift,
+                               int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  bn_scale_shift(var[c], mean[c], gamma ? gamma + c : nullptr, beta ? beta + c : nullptr,
+                 bias ? bias + c : nullptr, eps, scale[c], shift[c]);
+}
+
+void bn_eval_add_relu_cuda(at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, double eps, const c10::optional<at::Tensor>& conv_bias,
+                           const c10::optional<at::Tensor>& residual, bool relu, int64_t residual_channel_offset) {
+  const BnEvalVectors v = bn_eval_vectors(y, weight, bias, running_mean, running_var, eps, conv_bias);
+  const int64_t C = y.size(1);
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor folded = at::empty({2, C}, y.options().dtype(at::kFloat));
+  constexpr int kThreads = 256;
+  if (C > 0) {
+    bn_fold_kernel<<<(C + kThreads - 1) / kThreads, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        v.var.const_data_ptr<float>(), v.mean.const_data_ptr<float>(), BnEvalVectors::ptr(v.weight),
+        BnEvalVectors::ptr(v.bias), BnEvalVectors::ptr(v.conv_bias), static_cast<float>(eps),
+        folded.data_ptr<float>(), folded.data_ptr<float>() + C, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  scale_shift_add_relu_cuda(y, folded[0], folded[1], residual, relu, residual_channel_offset);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("scale_shift_add_relu_", &scale_shift_add_relu_cuda);
+  m.impl("bn_eval_add_relu_", &bn_eval_add_relu_cuda);
 }
 
 }  // namespace resnet_fused

@@ -335,11 +335,12 @@ def conv_bn_act_eval(
     `conv_bn_act` taking the BatchNorm's own tensors (BatchNorm2d in eval,
     FrozenBatchNorm2d), what a model's conv+BN pair calls.
 
-    A backend that folds the BN inside its kernel (the `triton` backend's
-    epilogue, ops/triton/fold.py) runs the pair as one launch with no torch
-    op before it; elsewhere, and where autograd records through the call or
-    x is float64, scale and shift come from ops/fold.py `scale_shift` and
-    `conv_bn_act` runs. `residual_channel_offset`: as in `conv_bn_act`."""
+    A backend that folds the BN itself runs the pair with no torch op before
+    it: the `triton` backend inside its kernel's epilogue (one launch,
+    ops/triton/fold.py), the `cpu`/`cuda` backends in their C++ epilogue
+    (the convolution, then `bn_eval_add_relu_`). Elsewhere, and where
+    autograd records through the call or x is float64, scale and shift come
+    from ops/fold.py `scale_shift` and `conv_bn_act` runs. `residual_channel_offset`: as in `conv_bn_act`."""
     x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
     if running_mean is None or running_var is None:

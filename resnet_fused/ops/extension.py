@@ -29,7 +29,7 @@ except ImportError as e:  # not built, or built against another torch
         stacklevel=2,
     )
 
-OP_NAMES = ("scale_shift_add_relu_", "batch_norm_act_fwd", "batch_norm_act_bwd")
+OP_NAMES = ("scale_shift_add_relu_", "bn_eval_add_relu_", "batch_norm_act_fwd", "batch_norm_act_bwd")
 _reasons: dict[str, Optional[str]] = {}
 
 
@@ -120,6 +120,42 @@ if _C is not None:
                 residual.device == y.device,
                 lambda: f"{prefix}residual is on {residual.device} but y is on {y.device}",
             )
+
+
+def bn_eval_add_relu_(
+    y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+    eps: float, conv_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None, relu: bool = True,
+    residual_channel_offset: int = -1,
+) -> Tensor:
+    """In place: `scale_shift_add_relu_` with scale and shift folded from an
+    eval-mode BN's fp32 tensors on the device (`ops/fold.py`'s formula and
+    bits, csrc/epilogue.h `bn_scale_shift`); returns y."""
+    if _C is None:
+        raise RuntimeError(f"bn_eval_add_relu_ needs resnet_fused._C, which could not be loaded ({load_error})")
+    torch.ops.resnet_fused.bn_eval_add_relu_(
+        y, weight, bias, running_mean, running_var, eps, conv_bias, residual, relu, residual_channel_offset
+    )
+    return y
+
+
+if _C is not None:
+
+    @torch.library.register_fake("resnet_fused::bn_eval_add_relu_")
+    def _bn_eval_add_relu_fake(y, weight, bias, running_mean, running_var, eps, conv_bias, residual, relu,
+                               residual_channel_offset=-1):
+        # Mirrors csrc/epilogue_checks.h for tracing (torch.compile, meta tensors).
+        prefix = "bn_eval_add_relu_: "
+        torch._check(y.dim() == 4, lambda: f"{prefix}y must be a 4-D (N, C, H, W) tensor, got {y.dim()}-D")
+        for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                        ("running_var", running_var), ("conv_bias", conv_bias)):
+            if t is None:
+                continue
+            torch._check(
+                t.shape == (y.shape[1],),
+                lambda: f"{prefix}{name} must be a 1-D tensor of length C={y.shape[1]}, got shape {tuple(t.shape)}",
+            )
+            torch._check(t.device == y.device, lambda: f"{prefix}{name} is on {t.device} but y is on {y.device}")
+        torch._check(eps >= 0, lambda: f"{prefix}eps must be non-negative, got {eps}")
 
 
 def batch_norm_act_train(

@@ -43,9 +43,27 @@ def conv_bn_act(
     return extension.scale_shift_add_relu_(y, scale.float(), shift.float(), residual, relu, residual_channel_offset)
 
 
+def conv_bn_act_eval(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, eps, conv_bias, residual, relu, stride, padding,
+    dilation, groups, residual_channel_offset=0,
+) -> Tensor:
+    """ops.conv_bn_act_eval on these backends: the convolution, then the
+    epilogue folding the BN from its tensors on the device
+    (`bn_eval_add_relu_`): two ops per pair, not the convolution, six fold
+    ops and the epilogue. The caller (ops.conv_bn_act_eval) sends float64 and
+    calls autograd records through to conv_bn_act instead."""
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    if residual is not None and residual.dtype != y.dtype:
+        residual = residual.to(y.dtype)
+    vectors = [None if t is None else t.float() for t in (bn_weight, bn_bias, running_mean, running_var, conv_bias)]
+    return extension.bn_eval_add_relu_(y, *vectors[:4], eps, vectors[4], residual, relu, residual_channel_offset)
+
+
 # the epilogue kernel takes the narrower residual (CPU: read in place; CUDA:
 # padded inside the op)
 conv_bn_act.reads_padded_residual = True
+# the eval-mode BN folded by the epilogue op itself: ops.conv_bn_act_eval's path
+conv_bn_act.batch_norm_eval = conv_bn_act_eval
 # cuDNN's and oneDNN's fastest convolutions and the epilogue's vector path are
 # channels_last ones: models run inference there (plan.Plan.channels_last)
 conv_bn_act.prefers_channels_last = True

@@ -209,9 +209,13 @@ def _epilogue_cases(ctx: Context) -> list[dict]:
         "scalar misaligned residual": ((2, 64, 4, 4), "nhwc", True),
     }
     dtypes = ["bfloat16", "float16", "float32"] if ctx.cuda else ["float32", "bfloat16"]
-    return [dict(path=path, shape=shapes[path][0], fmt=shapes[path][1], misaligned=shapes[path][2], dtype=dtype,
-                 epilogue=epilogue)
-            for path, dtype, epilogue in itertools.product(shapes, dtypes, ("residual_relu", "relu"))]
+    cases = [dict(path=path, shape=shapes[path][0], fmt=shapes[path][1], misaligned=shapes[path][2], dtype=dtype,
+                  epilogue=epilogue, op="scale_shift_add_relu_")
+             for path, dtype, epilogue in itertools.product(shapes, dtypes, ("residual_relu", "relu"))]
+    # bn_eval_add_relu_: the BN folded on the device (its fold kernel on CUDA), then the same epilogue
+    cases += [dict(c, op="bn_eval_add_relu_") for c in cases
+              if c["path"] in ("vector nhwc C=64", "vector nchw HW=49 packs straddle planes")]
+    return cases
 
 
 def _run_epilogue(ctx: Context, case: dict):
@@ -231,11 +235,21 @@ def _run_epilogue(ctx: Context, case: dict):
             flat = torch.empty(res.numel() + 1, dtype=dtype, device=ctx.device)
             res = flat[1:].view(n, h, w, c).permute(0, 3, 1, 2).copy_(res)
             assert res.data_ptr() % 16 != 0
+    if case.get("op") == "bn_eval_add_relu_":
+        from resnet_fused.ops import fold
+
+        gamma, beta = scale, shift
+        mean = torch.randn(c, generator=g).to(ctx.device)
+        var = (torch.rand(c, generator=g) + 0.1).to(ctx.device)
+        scale, shift = fold.scale_shift(gamma, beta, mean, var, 1e-5)
     ref = y.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
     if res is not None:
         ref = ref + res.double()
     ref = ref.relu()
-    out = extension.scale_shift_add_relu_(y, scale, shift, res, True)
+    if case.get("op") == "bn_eval_add_relu_":
+        out = extension.bn_eval_add_relu_(y, gamma, beta, mean, var, 1e-5, None, res, True)
+    else:
+        out = extension.scale_shift_add_relu_(y, scale, shift, res, True)
     if ctx.broken in ("cpu", "cuda"):
         out = out + 1e-2
     return worst_err(out, ref), TOL[case["dtype"]]

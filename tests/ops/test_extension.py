@@ -89,6 +89,22 @@ def test_cuda_epilogue_loads_and_stores_16_bytes():
     assert vectors >= 2 * 4 * 4  # two archs × (bf16, fp16, fp32, fp64) × layouts × residual
 
 
+def test_cuda_bn_fold_kernel_rounds_every_step():
+    """bn_eval_add_relu_'s CUDA fold kernel (csrc/epilogue.h bn_scale_shift
+    with the _rn intrinsics) is compiled for sm_80 and sm_90 with IEEE
+    division and square root (the FCHK range check of the correctly rounded
+    sequences, not MUFU's approximation alone), as the CPU build computes
+    (test_bn_eval_add_relu_is_the_epilogue_of_the_folded_bn_bitwise). Its
+    bits on a GPU are unmeasured here."""
+    if not extension.has_kernel("bn_eval_add_relu_", "CUDA"):
+        pytest.skip(f"built without CUDA kernels: {extension.unavailable_reason('CUDA')}")
+    functions = _sass_functions(extension._C.__file__)
+    folds = {arch: sass for (arch, name), sass in functions.items() if "bn_fold_kernel" in name}
+    assert set(folds) >= {"sm_80", "sm_90"}, sorted(folds)
+    for arch, sass in folds.items():
+        assert "FCHK" in sass and "MUFU.RSQ" in sass, arch
+
+
 def test_import_without_extension_warns_once_and_eager_serves():
     code = (
         "import sys, warnings\n"
@@ -231,6 +247,105 @@ def test_opcheck(with_residual, memory_format):
     y = torch.randn(2, 5, 3, 4).to(memory_format=memory_format)
     res = torch.randn(2, 5, 3, 4) if with_residual else None
     torch.library.opcheck(op.default, (y, torch.rand(5), torch.randn(5), res, True))
+
+
+def _bn_tensors(c, seed=0, gamma=True, beta=True, conv_bias=False):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        weight=torch.rand(c, generator=g) + 0.5 if gamma else None,
+        bias=torch.randn(c, generator=g) if beta else None,
+        running_mean=torch.randn(c, generator=g),
+        running_var=torch.rand(c, generator=g) + 0.1,
+        conv_bias=torch.randn(c, generator=g) if conv_bias else None,
+    )
+
+
+BN_VARIANTS = {"gamma_beta": {}, "affine_false": dict(gamma=False, beta=False), "conv_bias": dict(conv_bias=True)}
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("variant", list(BN_VARIANTS))
+def test_bn_eval_add_relu_is_the_epilogue_of_the_folded_bn_bitwise(variant, memory_format, dtype):
+    """bn_eval_add_relu_ folds the BN in C++ (csrc/epilogue.h bn_scale_shift)
+    with the bits of ops/fold.py's torch formula: the same output as
+    scale_shift_add_relu_ given that formula's vectors, NaN/inf in the BN
+    tensors included (one channel each)."""
+    from resnet_fused.ops import fold
+
+    bn = _bn_tensors(6, **BN_VARIANTS[variant])
+    bn["running_var"][0] = float("nan")
+    bn["running_var"][1] = -1e-5  # var + eps = 0: an infinite scale
+    bn["running_mean"][2] = float("inf")
+    y = (torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    y = y.contiguous(memory_format=memory_format)
+    res = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(2)).to(dtype)
+    scale, shift = fold.scale_shift(bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"], 1e-5,
+                                    bn["conv_bias"])
+    for residual, relu in ((res, True), (None, False)):
+        want = extension.scale_shift_add_relu_(y.clone(), scale, shift, residual, relu)
+        got = extension.bn_eval_add_relu_(y.clone(), bn["weight"], bn["bias"], bn["running_mean"],
+                                          bn["running_var"], 1e-5, bn["conv_bias"], residual, relu)
+        assert got.is_contiguous(memory_format=memory_format)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@pytestmark_ext
+def test_bn_eval_add_relu_bad_arguments_and_opcheck():
+    bn = _bn_tensors(5, conv_bias=True)
+    y = torch.randn(2, 5, 3, 4)
+    args = lambda **kw: {**dict(y=y.clone(), eps=1e-5, residual=None, relu=True), **bn, **kw}  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"conv_bias must be a 1-D tensor of length C=5"):
+        extension.bn_eval_add_relu_(**args(conv_bias=torch.zeros(4)))
+    with pytest.raises(RuntimeError, match=r"running_var must be float32"):
+        extension.bn_eval_add_relu_(**args(running_var=bn["running_var"].double()))
+    with pytest.raises(RuntimeError, match=r"eps must be non-negative"):
+        extension.bn_eval_add_relu_(**args(eps=-1.0))
+    with pytest.raises(RuntimeError, match=r"y must be a 4-D"):
+        extension.bn_eval_add_relu_(**args(y=torch.randn(2, 5)))
+    for res in (None, torch.randn(2, 5, 3, 4)):
+        torch.library.opcheck(torch.ops.resnet_fused.bn_eval_add_relu_.default,
+                              (y.clone(), bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"], 1e-5,
+                               bn["conv_bias"], res, True))
+
+
+@pytestmark_ext
+def test_cpu_composed_path_issues_two_ops_per_pair(monkeypatch):
+    """Where the cpu backend's module op declines a layer (here: every
+    layer), a pair is the convolution and bn_eval_add_relu_, the BN folded
+    in C++: no torch op computes its scale and shift."""
+    import collections
+
+    import torchvision
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import resnet_fused
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setitem(resnet_fused.backends.registered("cpu").ops, "conv_bn_act_module", lambda *args: None)
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().eval()
+    fused = resnet_fused.fuse(tv).eval()
+    fused.fc.register_forward_hook(lambda *args: None)  # a hook: the per-layer path, not the owned stages
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), resnet_fused.backend("cpu"):
+        want = tv(x)
+        with Counter() as counter:
+            got = fused(x)
+    assert_equivalent(got, want, 1e-4)
+    assert counter.ops["resnet_fused.bn_eval_add_relu_.default"] == 20
+    assert counter.ops["aten.convolution.default"] == 20
+    assert not any(name.startswith(("aten.rsqrt", "aten.neg")) for name in counter.ops), dict(counter.ops)
 
 
 @pytestmark_ext
