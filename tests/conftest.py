@@ -1,4 +1,5 @@
 import atexit
+import collections
 import os
 import shutil
 import tempfile
@@ -6,6 +7,7 @@ from typing import Optional
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter.
 # This must happen before resnet_fused (and so every @triton.jit) is imported.
@@ -97,6 +99,19 @@ def pytest_configure(config):
 # Tolerances on ||out - ref|| / ||ref|| (docs/design.md §5).
 OP_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NET_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op dispatched at the top level, by name (a custom op's
+    own inner ops are not seen: the mode is off while it runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

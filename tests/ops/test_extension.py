@@ -316,21 +316,10 @@ def test_cpu_composed_path_issues_two_ops_per_pair(monkeypatch):
     """Where the cpu backend's module op declines a layer (here: every
     layer), a pair is the convolution and bn_eval_add_relu_, the BN folded
     in C++: no torch op computes its scale and shift."""
-    import collections
-
     import torchvision
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import resnet_fused
-
-    class Counter(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
+    from conftest import OpCounter
 
     monkeypatch.setitem(resnet_fused.backends.registered("cpu").ops, "conv_bn_act_module", lambda *args: None)
     torch.manual_seed(0)
@@ -340,7 +329,7 @@ def test_cpu_composed_path_issues_two_ops_per_pair(monkeypatch):
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), resnet_fused.backend("cpu"):
         want = tv(x)
-        with Counter() as counter:
+        with OpCounter() as counter:
             got = fused(x)
     assert_equivalent(got, want, 1e-4)
     assert counter.ops["resnet_fused.bn_eval_add_relu_.default"] == 20

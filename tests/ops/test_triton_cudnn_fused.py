@@ -57,6 +57,19 @@ def emulated(monkeypatch):
     return calls
 
 
+def _time_it_fastest(monkeypatch, calls):
+    """Measuring on (CPU tensors are never timed), and every candidate that
+    reaches cuDNN's emulated ops timing fastest."""
+
+    def measure(fn):
+        before = len(calls)
+        fn()
+        return 1.0 if len(calls) > before else 5.0
+
+    monkeypatch.setattr(tuning, "can_measure", lambda x: True)
+    monkeypatch.setattr(tuning, "cuda_time", measure)
+
+
 def case(channels_last=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 16, 6, 5, generator=g)
@@ -132,13 +145,7 @@ def test_tuner_times_checks_and_takes_it(emulated, monkeypatch):
     timed fastest here and cached; the op's result then comes from it."""
     x, w, bn, residual, conv = case()
 
-    def measure(fn):
-        before = len(emulated)
-        fn()
-        return 1.0 if len(emulated) > before else 5.0
-
-    monkeypatch.setattr(tuning, "can_measure", lambda x: True)
-    monkeypatch.setattr(tuning, "cuda_time", measure)
+    _time_it_fastest(monkeypatch, emulated)
     monkeypatch.setattr(tuning, "_choices", {})
     with resnet_fused.backend("triton"):
         out = ops.conv_bn_act_eval(x, w, bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5, None, residual,
@@ -152,13 +159,7 @@ def test_a_wrong_result_is_never_chosen(emulated, monkeypatch):
     x, w, bn, residual, conv = case()
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu",
                         lambda *a: emulated.append("add_relu") or _conv_add_relu(*a) + 1.0)
-    def measure(fn):  # it would time fastest
-        before = len(emulated)
-        fn()
-        return 1.0 if len(emulated) > before else 5.0
-
-    monkeypatch.setattr(tuning, "can_measure", lambda x: True)
-    monkeypatch.setattr(tuning, "cuda_time", measure)
+    _time_it_fastest(monkeypatch, emulated)
     monkeypatch.setattr(tuning, "_choices", {})
     with resnet_fused.backend("triton"):
         out = ops.conv_bn_act_eval(x, w, bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5, None, residual,

@@ -8,18 +8,15 @@ nothing else per pair (counted with a dispatch mode: the launches the
 issue's ~320 extra per resnet50 forward came from)."""
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
 from resnet_fused import ops
 from resnet_fused.ops import fold as torch_fold
-from conftest import OP_TOL, assert_equivalent
+from conftest import OP_TOL, OpCounter, assert_equivalent
 
 triton_conv = pytest.importorskip("resnet_fused.ops.triton.conv")
 from resnet_fused.ops.triton import batch_norm, conv_tma, device, library  # noqa: E402
@@ -277,19 +274,6 @@ def test_opcheck_folded_op():
 # ---- what an inference forward issues ---------------------------------------
 
 
-class _OpCounter(TorchDispatchMode):
-    """Every op dispatched at the top level (a custom op's own inner ops are
-    not seen: the mode is off while it runs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 # the NCHW input's one conversion to channels_last at the stem (plan.Plan.channels_last),
 # and what torchvision's stem pooling and head issue after the last block
 HEAD_OPS = {"aten.clone.default": 1, "aten.max_pool2d_with_indices.default": 1, "aten.mean.dim": 1,
@@ -315,7 +299,7 @@ def test_one_op_per_conv_bn_pair(arch, monkeypatch):
             raise AssertionError("a kernel was wrapped again during a forward")
 
         monkeypatch.setattr(library, "wrap_triton", refuse)
-        with _OpCounter() as counter:
+        with OpCounter() as counter:
             model(x)
     assert dict(counter.ops) == {"resnet_fused.triton_conv_bn_act_eval.default": pairs, **HEAD_OPS}
 
