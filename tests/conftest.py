@@ -1,5 +1,4 @@
 import atexit
-import collections
 import os
 import shutil
 import tempfile
@@ -7,7 +6,6 @@ from typing import Optional
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter.
 # This must happen before resnet_fused (and so every @triton.jit) is imported.
@@ -29,6 +27,7 @@ torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
 import resnet_fused  # noqa: E402  (after TRITON_INTERPRET: it fixes the triton backend's devices)
+from resnet_fused.validate.common import OpCounter  # noqa: E402,F401  (the tests' op counter)
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -99,19 +98,6 @@ def pytest_configure(config):
 # Tolerances on ||out - ref|| / ||ref|| (docs/design.md §5).
 OP_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NET_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every op dispatched at the top level, by name (a custom op's
-    own inner ops are not seen: the mode is off while it runs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

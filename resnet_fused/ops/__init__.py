@@ -219,17 +219,24 @@ def conv_bn_act(
     check_residual(residual, out_shape, x, residual_channel_offset)
     check_relu(relu)
     impl = backends.resolve("conv_bn_act", x.device)
+    return _run_conv_bn_act(
+        impl, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
+    )
+
+
+def _run_conv_bn_act(impl, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, offset):
+    """conv_bn_act on checked arguments: backend implementation `impl`,
+    through ops/conv_grad.py's Function where autograd records."""
+    k = weight.shape[0]
 
     def run(x, weight, scale, shift, residual):
         return _call_with_residual(
-            impl, (x, weight, scale, shift), residual, (relu, stride, padding, dilation, groups), k,
-            residual_channel_offset,
+            impl, (x, weight, scale, shift), residual, (relu, stride, padding, dilation, groups), k, offset
         )
 
     if conv_grad.applies(impl, x, weight, scale, shift, residual):
-        return conv_grad.conv_bn_act(
-            run, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
-        )
+        return conv_grad.conv_bn_act(run, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+                                     offset)
     return run(x, weight, scale, shift, residual)
 
 
@@ -340,7 +347,8 @@ def conv_bn_act_eval(
     ops/triton/fold.py), the `cpu`/`cuda` backends in their C++ epilogue
     (the convolution, then `bn_eval_add_relu_`). Elsewhere, and where
     autograd records through the call or x is float64, scale and shift come
-    from ops/fold.py `scale_shift` and `conv_bn_act` runs. `residual_channel_offset`: as in `conv_bn_act`."""
+    from ops/fold.py `scale_shift` and `conv_bn_act` runs.
+    `residual_channel_offset`: as in `conv_bn_act`."""
     x, weight, stride, padding, dilation, out_shape = check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
     if running_mean is None or running_var is None:
@@ -349,18 +357,20 @@ def conv_bn_act_eval(
     check_channel_vector("conv_bias", conv_bias, k, x.device)
     check_residual(residual, out_shape, x, residual_channel_offset)
     check_relu(relu)
-    folds = getattr(backends.resolve("conv_bn_act", x.device), "batch_norm_eval", None)
-    if folds is None or x.dtype == torch.float64 or common.records_grad(
+    impl = backends.resolve("conv_bn_act", x.device)
+    folds = getattr(impl, "batch_norm_eval", None)
+    if folds is None or not common.conv_bn_act_kernels_take(x) or common.records_grad(
         x, weight, bn_weight, bn_bias, running_mean, running_var, conv_bias, residual
     ):
         scale, shift = fold.scale_shift(bn_weight, bn_bias, running_mean, running_var, eps, conv_bias)
-        return conv_bn_act(
-            x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
+        return _run_conv_bn_act(
+            impl, x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, residual_channel_offset
         )
     return folds(
         x, weight, bn_weight, bn_bias, running_mean, running_var, float(eps), conv_bias, residual, relu,
         stride, padding, dilation, groups, 0 if residual_channel_offset is None else residual_channel_offset,
     )
+
 
 def check_conv_bn_act_train(
     x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu,

@@ -3,6 +3,7 @@ device, its share of the work, where its rows go), checks against a
 tolerance, and timing (CUDA events on a GPU, the wall clock on the CPU)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from resnet_fused import check
 
@@ -182,3 +184,17 @@ def capture_graph(fn: Callable[[], object]) -> tuple[Callable[[], None], object]
     with torch.cuda.graph(graph):
         out = fn()
     return graph.replay, out
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op dispatched at the top level, by name (a custom op's
+    own inner ops are not seen: the mode is off while it runs): the CPU
+    analogue of counting launches, and what the tests count with."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))

@@ -8,11 +8,10 @@ import copy
 import itertools
 
 import torch
-import torch.utils._python_dispatch
 
 import resnet_fused
 from resnet_fused.check import randomize_bn, train_step_errors, backends_for
-from resnet_fused.validate.common import Context, capture_graph, one_tile, rel_err
+from resnet_fused.validate.common import Context, OpCounter, capture_graph, one_tile, rel_err
 from resnet_fused.validate.op_checks import FORMATS, _has_triton
 
 MODELS = ("resnet18", "resnet50", "resnext50_32x4d")
@@ -135,26 +134,14 @@ def cudagraph(ctx: Context) -> None:
         _launches(ctx)
 
 
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Ops dispatched at the top level (a custom op's inner ops unseen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_launches(fn, device: torch.device) -> int:
     """Kernels one call of fn() launches: on CUDA the profiler's kernel
     events; on the CPU (no launches) the ops it dispatches, the same
     count for the triton backend under the interpreter."""
     if device.type != "cuda":
-        with _OpCounter() as counter:
+        with OpCounter() as counter:
             fn()
-        return counter.count
+        return sum(counter.ops.values())
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(device)
