@@ -10,9 +10,22 @@
 #define RF_HOST_DEVICE inline
 #endif
 
+// #pragma unroll for the device compiler only (the host compiler warns on it)
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RF_UNROLL _Pragma("unroll")
+#else
+#define RF_UNROLL
+#endif
+
 #include <cmath>
 
 namespace resnet_fused {
+
+// VEC elements moved by one load or store (16 bytes for VEC = 16 / sizeof).
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
 
 // ReLU that propagates NaN like torch.relu (fmax(NaN, 0) would return 0 and
 // hide a NaN from the tests).
@@ -113,9 +126,17 @@ struct Welford {
     const acc_t total = count + o.count;
     const acc_t delta = o.mean - mean;
     const acc_t w = o.count / total;
-    mean += delta * w;
+    mean = merged_mean(mean, o.mean, delta, w);
     m2 += o.m2 + delta * delta * count * w;
     count = total;
+  }
+
+  // mean + delta·w, the stable form; where delta is not finite (an inf among
+  // the values) the weighted form, which gives what Σx/n gives: inf stays
+  // inf (inf + (−inf)·w would be NaN), inf − inf and NaN give NaN. The
+  // variance is NaN either way, as torch's is. (d − d == 0: d is finite.)
+  static RF_HOST_DEVICE acc_t merged_mean(acc_t mean_a, acc_t mean_b, acc_t delta, acc_t w) {
+    return delta - delta == acc_t(0) ? mean_a + delta * w : mean_a * (acc_t(1) - w) + mean_b * w;
   }
 };
 

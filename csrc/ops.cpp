@@ -8,6 +8,8 @@
 
 #include <cstring>
 
+#include "cpu/bn_reduce_host.h"
+
 namespace resnet_fused {
 namespace cpu {
 const char* kernel_targets();  // csrc/cpu/kernels.cpp
@@ -72,18 +74,51 @@ PyObject* same_values(PyObject*, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
+// bn_reduce_on_host(grads, x, grad_out, out, mean, invstd, relu, sm_count,
+// wide_index) -> (a, b, plan): the CUDA BatchNorm reductions run on the host
+// (csrc/cpu/bn_reduce_host.cpp), for tests. grads=False: (mean, biased var)
+// of x; True: (Σdz, Σdz·x̂). plan: the launch the GPU would use.
+PyObject* bn_reduce_on_host(PyObject*, PyObject* args) {
+  int grads = 0, relu = 0, wide = 0;
+  long long sms = 0;
+  PyObject *x, *g, *o, *m, *s;
+  if (!PyArg_ParseTuple(args, "pOOOOOpLp", &grads, &x, &g, &o, &m, &s, &relu, &sms, &wide)) return nullptr;
+  auto tensor = [](PyObject* t) { return t == Py_None ? at::Tensor() : THPVariable_Unpack(t); };
+  for (PyObject* t : {x, g, o, m, s}) {
+    if (t != Py_None && !THPVariable_Check(t)) {
+      PyErr_SetString(PyExc_TypeError, "bn_reduce_on_host: tensors or None expected");
+      return nullptr;
+    }
+  }
+  try {
+    const auto r = resnet_fused::cpu::bn_reduce_on_host(grads, tensor(x), tensor(g), tensor(o), tensor(m),
+                                                        tensor(s), relu, sms, wide);
+    const auto& p = r.plan;
+    return Py_BuildValue("(NN{s:L,s:L,s:L,s:L,s:L,s:L,s:O})", THPVariable_Wrap(r.a), THPVariable_Wrap(r.b), "vec",
+                         (long long)p.vec, "tx", (long long)p.tx, "ty", (long long)p.ty, "tiles",
+                         (long long)p.tiles, "splits", (long long)p.splits, "chunk", (long long)p.chunk,
+                         "wide_index", p.wide_index ? Py_True : Py_False);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How resnet_fused._C was built: {'openmp': bool, 'cpu_targets': str}."},
     {"same_values", same_values, METH_VARARGS,
      "same_values(a, b): whether two tuples of tensors (or None) match in dtype, device, shape and bits."},
+    {"bn_reduce_on_host", bn_reduce_on_host, METH_VARARGS,
+     "bn_reduce_on_host(grads, x, grad_out, out, mean, invstd, relu, sm_count, wide_index): the CUDA BN "
+     "reductions run on the host, for tests."},
     {nullptr, nullptr, 0, nullptr},
 };
 }  // namespace
 
 extern "C" {
 // Importing resnet_fused._C loads this library, which runs the TORCH_LIBRARY
-// registrations below; the Python module only has build_info() and
-// same_values().
+// registrations below; the Python module only has build_info(),
+// same_values() and bn_reduce_on_host().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods,

@@ -3,7 +3,10 @@
 // Per-channel reductions run in two stages without atomics: blocks write
 // partial results per (split, channel), then one thread per channel merges
 // them in a fixed order. The result is deterministic, and large N*H*W is
-// spread over many blocks instead of serialising on atomics.
+// spread over many blocks instead of serialising on atomics. Partition and
+// per-thread arithmetic: csrc/bn_reduce.h (also run on the host by the CPU
+// tests). Every pass moves 16 bytes per access where the pointers and
+// shape allow.
 //   forward:  partial Welford stats -> finalize (mean, var, invstd, γ·invstd)
 //             -> fused centre/normalise + residual + ReLU pass
 //   backward: partial (Σdz, Σdz·x̂) -> finalize (dγ, dβ, constants) -> dx pass
@@ -15,151 +18,149 @@
 #include <tuple>
 
 #include "../batch_norm_act_args.h"
+#include "../bn_reduce.h"
 #include "common.cuh"
 
 namespace resnet_fused {
 namespace {
 
-constexpr int kPlaneThreads = 256;  // NCHW reduction: threads per block
-constexpr int kTileC = 32;          // channels_last reduction: channels per block
-constexpr int kTileRows = 8;        // channels_last reduction: rows per block step
+using bn_reduce::kThreads;
 
-template <typename scalar_t, typename acc_t>
-struct StatsReducer {
-  using State = Welford<acc_t>;
-  const scalar_t* x;
-  static __device__ State zero() { return State{acc_t(0), acc_t(0), acc_t(0)}; }
-  __device__ void add(State& s, int64_t, int64_t i) const { s.add(static_cast<acc_t>(x[i])); }
-};
-
-template <typename acc_t>
-struct GradSums {
-  acc_t dz;
-  acc_t dz_xhat;
-  __device__ void merge(const GradSums& o) {
-    dz += o.dz;
-    dz_xhat += o.dz_xhat;
-  }
-};
-
-template <typename scalar_t, typename acc_t>
-struct GradReducer {
-  using State = GradSums<acc_t>;
-  const scalar_t* grad_out;
-  const scalar_t* out;
-  const scalar_t* x;
-  const acc_t* mean;
-  const acc_t* invstd;
-  bool relu;
-  static __device__ State zero() { return State{acc_t(0), acc_t(0)}; }
-  __device__ void add(State& s, int64_t c, int64_t i) const {
-    const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(grad_out[i]),
-                                          static_cast<acc_t>(out[i]), relu);
-    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean[c]) * invstd[c];
-    s.dz += dz;
-    s.dz_xhat += dz * xhat;
-  }
-};
-
-// NCHW: block (c, split) reduces the planes n = split, split + splits, ...
-template <typename Reducer>
-__global__ void reduce_nchw_kernel(Reducer red, typename Reducer::State* partial, int64_t N,
-                                   int64_t C, int64_t HW) {
-  using State = typename Reducer::State;
-  const int64_t c = blockIdx.x;
-  State s = Reducer::zero();
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    const int64_t base = (n * C + c) * HW;
-    for (int64_t j = threadIdx.x; j < HW; j += blockDim.x) red.add(s, c, base + j);
-  }
-  __shared__ State shm[kPlaneThreads];
-  shm[threadIdx.x] = s;
+// NCHW: block (c, split) reduces channel c's work items of its split.
+template <class Red, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    reduce_nchw_kernel(Red red, typename Red::State* partial, index_t C, index_t HW, index_t work,
+                       index_t chunk) {
+  using State = typename Red::State;
+  const index_t c = blockIdx.x;
+  const index_t begin = static_cast<index_t>(blockIdx.y) * chunk;
+  const index_t end = begin + chunk < work ? begin + chunk : work;
+  __shared__ State shm[kThreads];
+  shm[threadIdx.x] = bn_reduce::nchw_thread<Red, VEC, index_t>(red, c, C, HW, begin, end, threadIdx.x);
   __syncthreads();
-  for (int stride = kPlaneThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) shm[threadIdx.x].merge(shm[threadIdx.x + stride]);
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    bn_reduce::tree_level(shm, threadIdx.x, stride, 1);
     __syncthreads();
   }
   if (threadIdx.x == 0) partial[blockIdx.y * C + c] = shm[0];
 }
 
-// channels_last: a warp reads 32 consecutive channels of one row (coalesced);
-// block (channel tile, split) walks rows split*8 + ty, stepping splits*8.
-template <typename Reducer>
-__global__ void reduce_nhwc_kernel(Reducer red, typename Reducer::State* partial, int64_t rows,
-                                   int64_t C) {
-  using State = typename Reducer::State;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileC + threadIdx.x;
-  State s = Reducer::zero();
-  if (c < C) {
-    for (int64_t r = static_cast<int64_t>(blockIdx.y) * kTileRows + threadIdx.y; r < rows;
-         r += static_cast<int64_t>(gridDim.y) * kTileRows) {
-      red.add(s, c, r * C + c);
-    }
+// channels_last: thread (tx, ty) of block (tile, split) owns channels
+// c0 .. c0 + VEC, c0 = (tile·TX + tx)·VEC, and rows begin + ty, + TY, ...
+template <class Red, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    reduce_nhwc_kernel(Red red, typename Red::State* partial, index_t C, index_t rows, index_t chunk) {
+  using State = typename Red::State;
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  const index_t c0 = (static_cast<index_t>(blockIdx.x) * TX + tx) * VEC;
+  const bool active = c0 < C;
+  const index_t begin = static_cast<index_t>(blockIdx.y) * chunk;
+  const index_t end = begin + chunk < rows ? begin + chunk : rows;
+  __shared__ State shm[kThreads * VEC];
+  State* mine = shm + (ty * TX + tx) * VEC;
+  if (active) {
+    const auto s = bn_reduce::nhwc_thread<Red, VEC, index_t>(red, c0, C, begin, end, ty, TY);
+RF_UNROLL
+    for (int k = 0; k < VEC; ++k) mine[k] = Red::template lane<VEC>(s, k);
+  } else {
+RF_UNROLL
+    for (int k = 0; k < VEC; ++k) mine[k] = Red::zero();
   }
-  __shared__ State shm[kTileRows][kTileC];
-  shm[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    State t = shm[0][threadIdx.x];
-    for (int k = 1; k < kTileRows; ++k) t.merge(shm[k][threadIdx.x]);
-    partial[blockIdx.y * C + c] = t;
+  for (int stride = TY / 2; stride > 0; stride >>= 1) {
+RF_UNROLL
+    for (int k = 0; k < VEC; ++k) bn_reduce::tree_level(shm + tx * VEC + k, ty, stride, TX * VEC);
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+RF_UNROLL
+    for (int k = 0; k < VEC; ++k) partial[blockIdx.y * C + c0 + k] = mine[k];
   }
 }
 
-// Launches the layout's reduction; returns the number of splits written to
-// partial (allocated here, [splits, C]).
-template <typename Reducer>
-int64_t reduce_channels(const Reducer& red, at::Tensor& partial_buf, bool channels_last,
-                        int64_t N, int64_t C, int64_t HW, const at::TensorOptions& opts,
-                        cudaStream_t stream) {
-  using State = typename Reducer::State;
-  const int64_t target_blocks = static_cast<int64_t>(cuda::sm_count()) * 4;
-  const int64_t state_bytes = sizeof(State);
-  if (!channels_last) {
-    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(N, (target_blocks + C - 1) / C));
-    partial_buf = at::empty({splits * C * state_bytes}, opts.dtype(at::kByte));
-    auto* partial = reinterpret_cast<State*>(partial_buf.data_ptr());
-    reduce_nchw_kernel<Reducer><<<dim3(C, splits), kPlaneThreads, 0, stream>>>(red, partial, N, C, HW);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return splits;
+template <class Red, int VEC, typename index_t>
+void launch_reduce(const Red& red, const bn_reduce::Plan& p, typename Red::State* partial, int64_t C,
+                   int64_t HW, cudaStream_t stream) {
+  if (!p.channels_last) {
+    reduce_nchw_kernel<Red, VEC, index_t><<<dim3(p.tiles, p.splits), kThreads, 0, stream>>>(
+        red, partial, C, HW, p.work, p.chunk);
+  } else {
+    reduce_nhwc_kernel<Red, VEC, index_t><<<dim3(p.tiles, p.splits), dim3(p.tx, p.ty), 0, stream>>>(
+        red, partial, C, p.work, p.chunk);
   }
-  const int64_t rows = N * HW;
-  const int64_t tiles = (C + kTileC - 1) / kTileC;
-  const int64_t max_splits = std::max<int64_t>(1, (rows + kTileRows - 1) / kTileRows);
-  const int64_t splits =
-      std::max<int64_t>(1, std::min<int64_t>({max_splits, (target_blocks + tiles - 1) / tiles, 65535}));
-  partial_buf = at::empty({splits * C * state_bytes}, opts.dtype(at::kByte));
-  auto* partial = reinterpret_cast<State*>(partial_buf.data_ptr());
-  reduce_nhwc_kernel<Reducer><<<dim3(tiles, splits), dim3(kTileC, kTileRows), 0, stream>>>(
-      red, partial, rows, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return splits;
 }
+
+// Launches the reduction csrc/bn_reduce.h plans; returns the number of
+// splits written to partial (allocated here, [splits, C] states).
+template <typename scalar_t, class Red>
+int64_t reduce_channels(const Red& red, std::initializer_list<const void*> inputs, at::Tensor& partial_buf,
+                        bool channels_last, int64_t N, int64_t C, int64_t HW, const at::TensorOptions& opts,
+                        cudaStream_t stream) {
+  using State = typename Red::State;
+  bool aligned = true;
+  for (const void* q : inputs) aligned = aligned && cuda::aligned16(q);
+  const bn_reduce::Plan p =
+      bn_reduce::make_plan(channels_last, N, C, HW, sizeof(scalar_t), aligned, cuda::sm_count());
+  partial_buf = at::empty({p.splits * C * static_cast<int64_t>(sizeof(State))}, opts.dtype(at::kByte));
+  auto* partial = reinterpret_cast<State*>(partial_buf.data_ptr());
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (p.vec == kVec) {
+    if (p.wide_index) launch_reduce<Red, kVec, int64_t>(red, p, partial, C, HW, stream);
+    else launch_reduce<Red, kVec, int32_t>(red, p, partial, C, HW, stream);
+  } else {
+    if (p.wide_index) launch_reduce<Red, 1, int64_t>(red, p, partial, C, HW, stream);
+    else launch_reduce<Red, 1, int32_t>(red, p, partial, C, HW, stream);
+  }
+  return p.splits;
+}
+
+template <typename acc_t>
+__device__ Welford<acc_t> shfl_down(const Welford<acc_t>& s, int by) {
+  return {__shfl_down_sync(0xffffffffu, s.mean, by), __shfl_down_sync(0xffffffffu, s.m2, by),
+          __shfl_down_sync(0xffffffffu, s.count, by)};
+}
+
+template <typename acc_t>
+__device__ bn_reduce::GradSums<acc_t> shfl_down(const bn_reduce::GradSums<acc_t>& s, int by) {
+  return {__shfl_down_sync(0xffffffffu, s.dz, by), __shfl_down_sync(0xffffffffu, s.dz_xhat, by)};
+}
+
+// Channel (blockIdx.x·blockDim.y + threadIdx.y)'s splits merged by one warp
+// (bn_reduce::split_lane, then the lanes' tree); lane 0 holds the result.
+template <class State>
+__device__ State merge_splits_warp(const State* partial, int64_t splits, int64_t C, int64_t c) {
+  State s = bn_reduce::split_lane(partial, splits, C, c, threadIdx.x);
+  for (int stride = bn_reduce::kFinalLanes / 2; stride > 0; stride >>= 1) {
+    const State o = shfl_down(s, stride);
+    if (static_cast<int>(threadIdx.x) < stride) s.merge(o);
+  }
+  return s;
+}
+
+constexpr int kFinalWarps = 4;  // channels per finalize block
+
+inline dim3 finalize_grid(int64_t C) { return dim3((C + kFinalWarps - 1) / kFinalWarps); }
+inline dim3 finalize_block() { return dim3(bn_reduce::kFinalLanes, kFinalWarps); }
 
 template <typename acc_t>
 __global__ void finalize_stats_kernel(const Welford<acc_t>* partial, int64_t splits, int64_t C,
                                       acc_t eps, const acc_t* weight, acc_t* mean,
                                       acc_t* var, acc_t* invstd, acc_t* scale) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  Welford<acc_t> s = partial[c];
-  for (int64_t k = 1; k < splits; ++k) s.merge(partial[k * C + c]);
-  const acc_t v = s.m2 / s.count;
-  mean[c] = s.mean;
-  var[c] = v;
-  const acc_t is = acc_t(1) / sqrt(v + eps);
-  invstd[c] = is;
-  scale[c] = weight[c] * is;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= C) return;  // the whole warp: c is the warp's
+  const Welford<acc_t> s = merge_splits_warp(partial, splits, C, c);
+  if (threadIdx.x == 0) bn_reduce::finalize_stats(s, c, eps, weight, mean, var, invstd, scale);
 }
 
 template <typename acc_t>
-__global__ void finalize_grad_kernel(const GradSums<acc_t>* partial, int64_t splits, int64_t C,
+__global__ void finalize_grad_kernel(const bn_reduce::GradSums<acc_t>* partial, int64_t splits, int64_t C,
                                      acc_t count, const acc_t* weight, const acc_t* invstd,
                                      acc_t* grad_w, acc_t* grad_b, acc_t* consts) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;
-  GradSums<acc_t> s = partial[c];
-  for (int64_t k = 1; k < splits; ++k) s.merge(partial[k * C + c]);
+  const bn_reduce::GradSums<acc_t> s = merge_splits_warp(partial, splits, C, c);
+  if (threadIdx.x != 0) return;
   grad_b[c] = s.dz;
   grad_w[c] = s.dz_xhat;
   consts[3 * c] = s.dz / count;
@@ -167,31 +168,81 @@ __global__ void finalize_grad_kernel(const GradSums<acc_t>* partial, int64_t spl
   consts[3 * c + 2] = weight[c] * invstd[c];
 }
 
-template <typename scalar_t, typename acc_t, bool CHANNELS_LAST>
+// dx (and dz as d(residual)) per element, VEC per thread with 16-byte
+// accesses; channels as in the epilogue (cuda::PackChannels).
+template <typename scalar_t, typename acc_t, int VEC, bool CHANNELS_LAST, typename index_t>
 __global__ void bn_act_backward_kernel(const scalar_t* __restrict__ grad_out,
                                        const scalar_t* __restrict__ out,
                                        const scalar_t* __restrict__ x,
                                        const acc_t* __restrict__ mean,
                                        const acc_t* __restrict__ invstd,
                                        const acc_t* __restrict__ consts, scalar_t* grad_x,
-                                       scalar_t* grad_res, int64_t numel, int64_t C, int64_t HW,
+                                       scalar_t* grad_res, index_t numel, index_t C, index_t HW,
                                        bool relu) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+  using P = Pack<scalar_t, VEC>;
+  const index_t packs = numel / VEC;
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  auto one = [&](acc_t g, acc_t o, acc_t xv, index_t c, acc_t& dz) {
+    dz = relu_backward<acc_t>(g, o, relu);
+    const acc_t xhat = (xv - mean[c]) * invstd[c];
+    return bn_backward_dx<acc_t>(dz, xhat, consts[3 * c], consts[3 * c + 1], consts[3 * c + 2]);
+  };
+  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
+    const P g = reinterpret_cast<const P*>(grad_out)[p];
+    const P o = reinterpret_cast<const P*>(out)[p];
+    const P xv = reinterpret_cast<const P*>(x)[p];
+    const cuda::PackChannels<CHANNELS_LAST, index_t> ch(p * VEC, C, HW);
+    P dx, dr;
+RF_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      acc_t dz;
+      dx.v[k] = static_cast<scalar_t>(one(static_cast<acc_t>(g.v[k]), static_cast<acc_t>(o.v[k]),
+                                          static_cast<acc_t>(xv.v[k]), ch(k), dz));
+      dr.v[k] = static_cast<scalar_t>(dz);
+    }
+    reinterpret_cast<P*>(grad_x)[p] = dx;
+    if (grad_res) reinterpret_cast<P*>(grad_res)[p] = dr;
+  }
+  for (index_t i = packs * VEC + static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
-    const int64_t c = CHANNELS_LAST ? i % C : (i / HW) % C;
-    const acc_t dz = relu_backward<acc_t>(static_cast<acc_t>(grad_out[i]),
-                                          static_cast<acc_t>(out[i]), relu);
-    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean[c]) * invstd[c];
-    grad_x[i] = static_cast<scalar_t>(
-        bn_backward_dx<acc_t>(dz, xhat, consts[3 * c], consts[3 * c + 1], consts[3 * c + 2]));
+    const index_t c = CHANNELS_LAST ? i % C : (i / HW) % C;
+    acc_t dz;
+    grad_x[i] = static_cast<scalar_t>(one(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]),
+                                          static_cast<acc_t>(x[i]), c, dz));
     if (grad_res) grad_res[i] = static_cast<scalar_t>(dz);
   }
 }
 
-int64_t blocks_for(int64_t n, int threads) {
-  return std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads,
-                                                static_cast<int64_t>(cuda::sm_count()) * 32));
+template <typename scalar_t, typename acc_t, int VEC, bool CL>
+void launch_backward_vec(const bn_reduce::Grads<scalar_t, acc_t>& red, const acc_t* consts, scalar_t* grad_x,
+                         scalar_t* grad_res, int64_t numel, int64_t C, int64_t HW, cudaStream_t stream) {
+  const int64_t blocks = cuda::elementwise_blocks(numel, VEC);
+  if (cuda::needs_wide_index(numel)) {
+    bn_act_backward_kernel<scalar_t, acc_t, VEC, CL, int64_t><<<blocks, cuda::kElementwiseThreads, 0, stream>>>(
+        red.grad_out, red.out, red.x, red.mean, red.invstd, consts, grad_x, grad_res, numel, C, HW, red.relu);
+  } else {
+    bn_act_backward_kernel<scalar_t, acc_t, VEC, CL, int32_t><<<blocks, cuda::kElementwiseThreads, 0, stream>>>(
+        red.grad_out, red.out, red.x, red.mean, red.invstd, consts, grad_x, grad_res, static_cast<int32_t>(numel),
+        static_cast<int32_t>(C), static_cast<int32_t>(HW), red.relu);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The 16-byte path when the shape (cuda::vector_shape_ok) and every pointer allow it.
+template <typename scalar_t, typename acc_t>
+void launch_backward(const bn_reduce::Grads<scalar_t, acc_t>& red, const acc_t* consts, scalar_t* grad_x,
+                     scalar_t* grad_res, bool cl, int64_t numel, int64_t C, int64_t HW, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vec = cuda::vector_shape_ok(cl, C, HW, kVec) && cuda::aligned16(red.grad_out) &&
+                   cuda::aligned16(red.out) && cuda::aligned16(red.x) && cuda::aligned16(grad_x) &&
+                   (!grad_res || cuda::aligned16(grad_res));
+  if (vec) {
+    if (cl) launch_backward_vec<scalar_t, acc_t, kVec, true>(red, consts, grad_x, grad_res, numel, C, HW, stream);
+    else launch_backward_vec<scalar_t, acc_t, kVec, false>(red, consts, grad_x, grad_res, numel, C, HW, stream);
+  } else {
+    if (cl) launch_backward_vec<scalar_t, acc_t, 1, true>(red, consts, grad_x, grad_res, numel, C, HW, stream);
+    else launch_backward_vec<scalar_t, acc_t, 1, false>(red, consts, grad_x, grad_res, numel, C, HW, stream);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
@@ -215,9 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cu
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::Tensor partial;
-    const int64_t splits = reduce_channels(StatsReducer<scalar_t, acc_t>{xp}, partial, cl, N, C, HW,
-                                           x.options(), stream);
-    finalize_stats_kernel<acc_t><<<(C + 127) / 128, 128, 0, stream>>>(
+    const int64_t splits = reduce_channels<scalar_t>(bn_reduce::Stats<scalar_t, acc_t>{xp}, {xp}, partial, cl, N,
+                                                     C, HW, x.options(), stream);
+    finalize_stats_kernel<acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
         reinterpret_cast<const Welford<acc_t>*>(partial.const_data_ptr()), splits, C,
         static_cast<acc_t>(eps), w.const_data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
         var.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), scale.data_ptr<acc_t>());
@@ -254,29 +305,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cu
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const GradReducer<scalar_t, acc_t> red{g.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
-                                           x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
-                                           invstd.const_data_ptr<acc_t>(), relu};
+    const bn_reduce::Grads<scalar_t, acc_t> red{g.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
+                                                x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+                                                invstd.const_data_ptr<acc_t>(), relu};
     at::Tensor partial;
-    const int64_t splits = reduce_channels(red, partial, cl, N, C, HW, x.options(), stream);
-    finalize_grad_kernel<acc_t><<<(C + 127) / 128, 128, 0, stream>>>(
-        reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), splits, C,
+    const int64_t splits =
+        reduce_channels<scalar_t>(red, {red.grad_out, red.out, red.x}, partial, cl, N, C, HW, x.options(), stream);
+    finalize_grad_kernel<acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
+        reinterpret_cast<const bn_reduce::GradSums<acc_t>*>(partial.const_data_ptr()), splits, C,
         static_cast<acc_t>(N * HW), w.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
         grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>(), consts.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    constexpr int kThreads = 256;
-    const int64_t blocks = blocks_for(x.numel(), kThreads);
-    scalar_t* grp = residual_grad ? grad_res.data_ptr<scalar_t>() : nullptr;
-    if (cl) {
-      bn_act_backward_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
-          red.grad_out, red.out, red.x, red.mean, red.invstd, consts.const_data_ptr<acc_t>(),
-          grad_x.data_ptr<scalar_t>(), grp, x.numel(), C, HW, relu);
-    } else {
-      bn_act_backward_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
-          red.grad_out, red.out, red.x, red.mean, red.invstd, consts.const_data_ptr<acc_t>(),
-          grad_x.data_ptr<scalar_t>(), grp, x.numel(), C, HW, relu);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward<scalar_t, acc_t>(red, consts.const_data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
+                                     residual_grad ? grad_res.data_ptr<scalar_t>() : nullptr, cl, x.numel(), C,
+                                     HW, stream);
   });
   if (narrow) a.grad_residual.copy_(grad_res.narrow(1, a.residual_offset, a.residual_channels));
   return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_residual};

@@ -22,42 +22,75 @@ inline int sm_count() {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename scalar_t, int VEC>
-struct alignas(sizeof(scalar_t) * VEC) Pack {
-  scalar_t v[VEC];
+constexpr int kElementwiseThreads = 256;
+
+// Grid of a grid-stride element-wise kernel: enough blocks for every pack
+// (a partial pack: the tail's threads), at most 32 per SM.
+inline int64_t elementwise_blocks(int64_t numel, int vec) {
+  const int64_t packs = numel / vec + (numel % vec != 0);
+  return std::max<int64_t>(1, std::min<int64_t>((packs + kElementwiseThreads - 1) / kElementwiseThreads,
+                                                static_cast<int64_t>(sm_count()) * 32));
+}
+
+// Whether an element-wise kernel's indices (and its grid-stride loop, which
+// steps past numel by less than a grid) need int64: 32-bit division costs a
+// fraction of the 64-bit subroutine.
+inline bool needs_wide_index(int64_t numel) {
+  return numel >= (int64_t(1) << 31) - int64_t(sm_count()) * 32 * kElementwiseThreads * 16;
+}
+
+// The 16-byte pack shapes: channels_last rows hold whole packs (C % VEC ==
+// 0); NCHW packs straddle at most one plane boundary (HW >= VEC).
+inline bool vector_shape_ok(bool channels_last, int64_t C, int64_t HW, int vec) {
+  return channels_last ? C % vec == 0 : HW >= vec;
+}
+
+// The channel of each element k of the pack starting at element i:
+// channels_last c0 + k; NCHW c0 up to the plane's end, then the next
+// channel (HW >= VEC: at most one boundary), from one division per pack.
+template <bool CHANNELS_LAST, typename index_t>
+struct PackChannels {
+  index_t c0, c1, first_of_c1;
+  __device__ PackChannels(index_t i, index_t C, index_t HW) {
+    if (CHANNELS_LAST) {
+      c0 = i % C;
+      c1 = c0;
+      first_of_c1 = 0;
+    } else {
+      const index_t plane = i / HW;
+      c0 = plane % C;
+      c1 = c0 + 1 == C ? 0 : c0 + 1;
+      first_of_c1 = (plane + 1) * HW - i;  // pack offset where the next plane starts
+    }
+  }
+  __device__ index_t operator()(int k) const {
+    return CHANNELS_LAST ? c0 + k : (k < first_of_c1 ? c0 : c1);
+  }
 };
 
 // out = act((in - center[c]) * scale[c] + shift[c] + residual) (center may
-// be null: the inference epilogue), VEC consecutive elements
-// per thread with one 16-byte load/store each. channels_last: the launcher
-// guarantees C % VEC == 0 (a pack never straddles a row). NCHW: a pack may
-// straddle one plane boundary (HW >= VEC: 7x7 maps are 49 elements), so
-// its channel is c0 or the next one, from one division per pack; elements
-// past the last whole pack are done one each. Indices are int64: a
-// 2,612 x 256x56x56 batch passes 2^31.
-template <typename scalar_t, typename param_t, int VEC, bool CHANNELS_LAST, bool HAS_RESIDUAL>
+// be null: the inference epilogue), VEC consecutive elements per thread with
+// one 16-byte load/store each (vector_shape_ok); elements past the last
+// whole pack are done one each. index_t is int64 only where numel needs it
+// (a 2,612 x 256x56x56 batch passes 2^31).
+template <typename scalar_t, typename param_t, int VEC, bool CHANNELS_LAST, bool HAS_RESIDUAL, typename index_t>
 __global__ void scale_shift_add_act_kernel(const scalar_t* in, scalar_t* out,
                                            const scalar_t* __restrict__ residual,
                                            const param_t* __restrict__ center,
                                            const param_t* __restrict__ scale,
-                                           const param_t* __restrict__ shift, int64_t numel,
-                                           int64_t C, int64_t HW, bool relu) {
+                                           const param_t* __restrict__ shift, index_t numel,
+                                           index_t C, index_t HW, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t packs = numel / VEC;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
-       p += stride) {
-    const int64_t i = p * VEC;
+  const index_t packs = numel / VEC;
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
     Pack<scalar_t, VEC> v = reinterpret_cast<const Pack<scalar_t, VEC>*>(in)[p];
     Pack<scalar_t, VEC> r;
     if (HAS_RESIDUAL) r = reinterpret_cast<const Pack<scalar_t, VEC>*>(residual)[p];
-    const int64_t plane = CHANNELS_LAST ? 0 : i / HW;
-    const int64_t c0 = CHANNELS_LAST ? i % C : plane % C;
-    const int64_t plane_end = (plane + 1) * HW;  // NCHW: the first element of the next plane
-    const int64_t c1 = c0 + 1 == C ? 0 : c0 + 1;
-#pragma unroll
+    const PackChannels<CHANNELS_LAST, index_t> ch(p * VEC, C, HW);
+RF_UNROLL
     for (int k = 0; k < VEC; ++k) {
-      const int64_t c = CHANNELS_LAST ? c0 + k : (i + k < plane_end ? c0 : c1);
+      const index_t c = ch(k);
       const acc_t res = HAS_RESIDUAL ? static_cast<acc_t>(r.v[k]) : acc_t(0);
       const acc_t m = center ? static_cast<acc_t>(center[c]) : acc_t(0);
       v.v[k] = static_cast<scalar_t>(scale_shift_add_act<acc_t>(
@@ -67,9 +100,9 @@ __global__ void scale_shift_add_act_kernel(const scalar_t* in, scalar_t* out,
     reinterpret_cast<Pack<scalar_t, VEC>*>(out)[p] = v;
   }
   // the tail (NCHW with numel % VEC != 0): one element each
-  for (int64_t i = packs * VEC + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+  for (index_t i = packs * VEC + static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
-    const int64_t c = CHANNELS_LAST ? i % C : (i / HW) % C;
+    const index_t c = CHANNELS_LAST ? i % C : (i / HW) % C;
     const acc_t res = HAS_RESIDUAL ? static_cast<acc_t>(residual[i]) : acc_t(0);
     const acc_t m = center ? static_cast<acc_t>(center[c]) : acc_t(0);
     out[i] = static_cast<scalar_t>(scale_shift_add_act<acc_t>(static_cast<acc_t>(in[i]) - m,
@@ -78,23 +111,31 @@ __global__ void scale_shift_add_act_kernel(const scalar_t* in, scalar_t* out,
   }
 }
 
+template <typename scalar_t, typename param_t, int VEC, bool CL, typename index_t>
+void launch_epilogue_typed(const scalar_t* in, scalar_t* out, const scalar_t* r, const param_t* m,
+                           const param_t* s, const param_t* b, int64_t numel, int64_t C, int64_t HW, bool relu,
+                           cudaStream_t stream) {
+  const int64_t blocks = elementwise_blocks(numel, VEC);
+  const index_t n = static_cast<index_t>(numel), c = static_cast<index_t>(C), hw = static_cast<index_t>(HW);
+  if (r) {
+    scale_shift_add_act_kernel<scalar_t, param_t, VEC, CL, true, index_t>
+        <<<blocks, kElementwiseThreads, 0, stream>>>(in, out, r, m, s, b, n, c, hw, relu);
+  } else {
+    scale_shift_add_act_kernel<scalar_t, param_t, VEC, CL, false, index_t>
+        <<<blocks, kElementwiseThreads, 0, stream>>>(in, out, r, m, s, b, n, c, hw, relu);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, typename param_t, int VEC, bool CL>
 void launch_epilogue_vec(const scalar_t* in, scalar_t* out, const scalar_t* r, const param_t* m,
                          const param_t* s, const param_t* b, int64_t numel, int64_t C, int64_t HW, bool relu,
                          cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  const int64_t packs = numel / VEC + (numel % VEC != 0);  // a partial pack: the tail's threads
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>((packs + kThreads - 1) / kThreads,
-                                             static_cast<int64_t>(sm_count()) * 32));
-  if (r) {
-    scale_shift_add_act_kernel<scalar_t, param_t, VEC, CL, true>
-        <<<blocks, kThreads, 0, stream>>>(in, out, r, m, s, b, numel, C, HW, relu);
+  if (needs_wide_index(numel)) {
+    launch_epilogue_typed<scalar_t, param_t, VEC, CL, int64_t>(in, out, r, m, s, b, numel, C, HW, relu, stream);
   } else {
-    scale_shift_add_act_kernel<scalar_t, param_t, VEC, CL, false>
-        <<<blocks, kThreads, 0, stream>>>(in, out, r, m, s, b, numel, C, HW, relu);
+    launch_epilogue_typed<scalar_t, param_t, VEC, CL, int32_t>(in, out, r, m, s, b, numel, C, HW, relu, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Picks the 16-byte path when the shape and pointers allow it.
@@ -103,9 +144,8 @@ void launch_epilogue(const scalar_t* in, scalar_t* out, const scalar_t* r, const
                      const param_t* s, const param_t* b, bool channels_last, int64_t numel, int64_t C, int64_t HW,
                      bool relu, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  // channels_last: whole packs per row; NCHW: at most one plane boundary per pack
-  const bool shape_ok = channels_last ? C % kVec == 0 : HW >= kVec;
-  const bool vec_ok = shape_ok && aligned16(in) && aligned16(out) && (!r || aligned16(r));
+  const bool vec_ok = vector_shape_ok(channels_last, C, HW, kVec) && aligned16(in) && aligned16(out) &&
+                      (!r || aligned16(r));
   if (vec_ok) {
     if (channels_last) launch_epilogue_vec<scalar_t, param_t, kVec, true>(in, out, r, m, s, b, numel, C, HW, relu, stream);
     else launch_epilogue_vec<scalar_t, param_t, kVec, false>(in, out, r, m, s, b, numel, C, HW, relu, stream);

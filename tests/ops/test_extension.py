@@ -89,6 +89,41 @@ def test_cuda_epilogue_loads_and_stores_16_bytes():
     assert vectors >= 2 * 4 * 4  # two archs × (bf16, fp16, fp32, fp64) × layouts × residual
 
 
+def test_cuda_train_bn_kernels_move_16_bytes_and_divide_in_32_bits():
+    """The train-mode BN kernels (csrc/cuda/batch_norm_act.cu): both
+    reductions (statistics forward, Σdz/Σdz·x̂ backward; csrc/bn_reduce.h's
+    partition, checked on the host in test_bn_reduce.py) load 16 bytes per
+    access in every vector instantiation, NCHW and channels_last; the dx
+    pass loads and stores 16 bytes. The 32-bit-index instantiations of the
+    element-wise kernels (dx and the epilogue: what every tensor under 2^31
+    elements runs) have no 64-bit division (its I2F.U64 divisor
+    conversion); the 64-bit ones keep it for the tensors that need it. From the SASS of the
+    built library, sm_80 and sm_90; no GPU needed."""
+    if not extension.has_kernel("batch_norm_act_fwd", "CUDA"):
+        pytest.skip(f"built without CUDA kernels: {extension.unavailable_reason('CUDA')}")
+    functions = _sass_functions(extension._C.__file__)
+    seen = {"reduce_nchw_kernel": 0, "reduce_nhwc_kernel": 0, "bn_act_backward_kernel": 0}
+    narrow_elementwise = 0
+    for (arch, name), sass in functions.items():
+        kind = next((k for k in seen if k in name), None)
+        if kind is not None:
+            vec, index = re.search(r"Li(\d+)E(?:Lb[01]E)?([il])EEv", name).groups()
+            wide_load = "LDG.E.128" in sass
+            assert wide_load == (int(vec) > 1), (arch, name)
+            if kind == "bn_act_backward_kernel":
+                assert ("STG.E.128" in sass) == (int(vec) > 1), (arch, name)
+            seen[kind] += int(vec) > 1
+        if kind == "bn_act_backward_kernel" or "scale_shift_add_act_kernel" in name:
+            # the 64-bit division sequence converts its divisor with I2F.U64
+            wide_division = "I2F.U64" in sass
+            assert wide_division == (re.search(r"E([il])EEv", name).group(1) == "l"), (arch, name)
+            narrow_elementwise += not wide_division
+    # two archs × 4 dtypes × (Stats, Grads) × 2 index types; dx: × 2 layouts
+    assert seen["reduce_nchw_kernel"] >= 2 * 4 * 2 * 2 and seen["reduce_nhwc_kernel"] >= 2 * 4 * 2 * 2, seen
+    assert seen["bn_act_backward_kernel"] >= 2 * 4 * 2 * 2, seen
+    assert narrow_elementwise >= 2 * 4 * 2 * 2, narrow_elementwise
+
+
 def test_cuda_bn_fold_kernel_rounds_every_step():
     """bn_eval_add_relu_'s CUDA fold kernel (csrc/epilogue.h bn_scale_shift
     with the _rn intrinsics) is compiled for sm_80 and sm_90 with IEEE
