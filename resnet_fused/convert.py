@@ -18,8 +18,10 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
-from resnet_fused.backbones import FusedIntermediateLayerGetter
+from resnet_fused.backbones import FusedBackboneWithFPN, FusedFeaturePyramidNetwork, FusedIntermediateLayerGetter
 from resnet_fused.fx import FuseReport, fuse_graph, fused_graph_norms
 from resnet_fused.layers import is_fused_module
 from resnet_fused.models import FusedBasicBlock, FusedBottleneck, FusedResNet
@@ -30,7 +32,11 @@ _TO_FUSED = {ResNet: FusedResNet, BasicBlock: FusedBasicBlock, Bottleneck: Fused
 _TO_PLAIN = {fused: plain for plain, fused in _TO_FUSED.items()}
 # converted along with the blocks (never the reason a model takes the class
 # swap: a getter over another backbone is left to the fx rewrite)
-_COMPANIONS = {IntermediateLayerGetter: FusedIntermediateLayerGetter}
+_COMPANIONS = {
+    IntermediateLayerGetter: FusedIntermediateLayerGetter,
+    BackboneWithFPN: FusedBackboneWithFPN,
+    FeaturePyramidNetwork: FusedFeaturePyramidNetwork,
+}
 _COMPANIONS_PLAIN = {fused: plain for plain, fused in _COMPANIONS.items()}
 
 

@@ -115,3 +115,128 @@ def test_getter_over_another_backbone_is_left_alone():
     except (TypeError, ValueError):
         return  # the fx rewrite may refuse it (and says why); either way no swap happened
     assert not any(type(m) is FusedIntermediateLayerGetter for m in fused.modules())
+
+
+# ---- the feature pyramid (BackboneWithFPN / FeaturePyramidNetwork) ----
+
+def _fpn_pair(**kwargs):
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    plain = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5, **kwargs).eval()
+    randomize_norms(plain, 0)
+    for m in plain.fpn.modules():  # non-zero biases, so a dropped bias shows
+        if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+            torch.nn.init.uniform_(m.bias, -0.5, 0.5)
+    return plain, resnet_fused.fuse(copy.deepcopy(plain))
+
+
+@pytest.mark.parametrize("build", [detection.fasterrcnn_resnet50_fpn, detection.retinanet_resnet50_fpn,
+                                   detection.maskrcnn_resnet50_fpn])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_backbone_with_fpn_equals_the_unfused_one_in_the_callers_layout(build, fmt):
+    """The whole backbone (body + pyramid, RetinaNet's P6/P7 extra block
+    included) after fuse(): torchvision's classes swapped, outputs equal,
+    every level in the caller's layout, as torchvision returns it."""
+    from resnet_fused.backbones import FusedBackboneWithFPN, FusedFeaturePyramidNetwork
+
+    plain, fused = _pair(build)
+    assert type(fused.backbone) is FusedBackboneWithFPN and type(fused.backbone.fpn) is FusedFeaturePyramidNetwork
+    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        want, got = plain.backbone(x), fused.backbone(x)
+    assert list(got) == list(want)
+    for k in want:
+        assert_equivalent(got[k], want[k], NET_TOL[torch.float32])
+        assert got[k].is_contiguous(memory_format=fmt), k
+    back = resnet_fused.unfuse(fused)
+    assert type(back.backbone).__name__ == "BackboneWithFPN" and type(back.backbone.fpn).__name__ == "FeaturePyramidNetwork"
+
+
+@requires_onednn
+def test_fpn_runs_its_convolutions_on_the_cpu_fast_path_with_the_add_fused(monkeypatch):
+    """Every pyramid convolution runs as one cpu-backend call on cached
+    weights; the lateral ones take the top-down add as their residual."""
+    plain, fused = _fpn_pair()
+    packed_for, calls = {}, []
+    real_pack, real_call = onednn.pack, onednn.conv_bn_act
+
+    def pack(conv, norm, *args):
+        out = real_pack(conv, norm, *args)
+        if norm is None:
+            packed_for[id(out)] = conv
+        return out
+
+    def call(x, packed, residual, *args, **kwargs):
+        if id(packed) in packed_for:
+            calls.append((packed_for[id(packed)], residual is not None))
+        return real_call(x, packed, residual, *args, **kwargs)
+
+    monkeypatch.setattr(onednn, "pack", pack)
+    monkeypatch.setattr(onednn, "conv_bn_act", call)
+    onednn.clear_cache()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = fused(x)
+        want = plain(x)
+    for k in want:
+        assert_equivalent(got[k], want[k], NET_TOL[torch.float32])
+    fpn_convs = [m for m in fused.fpn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {c for c, _ in calls} == set(fpn_convs) and len(calls) == len(fpn_convs)
+    assert sum(with_add for _, with_add in calls) == len(fused.fpn.inner_blocks) - 1
+    assert all(onednn.cached(c) for c in fpn_convs)
+
+
+def test_fpn_keeps_torchvisions_forward_where_it_cannot_fuse():
+    """A pyramid with a norm layer (blocks of conv + BN) and one with a hook
+    on a convolution run torchvision's forward, with its values; the hook
+    sees torchvision's layout."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    plain, fused = _fpn_pair(norm_layer=FrozenBatchNorm2d)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want, got = plain(x), fused(x)
+    for k in want:
+        assert_equivalent(got[k], want[k], NET_TOL[torch.float32])
+    plain, fused = _fpn_pair()
+    seen = []
+    fused.fpn.layer_blocks[0][0].register_forward_hook(lambda m, i, o: seen.append(i[0].is_contiguous()))
+    with torch.no_grad():
+        want, got = plain(x), fused(x)
+    assert seen == [True]  # NCHW in, NCHW where the hook looks
+    for k in want:
+        assert_equivalent(got[k], want[k], NET_TOL[torch.float32])
+
+
+def test_fpn_nonfinite_and_training_follow_torchvision():
+    """A NaN pixel reaches exactly the outputs torchvision's reach (the
+    fused path hands non-finite values to torch's convolution); in training
+    (grad recorded) the pyramid's gradients equal torchvision's."""
+    plain, fused = _fpn_pair()
+    x = torch.randn(1, 3, 64, 64)
+    x[0, 1, 10, 20] = float("nan")
+    with torch.no_grad():
+        want, got = plain(x), fused(x)
+    for k in want:
+        assert torch.equal(got[k].isnan(), want[k].isnan()), k
+    plain, fused = plain.double().train(), fused.double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    sum(v.sum() for v in fused(x).values()).backward()
+    sum(v.sum() for v in plain(x).values()).backward()
+    for (name, a), b in zip(fused.fpn.named_parameters(), plain.fpn.parameters()):
+        assert_equivalent(a.grad, b.grad, NET_TOL[torch.float32])
+
+
+def test_fused_detection_backbone_scripts_and_traces():
+    """torch.jit.script (torchvision's forward, compiled as written) and
+    torch.fx.symbolic_trace of the fused backbone run and give its values."""
+    plain, fused = _fpn_pair()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = fused(x)
+        scripted = torch.jit.script(fused)(x)
+        traced = torch.fx.symbolic_trace(fused)(x)
+    for k in want:
+        assert_equivalent(scripted[k], want[k], NET_TOL[torch.float32])
+        assert_equivalent(traced[k], want[k], NET_TOL[torch.float32])

@@ -36,13 +36,21 @@ def bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
     return scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
 
-def conv_scale_shift(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
+def conv_scale_shift(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple[Tensor, Tensor]:
     """(scale, shift) of `bn(conv(x))` over `conv(x)` without its bias: the
-    conv bias, if any, scaled into the shift."""
+    conv bias, if any, scaled into the shift. No `bn` (a plain convolution,
+    e.g. a feature pyramid's): scale 1, shift the conv bias (or 0)."""
+    if bn is None:
+        w = conv.weight
+        bias = conv.bias.float() if conv.bias is not None else w.new_zeros(w.shape[0], dtype=torch.float32)
+        return torch.ones_like(bias), bias
     return scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv.bias)
 
 
-def folded(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """fp32 (BN-scaled conv weight, shift): `bn(conv(x)) == conv2d(x, weight) + shift`."""
+def folded(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple[Tensor, Tensor]:
+    """fp32 (BN-scaled conv weight, shift): `bn(conv(x)) == conv2d(x, weight) + shift`
+    (no `bn`: the conv's own weight and bias)."""
     scale, shift = conv_scale_shift(conv, bn)
+    if bn is None:
+        return conv.weight.float(), shift
     return conv.weight.float() * scale.view(-1, 1, 1, 1), shift

@@ -21,11 +21,12 @@ from resnet_fused.ops.cpu import onednn
 
 
 def conv_bn_act_module(
-    conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: Optional[Tensor], relu: bool,
+    conv: nn.Conv2d, norm: Optional[nn.Module], x: Tensor, residual: Optional[Tensor], relu: bool,
     autocast: Optional[torch.dtype], consume_residual: bool,
 ) -> Optional[Tensor]:
     """`act(norm(conv(x)) + residual)` as one call, for a CPU `x` with no
-    gradient recorded through the call. oneDNN's blocked-weight convolutions
+    gradient recorded through the call (`norm` None: a plain convolution
+    with its bias, `layers.conv_add`). oneDNN's blocked-weight convolutions
     and the Winograd kernel work in channels_last: any other layout is
     copied to it and the output back to NCHW (the layout out is the layout
     in, and the values are those of a channels_last call: a traced graph or a

@@ -189,20 +189,23 @@ def member(module: nn.Module, name: str):
     return value
 
 
-def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
-    """The small tensors the folded weights and bias are made of."""
+def _sources(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:
+    """The small tensors the folded weights and bias are made of (no `bn`:
+    a plain convolution, its bias only)."""
+    if bn is None:
+        return (member(conv, "bias"),)
     return (
         member(bn, "weight"), member(bn, "bias"), member(bn, "running_mean"), member(bn, "running_var"),
         member(conv, "bias"),
     )
 
 
-def _key(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple:
+def _key(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype) -> tuple:
     # the sources' dtypes, devices and shapes are checked with their values;
     # the input size is not part of it (see SIZES_PER_CONV)
     w = member(conv, "weight")
     return (
-        w.data_ptr(), w._version, w.dtype, w.device, w.shape, float(bn.eps), dtype,
+        w.data_ptr(), w._version, w.dtype, w.device, w.shape, None if bn is None else float(bn.eps), dtype,
         tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, _winograd,
     )
 
@@ -221,14 +224,14 @@ def _same_values_py(saved: tuple, current: tuple) -> bool:
 _same_values = extension._C.same_values if extension.is_loaded() else _same_values_py
 
 
-def _valid_entry(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> Optional[_Entry]:
+def _valid_entry(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype) -> Optional[_Entry]:
     entry = _cache.get(conv)
     if entry is not None and entry.key == _key(conv, bn, dtype) and _same_values(entry.saved, _sources(conv, bn)):
         return entry
     return None
 
 
-def lookup(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Optional[Packed]:
+def lookup(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype, input_size: tuple) -> Optional[Packed]:
     """The cached `Packed` for (conv, bn) in `dtype` for inputs of
     `input_size` when nothing it is made of changed (the checks `pack`
     makes) and its weights are finite, else None; never packs. A hit also says that this convolution
@@ -238,7 +241,7 @@ def lookup(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple
     return None if entry is None or not entry.finite else entry.by_size.get(input_size)
 
 
-def pack(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, input_size: tuple) -> Packed:
+def pack(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype, input_size: tuple) -> Packed:
     """The folded, reordered weights for (conv, bn) in `dtype` for inputs of
     `input_size`, from the cache when nothing they are made of changed.
 
