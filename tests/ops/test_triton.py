@@ -318,6 +318,26 @@ def test_batch_norm_act_low_precision_against_float64(dtype):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_float64_to_float64_rounding(channels_last):
+    """float64 runs the kernels in float64 throughout: forward and backward
+    agree with F.batch_norm in float64 to a few ulps (the backward's 1/count
+    was an fp32 constant once, 2e-9 off)."""
+    g = torch.Generator().manual_seed(14)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(2, 12, 14, 14, generator=g, dtype=torch.float64) * 2 + 0.7).to(DEVICE, memory_format=fmt)
+    w = (torch.rand(12, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+    b = torch.randn(12, generator=g, dtype=torch.float64).to(DEVICE)
+    grad = torch.randn(2, 12, 14, 14, generator=g, dtype=torch.float64).to(DEVICE)
+    out, mean, invstd, _ = batch_norm.forward(x, w, b, 1e-5, None, False, batch_norm.KERNELS)
+    got = batch_norm.backward(grad, x, out, w, mean, invstd, False, False, batch_norm.KERNELS)[:3]
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.1, 1e-5)
+    assert_equivalent(out, ref, 1e-14)
+    for name, a, b_ in zip(("x", "weight", "bias"), got, torch.autograd.grad(ref, leaves, grad)):
+        assert_equivalent(a, b_, 1e-14, f"grad {name}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_empty_batch_matches_f_batch_norm(channels_last):
     """N = 0 in training, as F.batch_norm: an empty output (x's strides), the
     running statistics untouched, dγ = dβ = 0 and empty dx, d(residual)."""

@@ -252,7 +252,7 @@ def _bn_act_bwd_apply_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = (rows < ROWS)[:, None] & mask_c[None, :]
-    inv_count = 1.0 / ROWS
+    inv_count = tl.full((), 1.0, ACC) / ROWS  # in ACC: a literal 1.0 / ROWS is fp32 even for float64
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
     gamma_invstd = invstd
