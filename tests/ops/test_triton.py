@@ -230,8 +230,7 @@ def test_statistics_stable_for_large_mean():
     rounding (without the shift, chunk means rounded at 1e4 gave 1.2e-4)."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 5, 17, 19, generator=g) + 1e4).to(DEVICE)
-    rows = 8 * 17 * 19
-    assert batch_norm._chunking(rows, 5)[0] > 1  # several partial summaries merged
+    assert batch_norm._chunking(batch_norm._tiling(x).tiles, 5)[0] > 1  # several partial summaries merged
     out, mean, invstd, var = batch_norm.forward(x, None, None, 1e-5, None, False, batch_norm.KERNELS)
     exact = x.double()  # the fp32 input's values, exactly
     assert_equivalent(var, exact.var((0, 2, 3), unbiased=False), 1e-5)
