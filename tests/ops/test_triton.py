@@ -419,6 +419,37 @@ def test_batch_norm_nchw_against_float64(monkeypatch, shape, kind, relu, tiles):
     assert_equivalent(y, torch.relu(ref) if relu else ref, OP_TOL[torch.float32], "affine_act")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_width_one_ignores_the_size_one_stride(channels_last):
+    """W = 1 maps whose stride(3) is not the canonical one (x.transpose(2, 3)
+    of an N×C×1×W map is contiguous, stride(3) = W): l = h there, so the
+    kernels address positions through stride(2). They read and wrote at
+    l·stride(3) before, out of bounds."""
+    g = torch.Generator().manual_seed(15)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def odd(t):  # the same values, format-contiguous, stride(3) = 7
+        t = t.contiguous(memory_format=fmt)
+        odd_ = t.as_strided(t.shape, t.stride()[:3] + (7,))
+        assert odd_.is_contiguous(memory_format=fmt) and torch.equal(odd_, t)
+        return odd_
+
+    shape = (4, 6, 9, 1)
+    x, res, grad = (odd(torch.randn(shape, generator=g)).to(DEVICE) for _ in range(3))
+    w, b = (torch.rand(6, generator=g) + 0.5).to(DEVICE), torch.randn(6, generator=g).to(DEVICE)
+    out, mean, invstd, _ = batch_norm.forward(x, w, b, 1e-5, res, True, batch_norm.KERNELS)
+    got = batch_norm.backward(grad, x, out, w, mean, invstd, True, True, batch_norm.KERNELS)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, res)]
+    pre = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.1, 1e-5) + leaves[3]
+    assert_equivalent(out, torch.relu(pre), OP_TOL[torch.float32])
+    want = torch.autograd.grad(pre * (out.detach() > 0), leaves, grad.double())
+    for name, a, b_ in zip(("x", "weight", "bias", "residual"), got, want):
+        assert_equivalent(a, b_, OP_TOL[torch.float32], f"grad {name}")
+    y = batch_norm.affine_act_(odd(x.clone()), Affine.given(w, b), res, True, batch_norm.KERNELS)
+    ref = x.double() * w.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1) + res.double()
+    assert_equivalent(y, torch.relu(ref), OP_TOL[torch.float32], "affine_act")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tiles", ["default", "small"])
 def test_batch_norm_nchw_other_dtypes(monkeypatch, tiles, dtype):

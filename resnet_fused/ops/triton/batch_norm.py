@@ -402,9 +402,19 @@ def _tiling(x: Tensor, *others: Tensor) -> _Tiling:
     return _Tiling(False, BLOCK_R, triton.cdiv(rows, BLOCK_R), 1, rows_64)
 
 
+def _strides(t: Tensor) -> tuple[int, int, int, int]:
+    """t's (n, c, h, w) strides, w's replaced by h's where W = 1 (l = h
+    there). A size-1 dim's stride is whatever torch left: x.transpose(2, 3)
+    of an N×C×1×W map is contiguous, with stride(3) = W, not 1."""
+    s_n, s_c, s_h, s_w = t.stride()
+    return s_n, s_c, s_h, s_h if t.shape[3] == 1 else s_w
+
+
 def _res_plane(t: Tensor) -> bool:
-    """Whether t's (h, w) strides are (W·s_w, s_w): position l = h·W + w at l·s_w."""
-    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+    """Whether t's (h, w) strides are (W·s_w, s_w) (`_strides`): position
+    l = h·W + w at l·s_w."""
+    _, _, s_h, s_w = _strides(t)
+    return t.shape[2] == 1 or s_h == t.shape[3] * s_w
 
 
 def _acc(x: Tensor):
@@ -412,8 +422,10 @@ def _acc(x: Tensor):
 
 
 def _view(t: Tensor) -> tuple[int, int, int]:
-    """(stride of n, stride of c, stride of l) for a format-contiguous 4-D tensor."""
-    return t.stride(0), t.stride(1), t.stride(3)
+    """(stride of n, stride of c, stride of l) for a format-contiguous 4-D
+    tensor (or any whose (h, w) strides are (W·s_l, s_l): `_res_plane`)."""
+    s_n, s_c, _, s_l = _strides(t)
+    return s_n, s_c, s_l
 
 
 def _chunking(tiles: int, channels: int) -> tuple[int, int]:
@@ -476,7 +488,7 @@ def forward(
     )
     kernels["apply"][(tiling.tiles, triton.cdiv(c, BLOCK_C))](
         x, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean, res, out,
-        c, n, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
+        c, n, l, w, rows, s_n, s_c, s_l, *_strides(res), residual_channel_offset, res.shape[1],
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         RELU=relu, ACC=acc_tl, BLOCK_C=BLOCK_C, RES_PLANE=_res_plane(res), **tiling.kwargs(),
     )
@@ -503,14 +515,14 @@ def backward(
     n, c, h, w = x.shape
     rows, l = n * h * w, h * w
     acc_tl, acc = _acc(x)
-    if grad_out.stride(2) != grad_out.shape[3] * grad_out.stride(3) or grad_out.stride(1) == 0:
+    if not _res_plane(grad_out) or grad_out.stride(1) == 0:
         grad_out = grad_out.contiguous(memory_format=fmt)
     c_res = c if residual_channels < 0 else residual_channels
     if rows == 0 or c == 0:  # F.batch_norm: dγ = dβ = 0 (sums over no rows)
         grad_res = torch.empty((n, c_res, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
         return (torch.empty_like(x), x.new_zeros((c,), dtype=acc), x.new_zeros((c,), dtype=acc),
                 grad_res if residual_grad else x.new_empty((0,)))
-    g_n, g_c, _, g_l = grad_out.stride()
+    g_n, g_c, g_l = _view(grad_out)
     s_n, s_c, s_l = _view(x)
     grad_x = torch.empty_like(x, memory_format=fmt)
     grad_res = torch.empty((n, c_res, h, w), dtype=x.dtype, device=x.device, memory_format=fmt) if residual_grad else x.new_empty((0,))
@@ -531,7 +543,7 @@ def backward(
     kernels["bwd_apply"][(tiling.tiles, triton.cdiv(c, BLOCK_C))](
         grad_out, x, out, mean, invstd, weight if weight is not None else mean, grad_bias, grad_weight,
         grad_x, dres,
-        c, n, l, w, rows, s_n, s_c, s_l, g_n, g_c, g_l, *dres.stride(), residual_channel_offset, dres.shape[1],
+        c, n, l, w, rows, s_n, s_c, s_l, g_n, g_c, g_l, *_strides(dres), residual_channel_offset, dres.shape[1],
         HAS_WEIGHT=weight is not None, RELU=relu, RESIDUAL_GRAD=residual_grad,
         ACC=acc_tl, BLOCK_C=BLOCK_C, RES_PLANE=_res_plane(dres), **tiling.kwargs(),
     )
@@ -578,7 +590,7 @@ def affine_act_(
     tiling = _tiling(y, res)
     kernels["affine_act"][(tiling.tiles, triton.cdiv(c, BLOCK_C))](
         y, *affine.args(), res,
-        c, n, l, w, rows, s_n, s_c, s_l, *res.stride(), residual_channel_offset, res.shape[1],
+        c, n, l, w, rows, s_n, s_c, s_l, *_strides(res), residual_channel_offset, res.shape[1],
         BN=affine.bn, HAS_RESIDUAL=residual is not None, RELU=relu,
         BLOCK_C=BLOCK_C, RES_PLANE=_res_plane(res), **tiling.kwargs(),
     )
