@@ -10,7 +10,8 @@ l = h·W + w; every kernel works on tiles of BLOCK_R positions × BLOCK_C
 channels, and the tiling follows the layout's contiguous axis:
 
 * NCHW (l contiguous): a tile holds positions [l0, l0 + BLOCK_R) of one
-  image n (BLOCK_R = min(BLOCK_R, L rounded up to a power of two)), tile
+  image n (BLOCK_R = min(BLOCK_R, L rounded up to a power of two), half
+  that where VEC = 1), tile
   t = n·cdiv(L, BLOCK_R) + l0/BLOCK_R, offsets n·s_n + c·s_c + l with n a
   scalar. The compiler sees l contiguous and, where L and the n, c strides
   are multiples of VEC (the host's power of two ≤ 16, `_tiling`, claimed
@@ -351,8 +352,8 @@ def _bn_act_bwd_apply_kernel(
 
 
 # Tiles. The elementwise kernels read tiles of BLOCK_R positions × BLOCK_C
-# channels (in NCHW, min(BLOCK_R, L rounded up to a power of two) positions
-# of one image: `_tile`); the reductions walk TILES_PER_CHUNK tiles per
+# channels (in NCHW, at most BLOCK_R positions of one image: `_tiling`,
+# `_tile`); the reductions walk TILES_PER_CHUNK tiles per
 # program. Enough reduction programs to fill a large GPU (132 SMs × a few
 # waves) when C is small; the partition depends on the shape only, never on
 # the device. Under the interpreter each program is Python, so there it is
@@ -397,8 +398,12 @@ def _tiling(x: Tensor, *others: Tensor) -> _Tiling:
     strides = [s for t in (x, *others) for s in (t.stride(0), t.stride(1))]
     rows_64 = _rows_64(max(rows, c * max(t.stride(1) for t in (x, *others))))
     if memory_format(x) == torch.contiguous_format and l > 1:
-        block = min(BLOCK_R, triton.next_power_of_2(l))
-        return _Tiling(True, block, n * triton.cdiv(l, block), math.gcd(16, l, *strides), rows_64)
+        vec = math.gcd(16, l, *strides)
+        # Scalar accesses hold an address per element: at 16 elements per
+        # thread (BLOCK_R × BLOCK_C over 4 warps) the 7² variants took
+        # 127–168 registers, at 8 64–96 (the vector ones 29–72 at 16).
+        block = min(BLOCK_R if vec > 1 else BLOCK_R // 2, triton.next_power_of_2(l))
+        return _Tiling(True, block, n * triton.cdiv(l, block), vec, rows_64)
     return _Tiling(False, BLOCK_R, triton.cdiv(rows, BLOCK_R), 1, rows_64)
 
 
