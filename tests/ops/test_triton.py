@@ -14,6 +14,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import resnet_fused
 from resnet_fused import ops
@@ -230,8 +231,7 @@ def test_statistics_stable_for_large_mean():
     rounding (without the shift, chunk means rounded at 1e4 gave 1.2e-4)."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 5, 17, 19, generator=g) + 1e4).to(DEVICE)
-    rows = 8 * 17 * 19
-    assert batch_norm._chunking(rows, 5)[0] > 1  # several partial summaries merged
+    assert batch_norm._chunking(batch_norm._tiling(x).tiles, 5)[0] > 1  # several partial summaries merged
     out, mean, invstd, var = batch_norm.forward(x, None, None, 1e-5, None, False, batch_norm.KERNELS)
     exact = x.double()  # the fp32 input's values, exactly
     assert_equivalent(var, exact.var((0, 2, 3), unbiased=False), 1e-5)
@@ -240,11 +240,14 @@ def test_statistics_stable_for_large_mean():
     assert (naive.double() - exact.var((0, 2, 3), unbiased=False)).abs().max() > 0.1
 
 
-def test_batch_norm_64_bit_rows_same_result(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_64_bit_rows_same_result(monkeypatch, channels_last):
     """The 64-bit row-index variant (taken where a row index can pass int32)
-    computes bitwise the same as the 32-bit one; forced here on a small shape."""
+    computes bitwise the same as the 32-bit one; forced here on a small shape,
+    in both tilings (NCHW's planes, channels_last's rows)."""
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(3, 10, 9, 11, generator=g).to(DEVICE)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 10, 9, 11, generator=g).to(DEVICE, memory_format=fmt)
     res = torch.randn(3, 10, 9, 11, generator=g).to(DEVICE)
     grad = torch.randn(3, 10, 9, 11, generator=g).to(DEVICE)
     w, b = torch.rand(10, generator=g).to(DEVICE), torch.randn(10, generator=g).to(DEVICE)
@@ -260,15 +263,22 @@ def test_batch_norm_64_bit_rows_same_result(monkeypatch):
     assert not rows_64(256 * 112 * 112) and rows_64(2**30)
 
 
-def test_batch_norm_kernels_bitwise_deterministic():
+@pytest.mark.parametrize("shape", [(6, 24, 15, 13), (4, 20, 14, 14)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_kernels_bitwise_deterministic(channels_last, shape):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 24, 15, 13, generator=g).to(DEVICE, memory_format=torch.channels_last)
-    grad = torch.randn(6, 24, 15, 13, generator=g).to(DEVICE)
-    w, b = torch.rand(24, generator=g).to(DEVICE), torch.randn(24, generator=g).to(DEVICE)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(*shape, generator=g).to(DEVICE, memory_format=fmt)
+    res = torch.randn(*shape, generator=g).to(DEVICE, memory_format=fmt)
+    grad = torch.randn(*shape, generator=g).to(DEVICE)
+    c = shape[1]
+    w, b = torch.rand(c, generator=g).to(DEVICE), torch.randn(c, generator=g).to(DEVICE)
     runs = []
     for _ in range(2):
-        out, mean, invstd, var = batch_norm.forward(x, w, b, 1e-5, None, True, batch_norm.KERNELS)
-        runs.append((out, mean, var) + batch_norm.backward(grad, x, out, w, mean, invstd, True, False, batch_norm.KERNELS)[:3])
+        out, mean, invstd, var = batch_norm.forward(x, w, b, 1e-5, res, True, batch_norm.KERNELS)
+        grads = batch_norm.backward(grad, x, out, w, mean, invstd, True, True, batch_norm.KERNELS)
+        y = batch_norm.affine_act_(out.clone(), Affine.given(w, b), res, True, batch_norm.KERNELS)
+        runs.append((out, mean, var, y) + grads)
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
 
@@ -315,6 +325,215 @@ def test_batch_norm_act_low_precision_against_float64(dtype):
     assert_equivalent(y, torch.relu(pre), OP_TOL[dtype])
     for name, a, b_ in zip(("x", "weight", "bias", "residual"), got, want):
         assert_equivalent(a, b_, OP_TOL[dtype] if dtype != torch.float32 else 1e-5, f"grad {name}")
+
+
+def test_nchw_tiles_along_planes():
+    """NCHW walks positions inside one image's planes, with the power of two
+    that divides L and every n, c stride claimed to the compiler (VEC, up to
+    16 elements); channels_last and NCHW with L = 1 (the same memory) walk
+    rows. What the claim buys in the compiled code: test_triton_aot.py."""
+    def tiling(shape, fmt=torch.contiguous_format, *others):
+        return batch_norm._tiling(torch.empty(shape, device="meta").contiguous(memory_format=fmt), *others)
+
+    for hw, vec in ((56, 16), (28, 16), (112, 16), (14, 4), (7, 1), (3, 1)):
+        t = tiling((2, 64, hw, hw))
+        block = batch_norm.BLOCK_R if vec > 1 else batch_norm.BLOCK_R // 2  # scalar: half the tile
+        assert t.planes and t.vec == vec and t.block_r == min(block, triton.next_power_of_2(hw * hw))
+        assert t.tiles == 2 * triton.cdiv(hw * hw, t.block_r)
+    assert tiling((2, 64, 6, 7)).vec == 2 and tiling((2, 64, 3, 5)).vec == 1
+    assert not tiling((2, 64, 1, 1)).planes
+    assert not tiling((2, 64, 14, 14), torch.channels_last).planes
+    # a tensor addressed beside x whose strides are not multiples of 4 drops the claim
+    odd = torch.empty(2, 64, 14, 15, device="meta")[..., :14]
+    assert tiling((2, 64, 14, 14), torch.contiguous_format, odd).vec == 2
+    # 2^29 rows fit int32 indices, but c·s_c of NCHW's last channel (4·2^29) does not
+    assert tiling((1, 4, 2**15, 2**14)).rows_64 and not tiling((1, 4, 2**15, 2**14), torch.channels_last).rows_64
+
+
+def _small_tiles(monkeypatch):
+    """Tiles of 16 positions × 8 channels and few reduction programs: a plane
+    spans several tiles and a chunk several tiles and images."""
+    monkeypatch.setattr(batch_norm, "BLOCK_R", 16)
+    monkeypatch.setattr(batch_norm, "BLOCK_C", 8)
+    monkeypatch.setattr(batch_norm, "TARGET_PROGRAMS", 5)
+
+
+def _residual(kind: str, shape, g):
+    """(residual, channel offset) of each kind the kernels read."""
+    n, c, h, w = shape
+    if kind == "full":
+        return torch.randn(shape, generator=g), 0
+    if kind == "narrow_view":  # fewer channels (option A), a view at an unaligned offset
+        return torch.randn(n, c, h, w, generator=g)[:, 1:c - 2], 2
+    if kind == "strided":  # x[:, :, ::2, ::2] of a larger map, read in place
+        return torch.randn(n, c, 2 * h, 2 * w, generator=g)[:, :, ::2, ::2], 0
+    if kind == "channels_last":  # another layout than x
+        return torch.randn(shape, generator=g).to(memory_format=torch.channels_last), 0
+    return None, 0
+
+
+NCHW_SHAPES = [(2, 70, 7, 7), (1, 13, 3, 5), (3, 5, 14, 14), (4, 6, 1, 1), (1, 6, 20, 23), (5, 9, 6, 7)]
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
+@pytest.mark.parametrize("kind, relu", [("none", False), ("none", True), ("full", True), ("narrow_view", True),
+                                        ("strided", False), ("channels_last", True)],
+                         ids=["plain", "relu", "residual_relu", "narrow_view_relu", "strided", "channels_last_res"])
+@pytest.mark.parametrize("shape", NCHW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_batch_norm_nchw_against_float64(monkeypatch, shape, kind, relu, tiles):
+    """The NCHW kernels (plane tiles: odd L, L = 15, 42, 49, 196, 460 over
+    several tiles, N = 1, C not a multiple of BLOCK_C; L = 1 takes the rows)
+    forward, backward and the epilogue against float64 F.batch_norm, with
+    each residual kind the kernels read."""
+    if tiles == "small":
+        _small_tiles(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    c = shape[1]
+    x = torch.randn(shape, generator=g) * 2 + 0.7
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    res, offset = _residual(kind, shape, g)
+    grad = torch.randn(shape, generator=g)
+    x, w, b, grad = (t.to(DEVICE) for t in (x, w, b, grad))
+    res = res.to(DEVICE) if res is not None else None
+    out, mean, invstd, var = batch_norm.forward(x, w, b, 1e-5, res, relu, batch_norm.KERNELS, offset)
+    gx, gw, gb, gr = batch_norm.backward(
+        grad, x, out, w, mean, invstd, relu, res is not None, batch_norm.KERNELS,
+        res.shape[1] if res is not None else -1, offset,
+    )
+    assert out.is_contiguous() and gx.is_contiguous()
+
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b) + ((res,) if res is not None else ())]
+    pre = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.1, 1e-5)
+    if res is not None:
+        pre = pre + F.pad(leaves[3], (0, 0, 0, 0, offset, c - res.shape[1] - offset))
+    assert_equivalent(out, torch.relu(pre) if relu else pre, OP_TOL[torch.float32])
+    assert_equivalent(mean, x.double().mean((0, 2, 3)), OP_TOL[torch.float32], "mean")
+    assert_equivalent(var, x.double().var((0, 2, 3), unbiased=False), OP_TOL[torch.float32], "var")
+    # the tested forward's own ReLU decisions (as test_batch_norm_act does)
+    want = torch.autograd.grad(pre * (out.detach() > 0) if relu else pre, leaves, grad.double())
+    for name, got, ref in zip(("x", "weight", "bias", "residual"), (gx, gw, gb, gr), want):
+        assert_equivalent(got, ref, OP_TOL[torch.float32], f"grad {name}")
+    y = batch_norm.affine_act_(x.clone(), Affine.given(w, b), res, relu, batch_norm.KERNELS, offset)
+    ref = x.double() * w.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)
+    if res is not None:
+        ref = ref + F.pad(res.double(), (0, 0, 0, 0, offset, c - res.shape[1] - offset))
+    assert_equivalent(y, torch.relu(ref) if relu else ref, OP_TOL[torch.float32], "affine_act")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_width_one_ignores_the_size_one_stride(channels_last):
+    """W = 1 maps whose stride(3) is not the canonical one (x.transpose(2, 3)
+    of an N×C×1×W map is contiguous, stride(3) = W): l = h there, so the
+    kernels address positions through stride(2). They read and wrote at
+    l·stride(3) before, out of bounds."""
+    g = torch.Generator().manual_seed(15)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def odd(t):  # the same values, format-contiguous, stride(3) = 7
+        t = t.contiguous(memory_format=fmt)
+        odd_ = t.as_strided(t.shape, t.stride()[:3] + (7,))
+        assert odd_.is_contiguous(memory_format=fmt) and torch.equal(odd_, t)
+        return odd_
+
+    shape = (4, 6, 9, 1)
+    x, res, grad = (odd(torch.randn(shape, generator=g)).to(DEVICE) for _ in range(3))
+    w, b = (torch.rand(6, generator=g) + 0.5).to(DEVICE), torch.randn(6, generator=g).to(DEVICE)
+    out, mean, invstd, _ = batch_norm.forward(x, w, b, 1e-5, res, True, batch_norm.KERNELS)
+    got = batch_norm.backward(grad, x, out, w, mean, invstd, True, True, batch_norm.KERNELS)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, res)]
+    pre = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.1, 1e-5) + leaves[3]
+    assert_equivalent(out, torch.relu(pre), OP_TOL[torch.float32])
+    want = torch.autograd.grad(pre * (out.detach() > 0), leaves, grad.double())
+    for name, a, b_ in zip(("x", "weight", "bias", "residual"), got, want):
+        assert_equivalent(a, b_, OP_TOL[torch.float32], f"grad {name}")
+    y = batch_norm.affine_act_(odd(x.clone()), Affine.given(w, b), res, True, batch_norm.KERNELS)
+    ref = x.double() * w.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1) + res.double()
+    assert_equivalent(y, torch.relu(ref), OP_TOL[torch.float32], "affine_act")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_batch_norm_nchw_other_dtypes(monkeypatch, tiles, dtype):
+    """float64 (ACC float64) and bf16 (VEC counts 2-byte elements) through the
+    NCHW plane tiles, 14×14 (VEC 4) and 7×7 (VEC 1)."""
+    if tiles == "small":
+        _small_tiles(monkeypatch)
+    for shape in ((2, 12, 14, 14), (3, 10, 7, 7)):
+        g = torch.Generator().manual_seed(12)
+        x = (torch.randn(shape, generator=g) * 2 + 0.7).to(DEVICE, dtype)
+        res = torch.randn(shape, generator=g).to(DEVICE, dtype)
+        w, b = (torch.rand(shape[1], generator=g) + 0.5).to(DEVICE), torch.randn(shape[1], generator=g).to(DEVICE)
+        grad = torch.randn(shape, generator=g).to(DEVICE, dtype)
+        out, mean, invstd, _ = batch_norm.forward(x, w, b, 1e-5, res, True, batch_norm.KERNELS)
+        grads = batch_norm.backward(grad, x, out, w, mean, invstd, True, True, batch_norm.KERNELS)
+        leaves = [t.detach().double().requires_grad_() for t in (x, w, b, res)]
+        pre = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.1, 1e-5) + leaves[3]
+        assert out.dtype == dtype
+        assert_equivalent(out, torch.relu(pre), OP_TOL[dtype])
+        want = torch.autograd.grad(pre * (out.detach() > 0), leaves, grad.double())
+        for name, got, ref in zip(("x", "weight", "bias", "residual"), grads, want):
+            assert_equivalent(got, ref, OP_TOL[dtype], f"grad {name}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("shape", [(2, 6, 14, 14), (3, 6, 7, 7)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_nonfinite_as_f_batch_norm(channels_last, shape):
+    """NaN, +inf and −inf in x (each in its own channel, one at the channel's
+    first element, the statistics' pivot) and a NaN in the residual reach
+    the outputs and gradients F.batch_norm + add + relu gives, exactly where
+    it gives them; the other channels stay finite and right."""
+    g = torch.Generator().manual_seed(13)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[1, 0, 3, 2] = float("nan")
+    x[0, 1, 0, 0] = float("inf")
+    x[2 % shape[0], 2, 5, 6] = -float("inf")
+    res = torch.randn(shape, generator=g, dtype=torch.float64)
+    res[0, 4, 1, 1] = float("nan")
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    w, b = torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5, torch.randn(shape[1], generator=g, dtype=torch.float64)
+
+    def run(fn, dtype):
+        leaves = [t.to(DEVICE, dtype).contiguous(memory_format=fmt).requires_grad_() for t in (x, res)]
+        leaves += [t.to(DEVICE, copy=True).requires_grad_() for t in (w, b)]
+        out = fn(*leaves)
+        return [out.detach()] + list(torch.autograd.grad(out, leaves, grad.to(DEVICE, dtype)))
+
+    def fused(x_, r_, w_, b_):
+        with resnet_fused.backend("triton"):
+            return ops.batch_norm_act(x_, w_, b_, None, None, True, 0.1, 1e-5, r_, True)
+
+    got = run(fused, torch.float32)
+    want = run(lambda x_, r_, w_, b_: torch.relu(F.batch_norm(x_, None, None, w_, b_, True, 0.1, 1e-5) + r_),
+               torch.float64)
+    for name, a, b_ in zip(("out", "grad x", "grad residual", "grad weight", "grad bias"), got, want):
+        a, b_ = a.double().cpu(), b_.cpu()
+        for what, is_ in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+            assert torch.equal(is_(a), is_(b_)), f"{name}: {what} at other places"
+        finite = torch.isfinite(b_)
+        assert finite.any() and (name in ("grad residual", "grad bias") or not finite.all()), name
+        assert_equivalent(a[finite], b_[finite], OP_TOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_float64_to_float64_rounding(channels_last):
+    """float64 runs the kernels in float64 throughout: forward and backward
+    agree with F.batch_norm in float64 to a few ulps (the backward's 1/count
+    was an fp32 constant once, 2e-9 off)."""
+    g = torch.Generator().manual_seed(14)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(2, 12, 14, 14, generator=g, dtype=torch.float64) * 2 + 0.7).to(DEVICE, memory_format=fmt)
+    w = (torch.rand(12, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+    b = torch.randn(12, generator=g, dtype=torch.float64).to(DEVICE)
+    grad = torch.randn(2, 12, 14, 14, generator=g, dtype=torch.float64).to(DEVICE)
+    out, mean, invstd, _ = batch_norm.forward(x, w, b, 1e-5, None, False, batch_norm.KERNELS)
+    got = batch_norm.backward(grad, x, out, w, mean, invstd, False, False, batch_norm.KERNELS)[:3]
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.1, 1e-5)
+    assert_equivalent(out, ref, 1e-14)
+    for name, a, b_ in zip(("x", "weight", "bias"), got, torch.autograd.grad(ref, leaves, grad)):
+        assert_equivalent(a, b_, 1e-14, f"grad {name}")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

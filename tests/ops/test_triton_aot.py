@@ -87,6 +87,67 @@ def test_memory_bound_kernels_move_16_bytes_per_access_in_channels_last(quick_ro
             assert r["load_bits"] == 128, where
 
 
+ELEMENTWISE = ("bn_apply", "bn_affine_act", "bn_bwd_apply")
+PARTIAL = ("bn_stats_partial", "bn_bwd_partial")
+
+
+def test_memory_bound_kernels_in_nchw_move_what_the_planes_allow(quick_rows):
+    """NCHW (training's layout for an NCHW input) tiles inside one image's
+    planes, with L and the strides multiples of VEC elements
+    (batch_norm._tiling), compiled at resnet50's 112², 56², 28² (VEC 16),
+    14² (VEC 4) and 7² (VEC 1) in fp32, bf16 and fp16: the activations move
+    VEC elements per access, up to 16 bytes. So 16 bytes at 56² and 14² in
+    fp32, 8 at 14² in bf16/fp16 (a plane of 196 two-byte elements starts
+    only 8-byte aligned); at 7² (49 is odd) scalar: every store one element
+    and no load wider than the fp32 per-channel parameters'."""
+    _, rows = quick_rows
+    nchw = [r for r in rows if r["kernel"] in ELEMENTWISE + PARTIAL and "nchw" in r["variant"]]
+    assert all(" planes vec" in r["variant"] for r in nchw)
+    got = {(r["kernel"], r["variant"].split()[0], r["variant"].split()[-1], r["arch"]) for r in nchw}
+    assert got == {(k, d, f"vec{v}", a) for k in ELEMENTWISE + PARTIAL for d in aot.QUICK_NCHW_BN_DTYPES
+                   for v in (16, 4, 1) for a in aot.ARCHS}
+    layers = {16: ("conv1", "layer1.0.conv3", "layer2.0.conv3"), 4: ("layer3.0.conv3",), 1: ("layer4.0.conv3",)}
+    for vec, names in layers.items():
+        uses = {u.split()[-1] for r in nchw if r["variant"].endswith(f"vec{vec}") for u in r["uses"]}
+        assert uses == set(names), vec
+    for r in nchw:
+        where = f"{r['kernel']} {r['variant']} sm_{r['arch']}"
+        bits = 32 if r["variant"].startswith("fp32") else 16
+        vec = int(r["variant"].split()[-1][len("vec"):])
+        wide = min(128, vec * bits)
+        if vec > 1 and r["kernel"] in ELEMENTWISE:
+            assert (r["load_bits"], r["store_bits"]) == (wide, wide), where
+        elif vec > 1:
+            assert r["load_bits"] == wide, where
+        else:
+            assert r["load_bits"] <= 32, where
+            assert r["kernel"] in PARTIAL or r["store_bits"] == bits, where
+
+
+def test_models_nchw_batch_norm_launches_are_in_the_report():
+    """What the full report (aot.jobs) compiles for the BN kernels in NCHW
+    is what resnet50 launches: every layer's forward and backward take the
+    plane tiling, with VEC 16, 4 or 1 by its map size (no compile here)."""
+    import torch
+
+    from resnet_fused.ops import conv_out_size
+
+    for layer in aot.layers(("resnet50",), 32):
+        launches = [kw for _, _, kw in aot.bn_launches(layer, torch.bfloat16, torch.contiguous_format) if "PLANES" in kw]
+        side = conv_out_size(layer.x_shape, layer.w_shape, layer.stride, layer.padding, layer.dilation)[3]
+        assert len(launches) == 5 and all(kw["PLANES"] for kw in launches), layer.name
+        assert {kw["VEC"] for kw in launches} == {1 if side == 7 else 4 if side == 14 else 16}, layer.name
+    # aot.jobs binds through the real compiler's JIT functions: not under the interpreter
+    code = ("import json; from resnet_fused.ops.triton import aot; print(json.dumps(sorted({(j.kernel, "
+            "' '.join(j.variant.split()[1:])) for j in aot.jobs(models=('resnet50',), batches=(32,), archs=(90,))})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    variants = {tuple(v) for v in json.loads(proc.stdout.splitlines()[-1])}
+    for kernel in ELEMENTWISE + PARTIAL:
+        assert {(kernel, f"nchw planes vec{v}") for v in (16, 4, 1)} | {(kernel, "nhwc rows")} <= variants
+
+
 def test_widest_access_reads_ptx():
     ptx = ("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n ld.global.b16 %rs1, [%rd2];\n"
            "st.global.v2.b16 [%rd3], {%rs1, %rs2};\n @%p1 ld.global.L1::evict_last.v2.b64 {%rd4, %rd5}, [%rd6];")

@@ -23,8 +23,11 @@ are compiled once; each row says how many layers launch it.
 
 Per variant: registers per thread, spills (STACK + LOCAL from cuobjdump),
 shared memory (Triton's dynamic allocation plus static), whether loads use
-`cp.async`, and the tensor-core instruction (`mma.sync`; `wgmma`, Hopper's
-warpgroup MMA, on sm_90 where the tile allows). A variant passes with no
+`cp.async`, the tensor-core instruction (`mma.sync`; `wgmma`, Hopper's
+warpgroup MMA, on sm_90 where the tile allows), and the widest global load
+and store (`ld/st bits`: 128 is a 16-byte vector access; the BN kernels'
+variant names carry their tiling, "planes vecV" in NCHW, V elements per
+access at most). A variant passes with no
 spills, shared memory within the SM limit and, for the convolution, tensor
 cores.
 """
@@ -294,6 +297,16 @@ def bn_launches(layer: Layer, dtype: torch.dtype, fmt) -> list[tuple]:
     return calls + [("affine_act", *call) for call in epilogue["affine_act"].calls]
 
 
+def bn_tiling(kwargs: dict) -> str:
+    """The BN kernels' tiling in a variant's name: " planes vecV" (NCHW:
+    tiles inside one image's planes, L and the strides multiples of V
+    elements, batch_norm._tiling), " rows", or "" for the per-channel final
+    kernels."""
+    if "PLANES" not in kwargs:
+        return ""
+    return f" planes vec{kwargs['VEC']}" if kwargs["PLANES"] else " rows"
+
+
 def _add(found: dict, kernel: str, variant: str, arch: int, call: tuple, needs_mma: bool, where: str) -> None:
     """Record one launch: a new Job for a variant not seen yet, else one more
     use of the one it compiles to."""
@@ -329,9 +342,16 @@ def jobs(quick: bool = False, models=MODELS, batches=BATCHES, archs=ARCHS) -> li
                         for arch in archs:
                             _add(found, "conv_bn_act", variant, arch, (args, kwargs), mma, where)
                     for name, args, kwargs in bn_calls:
+                        variant = f"{dname} {lname}{bn_tiling(kwargs)}"
                         for arch in archs:
-                            _add(found, f"bn_{name}", f"{dname} {lname}", arch, (args, kwargs), False, where)
+                            _add(found, f"bn_{name}", variant, arch, (args, kwargs), False, where)
     return list(found.values())
+
+
+# resnet50's BN outputs at 112², 56², 28², 14², 7² (the stem's without a
+# residual, the others with one): the NCHW planes with VEC 16, 4 and 1
+QUICK_NCHW_BN_LAYERS = ("conv1", "layer1.0.conv3", "layer2.0.conv3", "layer3.0.conv3", "layer4.0.conv3")
+QUICK_NCHW_BN_DTYPES = ("fp32-ieee", "bf16", "fp16")
 
 
 def _quick_selection():
@@ -339,18 +359,23 @@ def _quick_selection():
     (3×3 stride 2) in every fp16 tiling in channels_last, one NCHW and one
     bf16 variant; the stem (flattened reduction) in fp16; the fp32 `ieee`
     variant the tests use for both, in both layouts; a ResNeXt grouped conv
-    in bf16; and every BN kernel once. Returns a function of (layer, dtype,
-    layout) -> (include its conv launches?, its BN launches?)."""
+    in bf16; every BN kernel once in channels_last (bf16), and in NCHW at
+    each map size of QUICK_NCHW_BN_LAYERS in fp32, bf16 and fp16. Returns a
+    function of (layer, dtype, layout) -> (include its conv launches?, its
+    BN launches?)."""
 
     def select(layer: Layer, dtype: str, layout: str) -> tuple[bool, bool]:
         stem = layer.name == "conv1"
+        conv_pick = bn_pick = False
         if layer.model == "resnet50" and layer.name in ("layer2.0.conv2", "conv1"):
             conv_pick = (dtype == "fp16" and (layout == "nhwc" or not stem)) or (dtype == "fp32-ieee") or (
                 dtype == "bf16" and layout == "nhwc" and not stem)
-            return conv_pick, layer.name == "layer2.0.conv2" and dtype == "bf16" and layout == "nhwc"
+            bn_pick = layer.name == "layer2.0.conv2" and dtype == "bf16" and layout == "nhwc"
         if layer.model == "resnext50_32x4d" and layer.name == "layer1.0.conv2":
-            return dtype == "bf16" and layout == "nhwc", False
-        return False, False
+            conv_pick = dtype == "bf16" and layout == "nhwc"
+        if layer.model == "resnet50" and layer.name in QUICK_NCHW_BN_LAYERS and layout == "nchw":
+            bn_pick = bn_pick or dtype in QUICK_NCHW_BN_DTYPES
+        return conv_pick, bn_pick
 
     return select
 
