@@ -70,16 +70,15 @@ struct PackChannels {
 
 // out = act((in - center[c]) * scale[c] + shift[c] + residual) (center may
 // be null: the inference epilogue), VEC consecutive elements per thread with
-// one 16-byte load/store each (vector_shape_ok); elements past the last
-// whole pack are done one each. index_t is int64 only where numel needs it
-// (a 2,612 x 256x56x56 batch passes 2^31).
+// one 16-byte load/store each (vector_shape_ok), grid-stride over the whole
+// tensor; elements past the last whole pack are done one each. index_t is
+// int64 only where numel needs it (a 2,612 x 256x56x56 batch passes 2^31).
+// scale and shift may live in shared memory (bn_eval_epilogue_kernel).
 template <typename scalar_t, typename param_t, int VEC, bool CHANNELS_LAST, bool HAS_RESIDUAL, typename index_t>
-__global__ void scale_shift_add_act_kernel(const scalar_t* in, scalar_t* out,
-                                           const scalar_t* __restrict__ residual,
-                                           const param_t* __restrict__ center,
-                                           const param_t* __restrict__ scale,
-                                           const param_t* __restrict__ shift, index_t numel,
-                                           index_t C, index_t HW, bool relu) {
+__device__ __forceinline__ void epilogue_loop(const scalar_t* in, scalar_t* out, const scalar_t* __restrict__ residual,
+                                              const param_t* __restrict__ center, const param_t* scale,
+                                              const param_t* shift, index_t numel, index_t C, index_t HW,
+                                              bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t packs = numel / VEC;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
@@ -111,48 +110,55 @@ RF_UNROLL
   }
 }
 
-template <typename scalar_t, typename param_t, int VEC, bool CL, typename index_t>
-void launch_epilogue_typed(const scalar_t* in, scalar_t* out, const scalar_t* r, const param_t* m,
-                           const param_t* s, const param_t* b, int64_t numel, int64_t C, int64_t HW, bool relu,
-                           cudaStream_t stream) {
-  const int64_t blocks = elementwise_blocks(numel, VEC);
-  const index_t n = static_cast<index_t>(numel), c = static_cast<index_t>(C), hw = static_cast<index_t>(HW);
-  if (r) {
-    scale_shift_add_act_kernel<scalar_t, param_t, VEC, CL, true, index_t>
-        <<<blocks, kElementwiseThreads, 0, stream>>>(in, out, r, m, s, b, n, c, hw, relu);
-  } else {
-    scale_shift_add_act_kernel<scalar_t, param_t, VEC, CL, false, index_t>
-        <<<blocks, kElementwiseThreads, 0, stream>>>(in, out, r, m, s, b, n, c, hw, relu);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <typename scalar_t, typename param_t, int VEC, bool CHANNELS_LAST, bool HAS_RESIDUAL, typename index_t>
+__global__ void scale_shift_add_act_kernel(const scalar_t* in, scalar_t* out,
+                                           const scalar_t* __restrict__ residual,
+                                           const param_t* __restrict__ center,
+                                           const param_t* __restrict__ scale,
+                                           const param_t* __restrict__ shift, index_t numel,
+                                           index_t C, index_t HW, bool relu) {
+  epilogue_loop<scalar_t, param_t, VEC, CHANNELS_LAST, HAS_RESIDUAL, index_t>(in, out, residual, center, scale,
+                                                                             shift, numel, C, HW, relu);
 }
 
-template <typename scalar_t, typename param_t, int VEC, bool CL>
-void launch_epilogue_vec(const scalar_t* in, scalar_t* out, const scalar_t* r, const param_t* m,
-                         const param_t* s, const param_t* b, int64_t numel, int64_t C, int64_t HW, bool relu,
-                         cudaStream_t stream) {
-  if (needs_wide_index(numel)) {
-    launch_epilogue_typed<scalar_t, param_t, VEC, CL, int64_t>(in, out, r, m, s, b, numel, C, HW, relu, stream);
-  } else {
-    launch_epilogue_typed<scalar_t, param_t, VEC, CL, int32_t>(in, out, r, m, s, b, numel, C, HW, relu, stream);
-  }
+// Calls f.template operator()<VEC, CHANNELS_LAST, HAS_RESIDUAL, index_t>()
+// for the epilogue variant a launch needs: the 16-byte path when the shape
+// and the pointers allow it, 32-bit indices below 2^31 elements.
+template <typename scalar_t, typename F>
+void with_epilogue_variant(bool channels_last, bool aligned, bool has_residual, int64_t numel, int64_t C,
+                           int64_t HW, F&& f) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vec = aligned && vector_shape_ok(channels_last, C, HW, kVec);
+  const bool wide = needs_wide_index(numel);
+  auto by_index = [&]<int VEC, bool CL, bool R>() {
+    if (wide) f.template operator()<VEC, CL, R, int64_t>();
+    else f.template operator()<VEC, CL, R, int32_t>();
+  };
+  auto by_residual = [&]<int VEC, bool CL>() {
+    if (has_residual) by_index.template operator()<VEC, CL, true>();
+    else by_index.template operator()<VEC, CL, false>();
+  };
+  auto by_layout = [&]<int VEC>() {
+    if (channels_last) by_residual.template operator()<VEC, true>();
+    else by_residual.template operator()<VEC, false>();
+  };
+  if (vec) by_layout.template operator()<kVec>();
+  else by_layout.template operator()<1>();
 }
 
-// Picks the 16-byte path when the shape and pointers allow it.
 template <typename scalar_t, typename param_t>
 void launch_epilogue(const scalar_t* in, scalar_t* out, const scalar_t* r, const param_t* m,
                      const param_t* s, const param_t* b, bool channels_last, int64_t numel, int64_t C, int64_t HW,
                      bool relu, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool vec_ok = vector_shape_ok(channels_last, C, HW, kVec) && aligned16(in) && aligned16(out) &&
-                      (!r || aligned16(r));
-  if (vec_ok) {
-    if (channels_last) launch_epilogue_vec<scalar_t, param_t, kVec, true>(in, out, r, m, s, b, numel, C, HW, relu, stream);
-    else launch_epilogue_vec<scalar_t, param_t, kVec, false>(in, out, r, m, s, b, numel, C, HW, relu, stream);
-  } else {
-    if (channels_last) launch_epilogue_vec<scalar_t, param_t, 1, true>(in, out, r, m, s, b, numel, C, HW, relu, stream);
-    else launch_epilogue_vec<scalar_t, param_t, 1, false>(in, out, r, m, s, b, numel, C, HW, relu, stream);
-  }
+  const bool aligned = aligned16(in) && aligned16(out) && (!r || aligned16(r));
+  with_epilogue_variant<scalar_t>(channels_last, aligned, r != nullptr, numel, C, HW,
+                                  [&]<int VEC, bool CL, bool R, typename index_t>() {
+    scale_shift_add_act_kernel<scalar_t, param_t, VEC, CL, R, index_t>
+        <<<elementwise_blocks(numel, VEC), kElementwiseThreads, 0, stream>>>(
+            in, out, r, m, s, b, static_cast<index_t>(numel), static_cast<index_t>(C), static_cast<index_t>(HW),
+            relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace cuda

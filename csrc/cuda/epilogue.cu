@@ -38,8 +38,34 @@ void scale_shift_add_relu_cuda(at::Tensor& y, const at::Tensor& scale, const at:
       });
 }
 
-// One thread per channel: the BN folded into (scale, shift), epilogue.h's
-// bn_scale_shift (torch's CPU bits).
+// The BN folded into (scale, shift) by each block into shared memory
+// (epilogue.h's bn_scale_shift: torch's CPU bits), then the epilogue over
+// the block's share of y: one launch per conv+BN pair, no folded tensors.
+template <typename scalar_t, int VEC, bool CHANNELS_LAST, bool HAS_RESIDUAL, typename index_t>
+__global__ void bn_eval_epilogue_kernel(scalar_t* y, const scalar_t* __restrict__ residual,
+                                        const float* __restrict__ var, const float* __restrict__ mean,
+                                        const float* __restrict__ gamma, const float* __restrict__ beta,
+                                        const float* __restrict__ bias, float eps, index_t numel, index_t C,
+                                        index_t HW, bool relu) {
+  extern __shared__ float folded[];  // scale [C], then shift [C]
+  for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+    bn_scale_shift(var[c], mean[c], gamma ? gamma + c : nullptr, beta ? beta + c : nullptr,
+                   bias ? bias + c : nullptr, eps, folded[c], folded[C + c]);
+  }
+  __syncthreads();
+  cuda::epilogue_loop<scalar_t, float, VEC, CHANNELS_LAST, HAS_RESIDUAL, index_t>(
+      y, y, residual, nullptr, folded, folded + C, numel, C, HW, relu);
+}
+
+// Each block folds all C channels once: give it at least this many elements
+// per channel, so the fold stays a small part of its work.
+constexpr int64_t kElementsPerFold = 16;
+// Shared memory for the folded vectors within the default 48 KB: C <= 6144
+// (resnets reach 2048); wider layers fold in a kernel of their own first.
+constexpr int64_t kMaxFoldChannels = 6144;
+
+// One thread per channel, into global memory: the fold for layers wider
+// than kMaxFoldChannels.
 __global__ void bn_fold_kernel(const float* __restrict__ var, const float* __restrict__ mean,
                                const float* __restrict__ gamma, const float* __restrict__ beta,
                                const float* __restrict__ bias, float eps, float* scale, float* shift,
@@ -57,16 +83,41 @@ void bn_eval_add_relu_cuda(at::Tensor& y, const c10::optional<at::Tensor>& weigh
   const BnEvalVectors v = bn_eval_vectors(y, weight, bias, running_mean, running_var, eps, conv_bias);
   const int64_t C = y.size(1);
   const c10::cuda::CUDAGuard guard(y.device());
-  at::Tensor folded = at::empty({2, C}, y.options().dtype(at::kFloat));
-  constexpr int kThreads = 256;
-  if (C > 0) {
-    bn_fold_kernel<<<(C + kThreads - 1) / kThreads, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (C > kMaxFoldChannels) {
+    at::Tensor folded = at::empty({2, C}, y.options().dtype(at::kFloat));
+    constexpr int kThreads = 256;
+    bn_fold_kernel<<<(C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
         v.var.const_data_ptr<float>(), v.mean.const_data_ptr<float>(), BnEvalVectors::ptr(v.weight),
         BnEvalVectors::ptr(v.bias), BnEvalVectors::ptr(v.conv_bias), static_cast<float>(eps),
         folded.data_ptr<float>(), folded.data_ptr<float>() + C, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scale_shift_add_relu_cuda(y, folded[0], folded[1], residual, relu, residual_channel_offset);
+    return;
   }
-  scale_shift_add_relu_cuda(y, folded[0], folded[1], residual, relu, residual_channel_offset);
+  // y's and the residual's checks (the C-long fp32 vectors stand in for
+  // scale and shift: bn_eval_vectors has checked them already)
+  const at::MemoryFormat fmt = check_scale_shift_add_relu_args(y, v.var, v.mean, residual, residual_channel_offset);
+  if (y.numel() == 0) return;
+  const at::Tensor res = residual_in_layout(residual_padded_to(residual, C, residual_channel_offset), fmt);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t numel = y.numel(), HW = y.size(2) * y.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_eval_add_relu_cuda", [&] {
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+    const bool aligned = cuda::aligned16(yp) && (!rp || cuda::aligned16(rp));
+    cuda::with_epilogue_variant<scalar_t>(cl, aligned, rp != nullptr, numel, C, HW,
+                                          [&]<int VEC, bool CL, bool R, typename index_t>() {
+      const int64_t blocks = std::max<int64_t>(
+          1, std::min<int64_t>(cuda::elementwise_blocks(numel, VEC), numel / (kElementsPerFold * C)));
+      bn_eval_epilogue_kernel<scalar_t, VEC, CL, R, index_t>
+          <<<blocks, cuda::kElementwiseThreads, 2 * C * sizeof(float), stream>>>(
+              yp, rp, v.var.const_data_ptr<float>(), v.mean.const_data_ptr<float>(), BnEvalVectors::ptr(v.weight),
+              BnEvalVectors::ptr(v.bias), BnEvalVectors::ptr(v.conv_bias), static_cast<float>(eps),
+              static_cast<index_t>(numel), static_cast<index_t>(C), static_cast<index_t>(HW), relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 }  // namespace

@@ -207,14 +207,16 @@ def _epilogue_cases(ctx: Context) -> list[dict]:
         "vector nchw HW=49 with a tail": ((1, 3, 7, 7), "nchw", False),
         "scalar nchw HW=3": ((2, 16, 1, 3), "nchw", False),
         "scalar misaligned residual": ((2, 64, 4, 4), "nhwc", True),
+        "vector nhwc C=6400 (bn_eval: fold kernel first)": ((1, 6400, 2, 2), "nhwc", False),
     }
     dtypes = ["bfloat16", "float16", "float32"] if ctx.cuda else ["float32", "bfloat16"]
     cases = [dict(path=path, shape=shapes[path][0], fmt=shapes[path][1], misaligned=shapes[path][2], dtype=dtype,
                   epilogue=epilogue, op="scale_shift_add_relu_")
              for path, dtype, epilogue in itertools.product(shapes, dtypes, ("residual_relu", "relu"))]
-    # bn_eval_add_relu_: the BN folded on the device (its fold kernel on CUDA), then the same epilogue
+    # bn_eval_add_relu_: the BN folded on the device (on CUDA in shared memory inside the epilogue's launch), then the same epilogue
     cases += [dict(c, op="bn_eval_add_relu_") for c in cases
-              if c["path"] in ("vector nhwc C=64", "vector nchw HW=49 packs straddle planes")]
+              if c["path"] in ("vector nhwc C=64", "vector nchw HW=49 packs straddle planes", "scalar nhwc C=13",
+                               "scalar misaligned residual", "vector nhwc C=6400 (bn_eval: fold kernel first)")]
     return cases
 
 

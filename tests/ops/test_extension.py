@@ -78,15 +78,18 @@ def test_cuda_epilogue_loads_and_stores_16_bytes():
     if not extension.has_kernel("scale_shift_add_relu_", "CUDA"):
         pytest.skip(f"built without CUDA kernels: {extension.unavailable_reason('CUDA')}")
     functions = _sass_functions(extension._C.__file__)
-    kernels = {k: v for k, v in functions.items() if "scale_shift_add_act_kernel" in k[1]}
+    kernels = {k: v for k, v in functions.items()
+               if "scale_shift_add_act_kernel" in k[1] or "bn_eval_epilogue_kernel" in k[1]}
     assert {arch for arch, _ in kernels} >= {"sm_80", "sm_90"}, sorted({a for a, _ in functions})
-    vectors = 0
+    vectors = folding = 0
     for (arch, name), sass in kernels.items():
         vec = int(re.search(r"Li(\d+)E", name).group(1))
         wide = "LDG.E.128" in sass and "STG.E.128" in sass
         assert wide == (vec > 1), (arch, name)
         vectors += vec > 1
+        folding += vec > 1 and "bn_eval_epilogue_kernel" in name
     assert vectors >= 2 * 4 * 4  # two archs × (bf16, fp16, fp32, fp64) × layouts × residual
+    assert folding >= 2 * 4 * 4  # bn_eval_add_relu_'s one-launch kernel, the same variants
 
 
 def test_cuda_train_bn_kernels_move_16_bytes_and_divide_in_32_bits():
@@ -113,7 +116,7 @@ def test_cuda_train_bn_kernels_move_16_bytes_and_divide_in_32_bits():
             if kind == "bn_act_backward_kernel":
                 assert ("STG.E.128" in sass) == (int(vec) > 1), (arch, name)
             seen[kind] += int(vec) > 1
-        if kind == "bn_act_backward_kernel" or "scale_shift_add_act_kernel" in name:
+        if kind == "bn_act_backward_kernel" or "scale_shift_add_act_kernel" in name or "bn_eval_epilogue_kernel" in name:
             # the 64-bit division sequence converts its divisor with I2F.U64
             wide_division = "I2F.U64" in sass
             assert wide_division == (re.search(r"E([il])EEv", name).group(1) == "l"), (arch, name)
@@ -134,10 +137,13 @@ def test_cuda_bn_fold_kernel_rounds_every_step():
     if not extension.has_kernel("bn_eval_add_relu_", "CUDA"):
         pytest.skip(f"built without CUDA kernels: {extension.unavailable_reason('CUDA')}")
     functions = _sass_functions(extension._C.__file__)
-    folds = {arch: sass for (arch, name), sass in functions.items() if "bn_fold_kernel" in name}
-    assert set(folds) >= {"sm_80", "sm_90"}, sorted(folds)
-    for arch, sass in folds.items():
-        assert "FCHK" in sass and "MUFU.RSQ" in sass, arch
+    # the one-launch kernel (fold into shared memory, then the epilogue) and
+    # the fold kernel of layers wider than its shared memory
+    folds = [(arch, name) for (arch, name) in functions if "bn_fold_kernel" in name or "bn_eval_epilogue_kernel" in name]
+    assert {arch for arch, _ in folds} >= {"sm_80", "sm_90"}, folds
+    assert any("bn_eval_epilogue_kernel" in name for _, name in folds)
+    for arch, name in folds:
+        assert "FCHK" in functions[arch, name] and "MUFU.RSQ" in functions[arch, name], (arch, name)
 
 
 def test_import_without_extension_warns_once_and_eager_serves():
