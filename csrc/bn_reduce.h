@@ -15,7 +15,11 @@
 //   packs a plane of HW elements can overlap; a split takes a contiguous
 //   range of items. A pack that straddles two planes is read by both
 //   channels' blocks, each counting only its own elements: no alignment
-//   condition on HW (7×7 planes read 13 packs of 4 for 49 floats).
+//   condition on HW (7×7 planes read 13 packs of 4 for 49 floats). When
+//   N·C·HW is not a multiple of VEC, the last pack reaches past the last
+//   element, inside that element's 16-byte aligned segment (never into
+//   another page or past the caching allocator's rounded block); the
+//   lanes past the end are masked like any other plane's.
 // channels_last: a thread owns VEC consecutive channels (C % VEC == 0) and
 //   walks rows begin + ty, + TY, ...; a block is TX channel packs × TY rows
 //   and a split a contiguous range of rows.
