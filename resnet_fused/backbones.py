@@ -105,10 +105,10 @@ def _single_conv(block: nn.Module) -> Optional[nn.Conv2d]:
     conv = block
     if type(block) is not nn.Conv2d:
         children = list(block._modules.values()) if isinstance(block, nn.Sequential) else []
-        if len(children) != 1 or not planning.called_plainly(block):
+        if len(children) != 1 or not called_plainly(block):
             return None
         conv = children[0]
-    return conv if conv_reason(conv) is None and planning.called_plainly(conv) else None
+    return conv if conv_reason(conv) is None and called_plainly(conv) else None
 
 
 class FusedFeaturePyramidNetwork(FeaturePyramidNetwork):
@@ -192,7 +192,7 @@ class FusedBackboneWithFPN(BackboneWithFPN):
         if (
             isinstance(x, torch.fx.Proxy) or not isinstance(x, Tensor)
             or type(body) is not FusedIntermediateLayerGetter or type(fpn) is not FusedFeaturePyramidNetwork
-            or not (planning.called_plainly(body) and planning.called_plainly(fpn))
+            or not (called_plainly(body) and called_plainly(fpn))
         ):
             return fpn(body(x))
         fmt = memory_format(x)

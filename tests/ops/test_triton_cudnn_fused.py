@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import resnet_fused
 from resnet_fused import ops
 from resnet_fused.ops import fold as torch_fold
-from conftest import OP_TOL, assert_equivalent
+from conftest import OP_TOL, assert_equivalent, time_fastest_when_called
 
 pytest.importorskip("resnet_fused.ops.triton.conv")
 from resnet_fused.ops.triton import cudnn_fused, tuning, tuning_cache  # noqa: E402
@@ -55,19 +55,6 @@ def emulated(monkeypatch):
     monkeypatch.setattr(torch, "cudnn_convolution_relu", lambda *a: calls.append("relu") or _conv_relu(*a))
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", lambda *a: calls.append("add_relu") or _conv_add_relu(*a))
     return calls
-
-
-def _time_it_fastest(monkeypatch, calls):
-    """Measuring on (CPU tensors are never timed), and every candidate that
-    reaches cuDNN's emulated ops timing fastest."""
-
-    def measure(fn):
-        before = len(calls)
-        fn()
-        return 1.0 if len(calls) > before else 5.0
-
-    monkeypatch.setattr(tuning, "can_measure", lambda x: True)
-    monkeypatch.setattr(tuning, "cuda_time", measure)
 
 
 def case(channels_last=True, seed=0):
@@ -145,7 +132,7 @@ def test_tuner_times_checks_and_takes_it(emulated, monkeypatch):
     timed fastest here and cached; the op's result then comes from it."""
     x, w, bn, residual, conv = case()
 
-    _time_it_fastest(monkeypatch, emulated)
+    time_fastest_when_called(monkeypatch, emulated)  # cuDNN's emulated ops time fastest
     monkeypatch.setattr(tuning, "_choices", {})
     with resnet_fused.backend("triton"):
         out = ops.conv_bn_act_eval(x, w, bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5, None, residual,
@@ -159,7 +146,7 @@ def test_a_wrong_result_is_never_chosen(emulated, monkeypatch):
     x, w, bn, residual, conv = case()
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu",
                         lambda *a: emulated.append("add_relu") or _conv_add_relu(*a) + 1.0)
-    _time_it_fastest(monkeypatch, emulated)
+    time_fastest_when_called(monkeypatch, emulated)  # cuDNN's emulated ops time fastest
     monkeypatch.setattr(tuning, "_choices", {})
     with resnet_fused.backend("triton"):
         out = ops.conv_bn_act_eval(x, w, bn["gamma"], bn["beta"], bn["mean"], bn["var"], 1e-5, None, residual,
