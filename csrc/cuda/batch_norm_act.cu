@@ -213,36 +213,22 @@ RF_UNROLL
   }
 }
 
-template <typename scalar_t, typename acc_t, int VEC, bool CL>
-void launch_backward_vec(const bn_reduce::Grads<scalar_t, acc_t>& red, const acc_t* consts, scalar_t* grad_x,
-                         scalar_t* grad_res, int64_t numel, int64_t C, int64_t HW, cudaStream_t stream) {
-  const int64_t blocks = cuda::elementwise_blocks(numel, VEC);
-  if (cuda::needs_wide_index(numel)) {
-    bn_act_backward_kernel<scalar_t, acc_t, VEC, CL, int64_t><<<blocks, cuda::kElementwiseThreads, 0, stream>>>(
-        red.grad_out, red.out, red.x, red.mean, red.invstd, consts, grad_x, grad_res, numel, C, HW, red.relu);
-  } else {
-    bn_act_backward_kernel<scalar_t, acc_t, VEC, CL, int32_t><<<blocks, cuda::kElementwiseThreads, 0, stream>>>(
-        red.grad_out, red.out, red.x, red.mean, red.invstd, consts, grad_x, grad_res, static_cast<int32_t>(numel),
-        static_cast<int32_t>(C), static_cast<int32_t>(HW), red.relu);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The 16-byte path when the shape (cuda::vector_shape_ok) and every pointer allow it.
+// The 16-byte path when the shape and every pointer allow it, 32-bit
+// indices below 2^31 elements (cuda::with_epilogue_variant's choice; the
+// residual flag is the epilogue's and is not used here).
 template <typename scalar_t, typename acc_t>
 void launch_backward(const bn_reduce::Grads<scalar_t, acc_t>& red, const acc_t* consts, scalar_t* grad_x,
                      scalar_t* grad_res, bool cl, int64_t numel, int64_t C, int64_t HW, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool vec = cuda::vector_shape_ok(cl, C, HW, kVec) && cuda::aligned16(red.grad_out) &&
-                   cuda::aligned16(red.out) && cuda::aligned16(red.x) && cuda::aligned16(grad_x) &&
-                   (!grad_res || cuda::aligned16(grad_res));
-  if (vec) {
-    if (cl) launch_backward_vec<scalar_t, acc_t, kVec, true>(red, consts, grad_x, grad_res, numel, C, HW, stream);
-    else launch_backward_vec<scalar_t, acc_t, kVec, false>(red, consts, grad_x, grad_res, numel, C, HW, stream);
-  } else {
-    if (cl) launch_backward_vec<scalar_t, acc_t, 1, true>(red, consts, grad_x, grad_res, numel, C, HW, stream);
-    else launch_backward_vec<scalar_t, acc_t, 1, false>(red, consts, grad_x, grad_res, numel, C, HW, stream);
-  }
+  const bool aligned = cuda::aligned16(red.grad_out) && cuda::aligned16(red.out) && cuda::aligned16(red.x) &&
+                       cuda::aligned16(grad_x) && (!grad_res || cuda::aligned16(grad_res));
+  cuda::with_epilogue_variant<scalar_t>(cl, aligned, false, numel, C, HW,
+                                        [&]<int VEC, bool CL, bool, typename index_t>() {
+    bn_act_backward_kernel<scalar_t, acc_t, VEC, CL, index_t>
+        <<<cuda::elementwise_blocks(numel, VEC), cuda::kElementwiseThreads, 0, stream>>>(
+            red.grad_out, red.out, red.x, red.mean, red.invstd, consts, grad_x, grad_res,
+            static_cast<index_t>(numel), static_cast<index_t>(C), static_cast<index_t>(HW), red.relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(

@@ -122,8 +122,9 @@ __global__ void scale_shift_add_act_kernel(const scalar_t* in, scalar_t* out,
 }
 
 // Calls f.template operator()<VEC, CHANNELS_LAST, HAS_RESIDUAL, index_t>()
-// for the epilogue variant a launch needs: the 16-byte path when the shape
-// and the pointers allow it, 32-bit indices below 2^31 elements.
+// for the variant an element-wise launch needs (the epilogues, the BN dx
+// pass): the 16-byte path when the shape and the pointers allow it, 32-bit
+// indices below 2^31 elements.
 template <typename scalar_t, typename F>
 void with_epilogue_variant(bool channels_last, bool aligned, bool has_residual, int64_t numel, int64_t C,
                            int64_t HW, F&& f) {
