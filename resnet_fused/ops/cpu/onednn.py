@@ -96,9 +96,11 @@ def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bo
     weights) costs more than the multiplications it saves: measured 0.5-1.0x
     oneDNN there, 1.1-3.4x everywhere else (batch 1-8, 4x4 to 56x56 maps,
     64-512 channels; docs/performance.md).
-    A dilated one (dilation d = padding d, both sides, the maps divisible by
-    d: DeepLab's and FCN's layer3/layer4) runs as d² undilated ones on the
-    interleaved sub-images (`_space_to_batch`)."""
+    A dilated one (dilation d = padding d, both sides: DeepLab's and FCN's
+    layer3/layer4) runs as d² undilated ones on the interleaved sub-images
+    (`_space_to_batch`; a map not divisible by d, such as the 65x65 of a
+    520² input, is first zero-padded up to one, which reads what the
+    convolution's own padding reads)."""
     w = member(conv, "weight")
     d = conv.dilation[0]
     if not (
@@ -109,11 +111,25 @@ def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bo
     ):
         return False
     n, _, h, wd = input_size
-    if h % d or wd % d:
+    if d > 1 and _sub_image_overhead(h, d) * _sub_image_overhead(wd, d) > 2.0:
         return False
-    n, h, wd = n * d * d, h // d, wd // d
+    n, h, wd = n * d * d, -(-h // d), -(-wd // d)
     tiles = n * -(-h // 4) * -(-wd // 4)
     return tiles >= 8 or max(w.shape[0], w.shape[1]) <= 128
+
+
+def _sub_image_overhead(size: int, d: int) -> float:
+    """Along one dimension of a dilated 3x3 convolution (padding d): the
+    positions × taps the sub-image Winograd computes (whole 4x4 tiles of
+    sub-images padded up to d·⌈size/d⌉) per position × tap that reads the
+    input rather than padding — oneDNN's direct convolution skips those.
+    DeepLab's layer3/layer4 (d 2 and 4 on 28² or 65²): 1.1-1.3 per
+    dimension, Winograd 1.1-1.35x faster; the ASPP's rate 12 on 65² (1.7)
+    or 28² (2.2): oneDNN 2x faster (docs/performance.md). Both dimensions'
+    product must stay within 2."""
+    computed = 3 * d * 4 * -(-(-(-size // d)) // 4)
+    live = size + 2 * max(0, size - d)
+    return computed / live if live > 0 else float("inf")
 
 
 # bf16 convolutions need oneDNN's bf16 kernels, which need AVX-512 (BW, VL,
@@ -339,12 +355,12 @@ def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: boo
         if d == 1:
             return extension.winograd_conv3x3(x, packed.weight, packed.bias, residual, relu)
         # dilation d: the d² interleaved sub-images are independent undilated
-        # 3x3 convolutions with padding 1 (the maps divide by d: _winograd_fits)
+        # 3x3 convolutions with padding 1
         out = extension.winograd_conv3x3(
             _space_to_batch(x, d), packed.weight, packed.bias,
             None if residual is None else _space_to_batch(residual, d), relu,
         )
-        return _batch_to_space(out, d, x.shape[0], x.is_contiguous(memory_format=torch.channels_last))
+        return _batch_to_space(out, d, x.shape, x.is_contiguous(memory_format=torch.channels_last))
     fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) \
         else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
@@ -366,19 +382,29 @@ def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: boo
 
 
 def _space_to_batch(t: Tensor, d: int) -> Tensor:
-    """(N, C, H, W) -> (N·d·d, C, H/d, W/d) channels_last: sub-image (i, j)
-    holds t[:, :, i::d, j::d]."""
+    """(N, C, H, W) -> (N·d·d, C, ⌈H/d⌉, ⌈W/d⌉) channels_last: sub-image
+    (i, j) holds t[:, :, i::d, j::d], the maps zero-padded at the bottom and
+    right up to multiples of d (zeros where the dilated convolution's own
+    padding lies, so every sub-image convolution reads what it would)."""
     n, c, h, w = t.shape
-    nhwc = t.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c)
-    return nhwc.permute(0, 2, 4, 1, 3, 5).reshape(n * d * d, h // d, w // d, c).permute(0, 3, 1, 2)
+    hd, wd = -(-h // d), -(-w // d)
+    nhwc = t.permute(0, 2, 3, 1)
+    if (hd * d, wd * d) != (h, w):
+        padded = nhwc.new_zeros(n, hd * d, wd * d, c)
+        padded[:, :h, :w] = nhwc
+        nhwc = padded
+    nhwc = nhwc.reshape(n, hd, d, wd, d, c)
+    return nhwc.permute(0, 2, 4, 1, 3, 5).reshape(n * d * d, hd, wd, c).permute(0, 3, 1, 2)
 
 
-def _batch_to_space(t: Tensor, d: int, n: int, channels_last: bool) -> Tensor:
-    """The inverse of `_space_to_batch`, in the input's layout."""
+def _batch_to_space(t: Tensor, d: int, size: tuple, channels_last: bool) -> Tensor:
+    """The inverse of `_space_to_batch` for an (N, ·, H, W) `size`, in the
+    input's layout."""
+    n, _, h, w = size
     _, k, hd, wd = t.shape
     nhwc = t.permute(0, 2, 3, 1).reshape(n, d, d, hd, wd, k).permute(0, 3, 1, 4, 2, 5).reshape(n, hd * d, wd * d, k)
-    out = nhwc.permute(0, 3, 1, 2)
-    return out if channels_last else out.contiguous()
+    out = nhwc[:, :h, :w].permute(0, 3, 1, 2)
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def cache_size() -> int:

@@ -195,11 +195,12 @@ def test_set_cpu_winograd_wants_a_bool():
         (torch.nn.Conv2d(16, 48, 3, padding=1), torch.float32, True),
         (torch.nn.Conv2d(64, 64, 3, padding=1), torch.bfloat16, False),
         (torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), torch.float32, False),
-        # dilated with padding = dilation: d² undilated sub-image convolutions (28 divides by 2 and 4)
+        # dilated with padding = dilation: d² undilated sub-image convolutions
         (torch.nn.Conv2d(64, 64, 3, padding=2, dilation=2), torch.float32, True),
         (torch.nn.Conv2d(64, 64, 3, padding=4, dilation=4), torch.float32, True),
+        (torch.nn.Conv2d(64, 64, 3, padding=3, dilation=3), torch.float32, True),  # 28 % 3 != 0: padded
         (torch.nn.Conv2d(64, 64, 3, padding=1, dilation=2), torch.float32, False),
-        (torch.nn.Conv2d(64, 64, 3, padding=3, dilation=3), torch.float32, False),  # 28 % 3 != 0
+        (torch.nn.Conv2d(64, 64, 3, padding=(2, 4), dilation=(2, 4)), torch.float32, False),
         (torch.nn.Conv2d(64, 64, 3, padding=0), torch.float32, False),
         (torch.nn.Conv2d(64, 64, 3, padding=1, groups=2), torch.float32, False),
         (torch.nn.Conv2d(40, 64, 3, padding=1), torch.float32, False),
@@ -216,6 +217,20 @@ def test_only_3x3_stride_1_float32_convolutions_with_16_channel_multiples_use_it
         assert onednn._winograd_fits(conv, dtype, size) is False
     finally:
         resnet_fused.set_cpu_winograd(True)
+
+
+@pytest.mark.parametrize(
+    "dilation, size, fits",
+    [
+        (2, (1, 64, 28, 28), True), (4, (1, 64, 28, 28), True), (2, (1, 64, 65, 65), True),
+        (4, (1, 64, 65, 65), True),   # DeepLab's layer3/layer4 at 224² and 520²
+        (12, (1, 64, 65, 65), False), (24, (1, 64, 65, 65), False), (12, (2, 64, 28, 28), False),
+        (36, (2, 64, 28, 28), False),  # its ASPP: tiles mostly over padding oneDNN skips
+    ],
+)
+def test_dilated_convolutions_whose_sub_images_are_mostly_padding_stay_on_onednn(dilation, size, fits):
+    conv = torch.nn.Conv2d(64, 64, 3, padding=dilation, dilation=dilation, bias=False)
+    assert onednn._winograd_fits(conv, torch.float32, size) is fits
 
 
 @pytest.mark.parametrize(
@@ -258,19 +273,20 @@ def test_opcheck(fmt, residual):
 
 
 @pytest.mark.skipif(onednn.UNAVAILABLE is not None, reason=f"oneDNN path unavailable: {onednn.UNAVAILABLE}")
-@pytest.mark.parametrize("dilation", [2, 4])
+@pytest.mark.parametrize("dilation, h, w", [(2, 24, 16), (4, 24, 16), (2, 26, 18), (4, 30, 28), (3, 34, 24)])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
-def test_dilated_convolutions_run_as_sub_image_winograd(dilation, residual, fmt):
+def test_dilated_convolutions_run_as_sub_image_winograd(dilation, h, w, residual, fmt):
     """DeepLab/FCN's dilated 3x3 layers: the cached convolution is the
-    Winograd kernel on the d² interleaved sub-images, within the per-op
-    fp32 bound of a float64 convolution, in the input's layout."""
+    Winograd kernel on the d² interleaved sub-images (a map not divisible
+    by d zero-padded up to one: the 65x65 of a 520² input), within the
+    per-op fp32 bound of a float64 convolution, in the input's layout."""
     torch.manual_seed(dilation)
     conv = torch.nn.Conv2d(32, 48, 3, padding=dilation, dilation=dilation, bias=False)
     bn = randomize_norms(torch.nn.Sequential(torch.nn.BatchNorm2d(48)))[0]
     conv.eval(), bn.eval()
-    x = torch.randn(2, 32, 24, 16).contiguous(memory_format=fmt)
-    r = torch.randn(2, 48, 24, 16).contiguous(memory_format=fmt) if residual else None
+    x = torch.randn(2, 32, h, w).contiguous(memory_format=fmt)
+    r = torch.randn(2, 48, h, w).contiguous(memory_format=fmt) if residual else None
     onednn.clear_cache()
     with torch.no_grad():
         out = resnet_fused.layers.conv_norm_act(conv, bn, x, residual=r)
