@@ -130,6 +130,17 @@ def assert_equivalent(
     )
 
 
+def assert_scripts_and_traces(model: torch.nn.Module, x: torch.Tensor, want: dict) -> None:
+    """torch.jit.script and torch.fx.symbolic_trace of `model` run on `x` and
+    give `want` (a dict of outputs) within the fp32 network bound."""
+    with torch.no_grad():
+        scripted = torch.jit.script(model)(x)
+        traced = torch.fx.symbolic_trace(model)(x)
+    for k in want:
+        assert_equivalent(scripted[k], want[k], NET_TOL[torch.float32], f"scripted {k}")
+        assert_equivalent(traced[k], want[k], NET_TOL[torch.float32], f"traced {k}")
+
+
 def randomize_norms(model: torch.nn.Module, seed: int = 1, last_norms=()) -> torch.nn.Module:
     """Non-trivial BN state: random γ, β, running mean and variance.
 

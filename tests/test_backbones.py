@@ -12,7 +12,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 import resnet_fused
 from resnet_fused.backbones import FusedIntermediateLayerGetter
 from resnet_fused.ops.cpu import onednn
-from conftest import NET_TOL, assert_equivalent, randomize_norms
+from conftest import NET_TOL, assert_equivalent, assert_scripts_and_traces, randomize_norms
 
 requires_onednn = pytest.mark.skipif(
     onednn.UNAVAILABLE is not None or resnet_fused.backends.reason_unavailable("cpu") is not None,
@@ -235,8 +235,4 @@ def test_fused_detection_backbone_scripts_and_traces():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         want = fused(x)
-        scripted = torch.jit.script(fused)(x)
-        traced = torch.fx.symbolic_trace(fused)(x)
-    for k in want:
-        assert_equivalent(scripted[k], want[k], NET_TOL[torch.float32])
-        assert_equivalent(traced[k], want[k], NET_TOL[torch.float32])
+    assert_scripts_and_traces(fused, x, want)

@@ -14,7 +14,7 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 import resnet_fused
 from resnet_fused import segmentation as fused_segmentation
 from resnet_fused.ops.cpu import onednn
-from conftest import NET_TOL, assert_equivalent, randomize_norms
+from conftest import NET_TOL, assert_equivalent, assert_scripts_and_traces, randomize_norms
 
 requires_onednn = pytest.mark.skipif(
     onednn.UNAVAILABLE is not None or resnet_fused.backends.reason_unavailable("cpu") is not None,
@@ -142,8 +142,4 @@ def test_scripts_and_traces_to_its_values(build):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         want = plain(x)
-        scripted = torch.jit.script(fused)(x)
-        traced = torch.fx.symbolic_trace(fused)(x)
-    for k in want:
-        assert_equivalent(scripted[k], want[k], NET_TOL[torch.float32], k)
-        assert_equivalent(traced[k], want[k], NET_TOL[torch.float32], k)
+    assert_scripts_and_traces(fused, x, want)
