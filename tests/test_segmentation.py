@@ -143,3 +143,18 @@ def test_scripts_and_traces_to_its_values(build):
     with torch.no_grad():
         want = plain(x)
     assert_scripts_and_traces(fused, x, want)
+
+
+@pytest.mark.parametrize("build", BUILDERS)
+def test_empty_batches_and_meta_tensors_behave_as_in_torchvision(build):
+    plain, fused = _pair(build)
+    with torch.no_grad():
+        empty = torch.randn(0, 3, 64, 64)
+        want, got = plain(empty), fused(empty)
+        for k in want:
+            assert got[k].shape == want[k].shape == (0, 5, 64, 64)
+        meta = torch.randn(2, 3, 64, 64, device="meta")
+        want, got = plain.to("meta")(meta), fused.to("meta")(meta)
+    for k in want:
+        assert got[k].device.type == "meta" and got[k].shape == want[k].shape
+        assert got[k].is_contiguous() == want[k].is_contiguous()
