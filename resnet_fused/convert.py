@@ -87,8 +87,14 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False) -> Union
     known = tuple(_TO_FUSED) + tuple(_TO_PLAIN)
     blocks = [name for name, m in model.named_modules() if type(m) in known or _native(m)]
     if blocks:
+        root = type(model).__name__
         fused = _swap_classes(model, _TO_FUSED, inplace, "fuse")
-        summary = FuseReport("torchvision/resnet_fused modules", fused=[n or type(model).__name__ for n in blocks])
+        # the blocks and every companion swapped with them (getter, pyramid, heads)
+        converted = [
+            name or root for name, m in fused.named_modules()
+            if type(m) in _TO_PLAIN or type(m) in _COMPANIONS_PLAIN or _native(m)
+        ]
+        summary = FuseReport("torchvision/resnet_fused modules", fused=converted)
         return (fused, summary) if report else fused
     if inplace:
         raise ValueError(

@@ -29,6 +29,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP, ASPPConv, ASPPPoolin
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 from resnet_fused import plan as planning
+from resnet_fused.backbones import FusedIntermediateLayerGetter
 from resnet_fused.layers import NORM_TYPES, conv_add, conv_norm_act, conv_reason, relu_is_plain
 from resnet_fused.ops.common import memory_format
 from resnet_fused.plan import called_plainly
@@ -183,8 +184,6 @@ class _FusedSegmentation:
 
     @torch.jit.unused
     def _fused_forward(self, x: Tensor) -> dict[str, Tensor]:
-        from resnet_fused.backbones import FusedIntermediateLayerGetter
-
         backbone = self.backbone
         if (
             isinstance(x, torch.fx.Proxy) or not isinstance(x, Tensor) or x.dim() != 4

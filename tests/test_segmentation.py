@@ -43,6 +43,11 @@ def test_fuse_swaps_the_segmentation_classes_and_unfuse_restores_them():
         assert type(fused) is fused_segmentation.COMPANIONS[model_type]
         back = resnet_fused.unfuse(fused)
         assert [type(m) for m in back.modules()] == plain_types
+    _, report = resnet_fused.fuse(segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=True),
+                                  report=True)
+    assert {"DeepLabV3", "backbone", "backbone.layer1.0", "classifier", "classifier.0", "classifier.0.convs.1",
+            "classifier.0.convs.4", "aux_classifier"} <= set(report.fused)
+    assert "classifier.0.convs.0" not in report.fused  # a plain nn.Sequential: run fused, not swapped
     kinds = {type(m) for m in _pair(segmentation.deeplabv3_resnet50)[1].modules()}
     assert {fused_segmentation.COMPANIONS[t] for t in (DeepLabHead, ASPP, ASPPConv, ASPPPooling, FCNHead)} <= kinds
 
