@@ -4,8 +4,9 @@ model after resnet_fused.fuse(), side by side in one run.
     pytest benchmarks/test_backbones.py --benchmark-only [--bench-batch 2 --bench-size 224]
 
 Rows: `fasterrcnn_resnet50_fpn`'s backbone (ResNet-50 body + FPN, what the
-detector runs per image batch) and the whole `deeplabv3_resnet50` and
-`fcn_resnet50` (backbone and heads), NCHW input
+detector runs per image batch), the whole detector (images resized to 800
+px by its transform), and the whole `deeplabv3_resnet50` and `fcn_resnet50`
+(backbone and heads), NCHW input
 (what their transforms hand over); eval, no_grad. One group per model;
 images/s in extra_info. `test_backbone_interleaved` times the two models in
 alternation inside each round (a VM that drifts between rows cannot bias
@@ -25,6 +26,8 @@ from run_info import autocast, record_run_info
 MODELS = {
     "fasterrcnn_resnet50_fpn.backbone": lambda: detection.fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None).backbone,
+    # the whole detector (its transform resizes every image to 800 px; RPN and ROI heads included)
+    "fasterrcnn_resnet50_fpn": lambda: detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None),
     "deeplabv3_resnet50": lambda: segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None),
     "fcn_resnet50": lambda: segmentation.fcn_resnet50(weights=None, weights_backbone=None),
 }

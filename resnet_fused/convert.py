@@ -25,6 +25,7 @@ from resnet_fused.backbones import FusedBackboneWithFPN, FusedFeaturePyramidNetw
 from resnet_fused.fx import FuseReport, fuse_graph, fused_graph_norms
 from resnet_fused.layers import is_fused_module
 from resnet_fused.models import FusedBasicBlock, FusedBottleneck, FusedResNet
+from resnet_fused.detection import COMPANIONS as _DETECTION
 from resnet_fused.segmentation import COMPANIONS as _SEGMENTATION
 
 __all__ = ["FuseReport", "fuse", "unfuse", "memory_efficient"]
@@ -37,6 +38,7 @@ _COMPANIONS = {
     IntermediateLayerGetter: FusedIntermediateLayerGetter,
     BackboneWithFPN: FusedBackboneWithFPN,
     FeaturePyramidNetwork: FusedFeaturePyramidNetwork,
+    **_DETECTION,
     **_SEGMENTATION,
 }
 _COMPANIONS_PLAIN = {fused: plain for plain, fused in _COMPANIONS.items()}

@@ -161,19 +161,21 @@ def conv_norm_act(
 
 
 def conv_add(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None, plan: Optional[Plan] = None,
-             consume_residual: bool = False) -> Tensor:
-    """`conv(x) + residual` (no norm, no activation: a feature pyramid's
-    lateral and output convolutions). On the CPU inference path one oneDNN or
-    Winograd call on the cached weights, the bias and the add as post-ops;
-    anywhere else (and for non-finite values) torch's convolution and add."""
+             consume_residual: bool = False, relu: bool = False) -> Tensor:
+    """`conv(x) + residual`, then ReLU where `relu` (no norm: a feature
+    pyramid's lateral and output convolutions, an RPN head's). On the CPU
+    inference path one oneDNN or Winograd call on the cached weights, the
+    bias, the add and the ReLU as post-ops; anywhere else (and for
+    non-finite values) torch's convolution, add and ReLU."""
     if plan is None:
         plan = current(x)
     if plan.cpu_inference is not None and conv_reason(conv) is None and called_plainly(conv):
-        out = plan.cpu_inference(conv, None, x, residual, False, plan.autocast, consume_residual)
+        out = plan.cpu_inference(conv, None, x, residual, relu, plan.autocast, consume_residual)
         if out is not None:
             return out
     y = conv(x)
-    return y if residual is None else y + residual
+    y = y if residual is None else y + residual
+    return torch.relu(y) if relu else y
 
 
 def _traced(conv, norm, x, residual, relu, recompute, residual_channel_offset, bn_part):

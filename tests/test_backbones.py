@@ -236,3 +236,85 @@ def test_fused_detection_backbone_scripts_and_traces():
     with torch.no_grad():
         want = fused(x)
     assert_scripts_and_traces(fused, x, want)
+
+
+# ---- the region proposal head (RPNHead) ----
+
+def _rpn_pair():
+    torch.manual_seed(0)
+    from torchvision.models.detection.rpn import RPNHead
+
+    plain = RPNHead(32, 3, conv_depth=2)
+    for conv in plain.modules():
+        if isinstance(conv, torch.nn.Conv2d):  # torchvision's init (std 0.01, zero bias) is too tame
+            torch.nn.init.normal_(conv.weight, std=0.1)
+            torch.nn.init.normal_(conv.bias, std=0.1)
+    from resnet_fused.detection import FusedRPNHead
+
+    fused = copy.deepcopy(plain)
+    fused.__class__ = FusedRPNHead  # what fuse() does to it inside a detector
+    return plain, fused
+
+
+def _levels(fmt=torch.contiguous_format, dtype=torch.float32):
+    return [torch.randn(2, 32, s, s + 3, dtype=dtype).contiguous(memory_format=fmt) for s in (16, 8, 4)]
+
+
+def test_fuse_swaps_the_detectors_rpn_head():
+    from resnet_fused.detection import FusedRPNHead
+
+    plain, fused = _pair(detection.fasterrcnn_resnet50_fpn, min_size=64, max_size=96)
+    assert type(fused.rpn.head) is FusedRPNHead
+    assert list(fused.rpn.head.state_dict()) == list(plain.rpn.head.state_dict())
+    assert type(resnet_fused.unfuse(fused).rpn.head).__name__ == "RPNHead"
+
+
+@requires_onednn
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_rpn_head_equals_torchvisions_on_the_cpu_fast_path_in_the_levels_layout(fmt):
+    plain, fused = _rpn_pair()
+    onednn.clear_cache()
+    levels = _levels(fmt)
+    with torch.no_grad():
+        want, got = plain(levels), fused(levels)
+    for w, g in zip(want[0] + want[1], got[0] + got[1]):
+        assert_equivalent(g, w, NET_TOL[torch.float32])
+        assert g.is_contiguous(memory_format=fmt) == w.is_contiguous(memory_format=fmt)
+    assert all(onednn.cached(c) for c in fused.modules() if isinstance(c, torch.nn.Conv2d))
+
+
+def test_rpn_head_with_a_hook_inside_runs_torchvisions_forward():
+    plain, fused = _rpn_pair()
+    seen = []
+    fused.conv[0][0].register_forward_hook(lambda m, i, o: seen.append((i[0].is_contiguous(), o.is_contiguous())))
+    levels = _levels()
+    with torch.no_grad():
+        want, got = plain(levels), fused(levels)
+    assert seen == [(True, True)] * 3
+    for w, g in zip(want[0] + want[1], got[0] + got[1]):
+        assert torch.equal(g, w)  # torchvision's own calls
+
+
+def test_rpn_head_training_scripting_and_nonfinite_follow_torchvision():
+    plain, fused = _rpn_pair()
+    # a NaN pixel: NaN exactly where torchvision's outputs have it
+    levels = _levels()
+    levels[0][1, 3, 5, 7] = float("nan")
+    with torch.no_grad():
+        want, got = plain(levels), fused(levels)
+    for w, g in zip(want[0] + want[1], got[0] + got[1]):
+        assert torch.equal(g.isnan(), w.isnan())
+    # training in float64: every gradient equal
+    plain, fused = plain.double(), fused.double()
+    levels = _levels(dtype=torch.float64)
+    sum(t.sum() for t in sum(fused(levels), [])).backward()
+    sum(t.sum() for t in sum(plain(levels), [])).backward()
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        assert_equivalent(a.grad, b.grad, 1e-10)
+    # TorchScript compiles torchvision's forward
+    plain, fused = plain.float(), fused.float()
+    levels = _levels()
+    with torch.no_grad():
+        want, got = plain(levels), torch.jit.script(fused)(levels)
+    for w, g in zip(want[0] + want[1], got[0] + got[1]):
+        assert_equivalent(g, w, NET_TOL[torch.float32])
