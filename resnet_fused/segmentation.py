@@ -30,7 +30,7 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 from resnet_fused import plan as planning
 from resnet_fused.backbones import FusedIntermediateLayerGetter
-from resnet_fused.layers import NORM_TYPES, conv_add, conv_norm_act, conv_reason, relu_is_plain
+from resnet_fused.layers import NORM_TYPES, conv_add, conv_norm_act, plain_conv, relu_is_plain
 from resnet_fused.ops.common import memory_format
 from resnet_fused.plan import called_plainly
 
@@ -38,10 +38,6 @@ __all__ = [
     "FusedASPP", "FusedASPPConv", "FusedASPPPooling", "FusedDeepLabHead", "FusedDeepLabV3", "FusedFCN",
     "FusedFCNHead",
 ]
-
-
-def _conv(module: nn.Module) -> bool:
-    return conv_reason(module) is None and called_plainly(module)
 
 
 def run_sequential(modules: list, x: Tensor) -> Tensor:
@@ -53,12 +49,12 @@ def run_sequential(modules: list, x: Tensor) -> Tensor:
     while i < len(modules):
         m = modules[i]
         nxt = modules[i + 1] if i + 1 < len(modules) else None
-        if _conv(m) and type(nxt) in NORM_TYPES and called_plainly(nxt):
+        if plain_conv(m) and type(nxt) in NORM_TYPES and called_plainly(nxt):
             act = modules[i + 2] if i + 2 < len(modules) else None
             relu = relu_is_plain(act) and called_plainly(act)
             x = conv_norm_act(m, nxt, x, relu=relu)
             i += 3 if relu else 2
-        elif _conv(m):
+        elif plain_conv(m):
             x = conv_add(m, x)
             i += 1
         else:
@@ -75,13 +71,19 @@ def _sequence(module: nn.Module, x: Tensor) -> Tensor:
     return module(x)
 
 
-class _FusedSequential(nn.Sequential):
-    """An nn.Sequential head whose forward is `run_sequential` over its children."""
+class _TensorForward:
+    """forward for the fused heads that map a tensor to a tensor: TorchScript
+    compiles the class's `_scripted_forward` (torchvision's forward), eager
+    and torch.fx run `_fused_forward`."""
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._scripted_forward(x)
         return self._fused_forward(x)
+
+
+class _FusedSequential(_TensorForward, nn.Sequential):
+    """An nn.Sequential head whose forward is `run_sequential` over its children."""
 
     def _scripted_forward(self, x: Tensor) -> Tensor:
         # what TorchScript compiles: nn.Sequential's forward
@@ -106,14 +108,9 @@ class FusedASPPConv(_FusedSequential, ASPPConv):
     """torchvision's ASPPConv: the dilated 3x3 conv → BN → ReLU as one call."""
 
 
-class FusedASPPPooling(ASPPPooling):
+class FusedASPPPooling(_TensorForward, ASPPPooling):
     """torchvision's ASPPPooling: global average, 1x1 conv → BN → ReLU as one
     call, bilinear back to the map."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._scripted_forward(x)
-        return self._fused_forward(x)
 
     def _scripted_forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
@@ -133,14 +130,9 @@ class FusedASPPPooling(ASPPPooling):
         return y.contiguous(memory_format=memory_format(x))
 
 
-class FusedASPP(ASPP):
+class FusedASPP(_TensorForward, ASPP):
     """torchvision's ASPP: its branches (fused themselves), the
     concatenation, and the projection's conv → BN → ReLU as one call."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._scripted_forward(x)
-        return self._fused_forward(x)
 
     def _scripted_forward(self, x: Tensor) -> Tensor:
         res = []
@@ -207,7 +199,7 @@ class _FusedSegmentation:
         concatenation with its pooled branch (interpolated from 1x1, so
         NCHW) makes torchvision's NCHW whatever the input."""
         x = F.interpolate(head(x), size=size, mode="bilinear", align_corners=False)
-        if isinstance(head, DeepLabHead) and isinstance(head[0], ASPP) and x.shape[-2:] != (1, 1):
+        if isinstance(head, DeepLabHead) and isinstance(head[0], ASPP):
             fmt = torch.contiguous_format
         return x.contiguous(memory_format=fmt)
 
