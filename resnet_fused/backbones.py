@@ -33,7 +33,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from resnet_fused import plan as planning
 from resnet_fused.layers import (
-    NORM_TYPES, conv_add, conv_norm_act, conv_reason, max_pool, recompute, relu_is_plain, stem_layout,
+    NORM_TYPES, conv_add, conv_norm_act, conv_reason, max_pool, plain_conv, recompute, relu_is_plain, stem_layout,
 )
 from resnet_fused.ops.common import memory_format
 from resnet_fused.plan import called_plainly
@@ -108,7 +108,7 @@ def _single_conv(block: nn.Module) -> Optional[nn.Conv2d]:
         if len(children) != 1 or not called_plainly(block):
             return None
         conv = children[0]
-    return conv if conv_reason(conv) is None and called_plainly(conv) else None
+    return conv if plain_conv(conv) else None
 
 
 class FusedFeaturePyramidNetwork(FeaturePyramidNetwork):

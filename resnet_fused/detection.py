@@ -23,7 +23,7 @@ from torch import Tensor
 from torchvision.models.detection.rpn import RPNHead
 
 from resnet_fused import plan as planning
-from resnet_fused.layers import conv_add, conv_reason, relu_is_plain
+from resnet_fused.layers import conv_add, plain_conv, relu_is_plain
 from resnet_fused.ops.common import memory_format
 from resnet_fused.plan import called_plainly
 
@@ -39,7 +39,7 @@ def _conv_relu(block: nn.Module) -> Optional[nn.Conv2d]:
     if len(children) != 2 or not all(called_plainly(m) for m in (block, *children)):
         return None
     conv, act = children
-    return conv if conv_reason(conv) is None and relu_is_plain(act) else None
+    return conv if plain_conv(conv) and relu_is_plain(act) else None
 
 
 class FusedRPNHead(RPNHead):

@@ -48,6 +48,12 @@ def conv_reason(conv: nn.Module) -> Optional[str]:
     return None
 
 
+def plain_conv(module: nn.Module) -> bool:
+    """A convolution that fuses (`conv_reason`) and whose call runs its
+    forward and nothing else (no hooks): it may be replaced by a fused call."""
+    return conv_reason(module) is None and called_plainly(module)
+
+
 def carries_activation(norm: nn.Module) -> bool:
     """A BatchNorm2d subclass whose forward is BatchNorm2d's followed by its
     own `drop` and `act` modules (timm's BatchNormAct2d)."""
@@ -169,7 +175,7 @@ def conv_add(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None, plan
     non-finite values) torch's convolution, add and ReLU."""
     if plan is None:
         plan = current(x)
-    if plan.cpu_inference is not None and conv_reason(conv) is None and called_plainly(conv):
+    if plan.cpu_inference is not None and plain_conv(conv):
         out = plan.cpu_inference(conv, None, x, residual, relu, plan.autocast, consume_residual)
         if out is not None:
             return out
