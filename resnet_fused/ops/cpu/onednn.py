@@ -127,8 +127,9 @@ def _sub_image_overhead(size: int, d: int) -> float:
     dimension, Winograd 1.1-1.35x faster; the ASPP's rate 12 on 65² (1.7)
     or 28² (2.2): oneDNN 2x faster (docs/performance.md). Both dimensions'
     product must stay within 2."""
-    computed = 3 * d * 4 * -(-(-(-size // d)) // 4)
-    live = size + 2 * max(0, size - d)
+    sub = -(-size // d)  # each sub-image's side, padded
+    computed = 3 * d * 4 * -(-sub // 4)  # 3 taps over whole 4-wide tiles of d sub-images
+    live = size + 2 * max(0, size - d)  # the centre tap everywhere, each outer one on size - d
     return computed / live if live > 0 else float("inf")
 
 
