@@ -104,7 +104,8 @@ def _single_conv(block: nn.Module) -> Optional[nn.Conv2d]:
     has no norm layer), or None."""
     conv = block
     if type(block) is not nn.Conv2d:
-        children = list(block._modules.values()) if isinstance(block, nn.Sequential) else []
+        sequential = isinstance(block, nn.Sequential) and type(block).forward is nn.Sequential.forward
+        children = list(block._modules.values()) if sequential else []
         if len(children) != 1 or not called_plainly(block):
             return None
         conv = children[0]

@@ -190,7 +190,8 @@ def test_fpn_runs_its_convolutions_on_the_cpu_fast_path_with_the_add_fused(monke
 def test_fpn_keeps_torchvisions_forward_where_it_cannot_fuse():
     """A pyramid with a norm layer (blocks of conv + BN) and one with a hook
     on a convolution run torchvision's forward, with its values; the hook
-    sees torchvision's layout."""
+    sees torchvision's layout; a Sequential subclass with its own
+    forward around the one conv keeps that forward."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     plain, fused = _fpn_pair(norm_layer=FrozenBatchNorm2d)
@@ -205,6 +206,19 @@ def test_fpn_keeps_torchvisions_forward_where_it_cannot_fuse():
     with torch.no_grad():
         want, got = plain(x), fused(x)
     assert seen == [True]  # NCHW in, NCHW where the hook looks
+    for k in want:
+        assert_equivalent(got[k], want[k], NET_TOL[torch.float32])
+    # a Sequential subclass with its own forward around the one conv: its
+    # forward runs, not just the conv it holds
+    class Doubled(torch.nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    plain, fused = _fpn_pair()
+    for m in (plain, fused):
+        m.fpn.inner_blocks[0] = Doubled(*m.fpn.inner_blocks[0])
+    with torch.no_grad():
+        want, got = plain(x), fused(x)
     for k in want:
         assert_equivalent(got[k], want[k], NET_TOL[torch.float32])
 
