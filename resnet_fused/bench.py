@@ -19,8 +19,10 @@ speed is never shown without correctness. Both models get the same weights
 and the same random, non-trivial BatchNorm state. With --train each row is one
 step (forward, backward, SGD) and the activation memory kept for backward is
 shown too. --peers adds the CPU engines a user would pick instead
-(onnxruntime, OpenVINO; fp32 on the exported torchvision model, see
-resnet_fused.peers); --mixed adds a row per model that serves the batch sizes
+(onnxruntime, OpenVINO, on the exported torchvision model, see
+resnet_fused.peers), with a row per --dtype the engine computes in (OpenVINO
+bf16 where the CPU has it; onnxruntime fp32 only); --compile gives
+torch.compile a row per dtype too; --mixed adds a row per model that serves the batch sizes
 in turn (1, 8, 1, 8, ...: each timed round runs each size once), to show
 that changing sizes costs what constant ones do.
 
@@ -70,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="add torchvision under torch.compile (inference: inductor freezing, channels_last); "
                         "compiling takes minutes")
     p.add_argument("--peers", nargs="+", default=[], choices=list(peers.NAMES),
-                   help="add these CPU inference engines (fp32, on the ONNX export of the torchvision model)")
+                   help="add these CPU inference engines (on the ONNX export of the torchvision model; a row per "
+                        "--dtype they compute in: onnxruntime fp32, OpenVINO fp32 and bf16/fp16 where the CPU has it)")
     p.add_argument("--mixed", action="store_true",
                    help="add a row per model serving the --batch sizes in turn (inference)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -108,9 +111,12 @@ def saved_bytes(model, x, target) -> int:
 
 
 class _Impl:
-    def __init__(self, name, model, backend, memory_format, dtype=torch.float32):
+    def __init__(self, name, model, backend, memory_format, dtype=torch.float32, remake=None):
         self.name, self.model, self.backend, self.memory_format = name, model, backend, memory_format
         self.dtype = dtype
+        # for a compiled model or an engine: dtype -> the implementation
+        # built for that compute dtype, or a string saying why there is none
+        self.remake = remake
         self.times = []
         self.err = None
         self.saved_bytes = None
@@ -130,21 +136,28 @@ def _impls(arch: str, backends: list, device, compiled: bool = False, train: boo
     for fmt, suffix in ((torch.contiguous_format, ""), (torch.channels_last, "-channels_last")):
         impls.append(_Impl("torchvision" + suffix, copy.deepcopy(tv), None, fmt))
     if compiled:
-        model = copy.deepcopy(tv).to(device).to(memory_format=torch.channels_last)
         if not train:
             # what a user gets from PyTorch for CPU inference at best: inductor
             # with weight freezing (conv+BN folding, oneDNN weight prepacking)
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
-            model.eval()
+
+        def compile_for(dtype):  # one compiled model per compute dtype (run under its autocast)
+            model = copy.deepcopy(tv).to(device).to(memory_format=torch.channels_last)
+            return torch.compile(model if train else model.eval())
+
         impls.append(_Impl("torchvision-compile" + ("" if train else "-freezing") + "-channels_last",
-                           torch.compile(model), None, torch.channels_last))
+                           compile_for(torch.float32), None, torch.channels_last, remake=compile_for))
     if engines:
         onnx_model = peers.export_onnx(copy.deepcopy(tv), size)
+        threads = torch.get_num_threads()
         for name in engines:
-            impls.append(_Impl(name, peers.Engine(name, onnx_model, torch.get_num_threads()), None,
-                               torch.contiguous_format))
+            def engine_for(dtype, name=name):
+                reason = peers.unavailable(name, dtype)
+                return reason if reason else peers.Engine(name, onnx_model, threads, dtype)
+
+            impls.append(_Impl(name, engine_for(torch.float32), None, torch.contiguous_format, remake=engine_for))
     for backend in backends:
         label = "resnet_fused" if backend == "auto" else f"resnet_fused-{backend}"
         fused = resnet_fused.fuse(tv)
@@ -162,10 +175,16 @@ def _with_dtypes(impls: list, dtypes: list) -> list:
     out = []
     for i, dtype in enumerate(dtypes):
         for impl in impls:
-            if i > 0 and isinstance(impl.model, (torch._dynamo.eval_frame.OptimizedModule, peers.Engine)):
-                continue  # compiled once, for the first dtype; the engines run fp32
             name = impl.name if i == 0 else f"{impl.name} {str(dtype).replace('torch.', '')}"
-            model = impl.model if i == 0 else copy.deepcopy(impl.model)
+            if impl.remake is not None and dtype != impl.dtype:  # compiled and engine rows: built per dtype
+                model = impl.remake(dtype)
+                if isinstance(model, str):
+                    print(f"no {name} row: {model}", file=sys.stderr)
+                    continue
+            elif i == 0:
+                model = impl.model
+            else:
+                model = copy.deepcopy(impl.model)
             out.append(_Impl(name, model, impl.backend, impl.memory_format, dtype))
     return out
 

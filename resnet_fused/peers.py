@@ -1,8 +1,11 @@
 """The CPU inference engines a user would pick instead of resnet_fused, as
 callables for `python -m resnet_fused.bench --peers ...`: onnxruntime and
-OpenVINO, each running the torchvision model exported to ONNX (fp32, dynamic
-batch). Optional: `pip install onnx onnxruntime openvino` (or
-`pip install 'resnet_fused[peers]'`); absent engines are reported, not faked.
+OpenVINO, each running the torchvision model exported to ONNX (dynamic batch;
+fp32 in and out). They compute in fp32, and OpenVINO also in bf16 or fp16
+where the CPU has the instructions (its inference precision hint: on an AMX
+CPU bf16 is OpenVINO's default). Optional: `pip install onnx onnxruntime
+openvino` (or `pip install 'resnet_fused[peers]'`); absent engines, and
+precisions an engine or CPU lacks, are reported, not faked.
 """
 from __future__ import annotations
 
@@ -15,12 +18,36 @@ import torch.nn as nn
 NAMES = ("onnxruntime", "openvino")
 
 
-def unavailable(name: str) -> Optional[str]:
-    """None if engine `name` can run here, else why not."""
+# OpenVINO's inference precision hint per compute dtype, and the CPU
+# capability it needs (`OPTIMIZATION_CAPABILITIES`)
+_OPENVINO_PRECISION = {torch.float32: ("f32", "FP32"), torch.bfloat16: ("bf16", "BF16"),
+                       torch.float16: ("f16", "FP16")}
+_OPENVINO_PRECISION_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def unavailable(name: str, dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """None if engine `name` can compute in `dtype` here, else why not."""
     if name not in NAMES:
         raise ValueError(f"name must be one of {', '.join(NAMES)}; got {name!r}")
     missing = [m for m in ("onnx", name) if not _importable(m)]
-    return f"not installed: pip install {' '.join(missing)}" if missing else None
+    if missing:
+        return f"not installed: pip install {' '.join(missing)}"
+    if dtype == torch.float32:
+        return None
+    if name == "onnxruntime":
+        return f"onnxruntime's CPU provider computes convolutions in fp32 only, not {_short(dtype)}"
+    if dtype not in _OPENVINO_PRECISION:
+        return f"OpenVINO has no {_short(dtype)} inference precision"
+    import openvino as ov
+
+    capability = _OPENVINO_PRECISION[dtype][1]
+    if capability not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return f"OpenVINO: this CPU has no {capability} inference (OPTIMIZATION_CAPABILITIES)"
+    return None
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _importable(module: str) -> bool:
@@ -43,14 +70,15 @@ def export_onnx(model: nn.Module, size: int) -> bytes:
 
 class Engine(nn.Module):
     """An ONNX model run by onnxruntime or OpenVINO, called like the torch
-    model it was exported from (fp32 NCHW CPU tensor in, logits out)."""
+    model it was exported from (fp32 NCHW CPU tensor in, fp32 logits out),
+    computing in `dtype`."""
 
-    def __init__(self, name: str, onnx_model: bytes, threads: int) -> None:
+    def __init__(self, name: str, onnx_model: bytes, threads: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        reason = unavailable(name)
+        reason = unavailable(name, dtype)
         if reason is not None:
             raise RuntimeError(f"{name}: {reason}")
-        self.name = name
+        self.name, self.dtype = name, dtype
         if name == "onnxruntime":
             import onnxruntime as ort
 
@@ -63,9 +91,13 @@ class Engine(nn.Module):
             import openvino as ov
 
             core = ov.Core()
-            core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+            hint = _OPENVINO_PRECISION[dtype][0]
+            core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint})
             model = core.read_model(onnx_model, b"")
             compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+            used = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            if _OPENVINO_PRECISION_NAMES[dtype] not in used:  # never time a silent fallback
+                raise RuntimeError(f"openvino: asked for {hint} inference, compiled for {used}")
             self._request = compiled.create_infer_request()
             self._run = lambda a: self._request.infer({0: a})[compiled.output(0)]
 

@@ -174,6 +174,51 @@ def test_bench_peer_engines(tmp_path, engine):
         bench.main(["--peers", engine, "--train"])
 
 
+def test_bench_peer_rows_per_dtype(tmp_path, capsys):
+    """--dtype float32 bfloat16 --peers: OpenVINO gets a bf16 row where the
+    CPU has bf16 inference (its precision checked after compiling, so a silent
+    f32 fallback is refused); onnxruntime has none and the run says why."""
+    from resnet_fused import peers
+
+    for engine in peers.NAMES:
+        if peers.unavailable(engine):
+            pytest.skip(f"{engine}: {peers.unavailable(engine)}")
+    out = tmp_path / "p.json"
+    assert bench.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--rounds", "1",
+                       "--dtype", "float32", "bfloat16", "--peers", *peers.NAMES, "--json", str(out)]) == 0
+    rows = {r["implementation"]: r for r in json.loads(out.read_text())["results"]}
+    assert "onnxruntime bfloat16" not in rows
+    assert "no onnxruntime bfloat16 row: onnxruntime's CPU provider computes convolutions in fp32 only" \
+        in capsys.readouterr().err
+    reason = peers.unavailable("openvino", torch.bfloat16)
+    if reason is None:
+        row = rows["openvino bfloat16"]
+        assert row["dtype"] == "bfloat16" and 0 < row["error_vs_torchvision"] <= 5e-2
+        assert rows["openvino"]["error_vs_torchvision"] <= 1e-4  # the fp32 row stays fp32
+    else:
+        assert "openvino bfloat16" not in rows and reason.startswith("OpenVINO: this CPU has no BF16")
+
+
+def test_bench_builds_compiled_and_engine_rows_per_dtype():
+    """Implementations with a `remake` (torch.compile, the engines) are built
+    for each dtype they do not already have, even the first one; one that
+    cannot compute in a dtype is left out."""
+    made = []
+
+    def remake(dtype):
+        made.append(dtype)
+        return "no fp16 here" if dtype == torch.float16 else ("model in", dtype)
+
+    plain = bench._Impl("plain", torch.nn.Identity(), None, torch.contiguous_format)
+    built = bench._Impl("built", ("model in", torch.float32), None, torch.contiguous_format, remake=remake)
+    out = bench._with_dtypes([plain, built], [torch.bfloat16, torch.float32, torch.float16])
+    assert made == [torch.bfloat16, torch.float16]
+    assert [(i.name, i.dtype) for i in out] == [
+        ("plain", torch.bfloat16), ("built", torch.bfloat16), ("plain float32", torch.float32),
+        ("built float32", torch.float32), ("plain float16", torch.float16)]
+    assert out[1].model == ("model in", torch.bfloat16) and out[3].model is built.model
+
+
 def test_peers_reject_unknown_names_and_say_what_is_missing(monkeypatch):
     from resnet_fused import peers
 
@@ -183,3 +228,7 @@ def test_peers_reject_unknown_names_and_say_what_is_missing(monkeypatch):
     assert peers.unavailable("openvino") == "not installed: pip install openvino"
     with pytest.raises(RuntimeError, match="openvino: not installed"):
         peers.Engine("openvino", b"", 1)
+    monkeypatch.setattr(peers, "_importable", lambda m: True)
+    assert peers.unavailable("onnxruntime", torch.float16) == \
+        "onnxruntime's CPU provider computes convolutions in fp32 only, not float16"
+    assert peers.unavailable("openvino", torch.float64) == "OpenVINO has no float64 inference precision"
