@@ -136,6 +136,10 @@ def _impls(arch: str, backends: list, device, compiled: bool = False, train: boo
     for fmt, suffix in ((torch.contiguous_format, ""), (torch.channels_last, "-channels_last")):
         impls.append(_Impl("torchvision" + suffix, copy.deepcopy(tv), None, fmt))
     if compiled:
+        # every compiled copy adds guards to the one cache of ResNet.forward's
+        # code (module identity, autocast state); past dynamo's recompile
+        # limit (8) a new copy silently runs eager, so start each row set afresh
+        torch._dynamo.reset()
         if not train:
             # what a user gets from PyTorch for CPU inference at best: inductor
             # with weight freezing (conv+BN folding, oneDNN weight prepacking)
