@@ -12,7 +12,8 @@ interleaved timing loop share the Impl records (the CPU peers are in peers.py).
 Per model and batch size, every implementation (torchvision NCHW and
 channels_last, resnet_fused per backend in both layouts) runs on the same
 input, interleaved round by round so that drift in machine speed hits all rows
-alike; the table shows the median images/s, the speed-up over torchvision
+alike (each round runs every implementation twice in a row and times the
+second call: the threads another engine leaves spinning cannot slow it); the table shows the median images/s, the speed-up over torchvision
 eager (NCHW) and the maximum error against torchvision's output on that input
 (max |out − ref| / max |ref|; for --train, the relative error of the loss), so
 speed is never shown without correctness. Both models get the same weights
@@ -193,6 +194,23 @@ def _with_dtypes(impls: list, dtypes: list) -> list:
     return out
 
 
+def _time_rounds(impls: list, runs: list, rounds: int, progress=lambda r: None, clock=time.perf_counter) -> None:
+    """Interleaved timing: each round runs every implementation twice in a
+    row and times the second call. The untimed call absorbs what the
+    previous implementation leaves running: onnxruntime's worker threads
+    spin for ~50 ms after a run (measured on 2 cores: a fused resnet50
+    forward right after one took 67–75 ms instead of 39), and torch's OpenMP
+    workers spin briefly too; timed alone, each implementation then runs
+    with its own threads warm, as in a process that serves only it."""
+    for r in range(rounds):
+        progress(r)
+        for impl, run in zip(impls, runs):
+            run()
+            start = clock()
+            run()
+            impl.times.append(clock() - start)
+
+
 def _measure(arch, batch, args, device, dtypes, step, total) -> dict:
     """Rows for `batch`, an int, or a tuple of sizes served in turn (--mixed:
     each run does one forward per size, and the outputs are compared
@@ -258,12 +276,8 @@ def _measure(arch, batch, args, device, dtypes, step, total) -> dict:
         impl.err = _max_err(out, refs[0]) if not args.train else abs(out.item() - refs[0].item()) / abs(refs[0].item())
     for run in runs:
         run()  # warm-up (and cuDNN/Triton autotuning)
-    for r in range(args.rounds):
-        _progress(f"[{step}/{total}] {arch} batch {batch}: round {r + 1}/{args.rounds}")
-        for impl, run in zip(impls, runs):
-            start = time.perf_counter()
-            run()
-            impl.times.append(time.perf_counter() - start)
+    _time_rounds(impls, runs, args.rounds,
+                 lambda r: _progress(f"[{step}/{total}] {arch} batch {batch}: round {r + 1}/{args.rounds}"))
     base = statistics.median(impls[0].times)
     rows = []
     for impl in impls:

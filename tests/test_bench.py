@@ -219,6 +219,25 @@ def test_bench_builds_compiled_and_engine_rows_per_dtype():
     assert out[1].model == ("model in", torch.bfloat16) and out[3].model is built.model
 
 
+def test_rounds_time_the_second_of_two_calls_in_a_row():
+    """Each round runs every implementation twice and times the second call,
+    so the one before it (onnxruntime's spinning threads) cannot slow it."""
+    calls, now = [], [0.0]
+
+    def run_of(name, seconds):
+        def run():
+            calls.append(name)
+            now[0] += seconds[len([c for c in calls if c == name]) - 1]
+        return run
+
+    a = bench._Impl("a", None, None, torch.contiguous_format)
+    b = bench._Impl("b", None, None, torch.contiguous_format)
+    runs = [run_of("a", [9.0, 1.0, 9.0, 2.0]), run_of("b", [9.0, 3.0, 9.0, 4.0])]
+    bench._time_rounds([a, b], runs, 2, clock=lambda: now[0])
+    assert calls == ["a", "a", "b", "b"] * 2
+    assert a.times == [1.0, 2.0] and b.times == [3.0, 4.0]
+
+
 def test_peers_reject_unknown_names_and_say_what_is_missing(monkeypatch):
     from resnet_fused import peers
 
