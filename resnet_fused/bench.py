@@ -194,6 +194,31 @@ def _with_dtypes(impls: list, dtypes: list) -> list:
     return out
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx_ne_convert", "amx_bf16", "amx_fp16")
+
+
+def cpu_description() -> str:
+    """The CPU this process runs on, as a result file names it: the model
+    name and the ISA features that decide the CPU paths (from /proc/cpuinfo
+    where there is one), and torch's dispatch capability."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    import os
+
+    isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "flags unknown"
+    return f"{model}, {os.cpu_count()} logical CPUs, {isa}; torch capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _time_rounds(impls: list, runs: list, rounds: int, progress=lambda r: None, clock=time.perf_counter) -> None:
     """Interleaved timing: each round runs every implementation twice in a
     row and times the second call. The untimed call absorbs what the
@@ -430,6 +455,8 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"resnet_fused {resnet_fused.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}")
+    if device.type == "cpu":
+        print(f"cpu: {cpu_description()}")
     print(f"{'training step' if args.train else 'inference'} on {name} ({torch.get_num_threads()} threads), "
           f"{args.size}x{args.size}, {', '.join(str(d).replace('torch.', '') for d in dtypes)}"
           f"{' (autocast)' if any(d != torch.float32 for d in dtypes) else ''}, "
@@ -454,6 +481,7 @@ def main(argv=None) -> int:
         "dtypes": [str(d).replace("torch.", "") for d in dtypes],
         "size": args.size, "train": args.train, "rounds": args.rounds,
         "cpu_winograd": resnet_fused.cpu_winograd() if device.type == "cpu" else None,
+        "cpu": cpu_description(),
     }
     try:
         import triton

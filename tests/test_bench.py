@@ -133,6 +133,8 @@ def test_bench_several_dtypes_in_one_run(tmp_path):
                        "--dtype", "float32", "bfloat16", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["dtypes"] == ["float32", "bfloat16"]
+    # the CPU named as the results files name it: model, ISA features, torch's dispatch level
+    assert data["cpu"].endswith(f"torch capability {torch.backends.cpu.get_cpu_capability()}")
     rows = {r["implementation"]: r for r in data["results"]}
     assert set(rows) == {"torchvision", "torchvision-channels_last", "resnet_fused", "resnet_fused-channels_last",
                          "torchvision bfloat16", "torchvision-channels_last bfloat16", "resnet_fused bfloat16",
