@@ -160,7 +160,12 @@ def _impls(arch: str, backends: list, device, compiled: bool = False, train: boo
         for name in engines:
             def engine_for(dtype, name=name):
                 reason = peers.unavailable(name, dtype)
-                return reason if reason else peers.Engine(name, onnx_model, threads, dtype)
+                if reason:
+                    return reason
+                try:
+                    return peers.Engine(name, onnx_model, threads, dtype)
+                except peers.PrecisionUnavailable as e:
+                    return str(e)
 
             impls.append(_Impl(name, engine_for(torch.float32), None, torch.contiguous_format, remake=engine_for))
     for backend in backends:

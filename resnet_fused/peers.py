@@ -68,6 +68,11 @@ def export_onnx(model: nn.Module, size: int) -> bytes:
     return buf.getvalue()
 
 
+class PrecisionUnavailable(RuntimeError):
+    """The engine compiled the model for another precision than asked (an
+    OpenVINO fallback, e.g. under ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU)."""
+
+
 class Engine(nn.Module):
     """An ONNX model run by onnxruntime or OpenVINO, called like the torch
     model it was exported from (fp32 NCHW CPU tensor in, fp32 logits out),
@@ -97,7 +102,7 @@ class Engine(nn.Module):
             compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
             used = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
             if _OPENVINO_PRECISION_NAMES[dtype] not in used:  # never time a silent fallback
-                raise RuntimeError(f"openvino: asked for {hint} inference, compiled for {used}")
+                raise PrecisionUnavailable(f"OpenVINO: asked for {hint} inference, compiled for {used}")
             self._request = compiled.create_infer_request()
             self._run = lambda a: self._request.infer({0: a})[compiled.output(0)]
 
