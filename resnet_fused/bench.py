@@ -13,8 +13,9 @@ Per model and batch size, every implementation (torchvision NCHW and
 channels_last, resnet_fused per backend in both layouts) runs on the same
 input, interleaved round by round so that drift in machine speed hits all rows
 alike (each round runs every implementation twice in a row and times the
-second call: the threads another engine leaves spinning cannot slow it); the table shows the median images/s, the speed-up over torchvision
-eager (NCHW) and the maximum error against torchvision's output on that input
+second call: the threads another engine leaves spinning cannot slow it); the
+table shows the median images/s, the speed-up over torchvision eager (NCHW)
+and the maximum error against torchvision's output on that input
 (max |out − ref| / max |ref|; for --train, the relative error of the loss), so
 speed is never shown without correctness. Both models get the same weights
 and the same random, non-trivial BatchNorm state. With --train each row is one
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -218,8 +220,6 @@ def cpu_description() -> str:
                     break
     except OSError:
         pass
-    import os
-
     isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "flags unknown"
     return f"{model}, {os.cpu_count()} logical CPUs, {isa}; torch capability {torch.backends.cpu.get_cpu_capability()}"
 

@@ -98,7 +98,6 @@ def onnxruntime_layers(tv: torch.nn.Module, x: torch.Tensor, rounds: int, thread
     """{type: ms per run} from onnxruntime's profile of the ONNX export, and
     the whole run's ms (timed without the profile's warm-up runs)."""
     import onnx
-    import onnxruntime as ort
 
     from resnet_fused import peers
 
@@ -114,9 +113,7 @@ def onnxruntime_layers(tv: torch.nn.Module, x: torch.Tensor, rounds: int, thread
                 k, attrs.get("strides", [1, 1])[0], cin * attrs.get("group", 1), cout)
         elif node.op_type in ("Relu", "Add") and any(i in by_output for i in node.input):
             by_output[node.output[0]] = next(by_output[i] for i in node.input if i in by_output)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.enable_profiling = threads, 1, True
-    session = ort.InferenceSession(exported, opts, providers=["CPUExecutionProvider"])
+    session = peers.onnxruntime_session(exported, threads, profile=True)
     feed = {"x": x.contiguous().numpy()}
     session.run(None, feed)
     start = time.perf_counter()

@@ -22,7 +22,6 @@ NAMES = ("onnxruntime", "openvino")
 # capability it needs (`OPTIMIZATION_CAPABILITIES`)
 _OPENVINO_PRECISION = {torch.float32: ("f32", "FP32"), torch.bfloat16: ("bf16", "BF16"),
                        torch.float16: ("f16", "FP16")}
-_OPENVINO_PRECISION_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def unavailable(name: str, dtype: torch.dtype = torch.float32) -> Optional[str]:
@@ -68,6 +67,17 @@ def export_onnx(model: nn.Module, size: int) -> bytes:
     return buf.getvalue()
 
 
+def onnxruntime_session(onnx_model: bytes, threads: int, profile: bool = False):
+    """onnxruntime's CPU session for `onnx_model` as the bench runs it
+    (`threads` intra-op threads, one inter-op), with its profiler on if
+    `profile` (`resnet_fused.layer_times`)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.enable_profiling = threads, 1, profile
+    return ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
+
+
 class PrecisionUnavailable(RuntimeError):
     """The engine compiled the model for another precision than asked (an
     OpenVINO fallback, e.g. under ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU)."""
@@ -85,12 +95,7 @@ class Engine(nn.Module):
             raise RuntimeError(f"{name}: {reason}")
         self.name, self.dtype = name, dtype
         if name == "onnxruntime":
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
+            self._session = onnxruntime_session(onnx_model, threads)
             self._run = lambda a: self._session.run(None, {"x": a})[0]
         else:
             import openvino as ov
@@ -101,7 +106,7 @@ class Engine(nn.Module):
             model = core.read_model(onnx_model, b"")
             compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
             used = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-            if _OPENVINO_PRECISION_NAMES[dtype] not in used:  # never time a silent fallback
+            if _short(dtype) not in used:  # prints as <Type: 'bfloat16'>; never time a fallback
                 raise PrecisionUnavailable(f"OpenVINO: asked for {hint} inference, compiled for {used}")
             self._request = compiled.create_infer_request()
             self._run = lambda a: self._request.infer({0: a})[compiled.output(0)]
