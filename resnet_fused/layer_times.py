@@ -22,6 +22,7 @@ import argparse
 import collections
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -120,8 +121,12 @@ def onnxruntime_layers(tv: torch.nn.Module, x: torch.Tensor, rounds: int, thread
     for _ in range(rounds):
         session.run(None, feed)
     total = (time.perf_counter() - start) / rounds * 1e3
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
+    profile = session.end_profiling()
+    try:
+        with open(profile) as f:
+            events = json.load(f)
+    finally:
+        os.remove(profile)
     per_type: dict = collections.defaultdict(float)
     for e in events:
         name = e.get("name", "")

@@ -70,11 +70,18 @@ def export_onnx(model: nn.Module, size: int) -> bytes:
 def onnxruntime_session(onnx_model: bytes, threads: int, profile: bool = False):
     """onnxruntime's CPU session for `onnx_model` as the bench runs it
     (`threads` intra-op threads, one inter-op), with its profiler on if
-    `profile` (`resnet_fused.layer_times`)."""
+    `profile` (`resnet_fused.layer_times`; the file `end_profiling()` names
+    goes to the temporary directory, not the working one: the caller
+    removes it)."""
+    import os
+    import tempfile
+
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.enable_profiling = threads, 1, profile
+    if profile:
+        opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), "resnet_fused_onnxruntime_profile")
     return ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
 
 

@@ -49,9 +49,10 @@ def test_every_convolution_is_counted_once_with_its_flops(tmp_path, arch):
     assert set(layers) <= set(layer_times.TYPES) and "other conv" not in layers
 
 
-def test_onnxruntime_profile_maps_every_convolution_to_a_layer_type(tmp_path):
+def test_onnxruntime_profile_maps_every_convolution_to_a_layer_type(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
+    monkeypatch.chdir(tmp_path)  # onnxruntime's profile file must not be left behind, here or anywhere
     out = tmp_path / "o.json"
     assert layer_times.main(["--model", "resnet50", "--batch", "1", "--size", "64", "--rounds", "1",
                              "--onnxruntime", "--json", str(out)]) == 0
@@ -61,3 +62,4 @@ def test_onnxruntime_profile_maps_every_convolution_to_a_layer_type(tmp_path):
     unmapped = [k for k in peer if k.startswith("other (") and "Conv" in k]
     assert not unmapped, unmapped
     assert result["onnxruntime_total_ms"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["o.json"]
