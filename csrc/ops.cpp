@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cpu/bn_reduce_host.h"
+#include "cpu/gemm_plan.h"
 
 namespace resnet_fused {
 namespace cpu {
@@ -104,6 +105,21 @@ PyObject* bn_reduce_on_host(PyObject*, PyObject* args) {
   }
 }
 
+// cpu_gemm_isa(isa=None) -> str: the CPU GEMM kernel in use (csrc/cpu/gemm.h:
+// "avx512", "avx2" or "generic"); with an isa, switch to it first ("" picks
+// the best this CPU has). Every kernel gives the same bits: for tests.
+PyObject* cpu_gemm_isa(PyObject*, PyObject* args) {
+  const char* wanted = nullptr;
+  if (!PyArg_ParseTuple(args, "|z", &wanted)) return nullptr;
+  try {
+    if (wanted != nullptr) resnet_fused::cpu::gemm::set_isa(wanted);
+    return PyUnicode_FromString(resnet_fused::cpu::gemm::isa().c_str());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How resnet_fused._C was built: {'openmp': bool, 'cpu_targets': str}."},
     {"same_values", same_values, METH_VARARGS,
@@ -111,6 +127,9 @@ PyMethodDef methods[] = {
     {"bn_reduce_on_host", bn_reduce_on_host, METH_VARARGS,
      "bn_reduce_on_host(grads, x, grad_out, out, mean, invstd, relu, sm_count, wide_index): the CUDA BN "
      "reductions run on the host, for tests."},
+    {"cpu_gemm_isa", cpu_gemm_isa, METH_VARARGS,
+     "cpu_gemm_isa(isa=None): the CPU GEMM kernel in use ('avx512', 'avx2', 'generic'); with isa, switch "
+     "to it first ('' picks the best this CPU has)."},
     {nullptr, nullptr, 0, nullptr},
 };
 }  // namespace
@@ -118,7 +137,7 @@ PyMethodDef methods[] = {
 extern "C" {
 // Importing resnet_fused._C loads this library, which runs the TORCH_LIBRARY
 // registrations below; the Python module only has build_info(),
-// same_values() and bn_reduce_on_host().
+// same_values(), bn_reduce_on_host() and cpu_gemm_isa().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods,
@@ -186,9 +205,22 @@ TORCH_LIBRARY(resnet_fused, m) {
   // Inference 3x3 convolution, stride 1, padding 1, as Winograd F(4x4, 3x3)
   // (CPU, float32), with the epilogue fused into the output transform:
   //   out = act(conv(x, w) + bias + residual)
-  // `weight` is winograd_weight(w): w (K, C, 3, 3) transformed into
-  // (36, C, K), computed in double and rounded once. C and K are multiples of
-  // 16. The output has x's memory format. No autograd.
+  // `weight` is winograd_weight(w): w (K, C, 3, 3) transformed into 36
+  // (C x K) matrices, computed in double and rounded once, each packed for
+  // the CPU GEMM (csrc/cpu/gemm.h): a (36, C * K) tensor. C and K are
+  // multiples of 16. The output has x's memory format. No autograd.
   m.def("winograd_weight(Tensor weight) -> Tensor");
   m.def("winograd_conv3x3(Tensor x, Tensor weight, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+
+  // Inference 1x1 convolution, stride s, no padding (CPU, float32), as one
+  // GEMM with the epilogue applied before its store (csrc/cpu/gemm.h):
+  //   out = act(conv(x, w) + bias + residual)
+  // `weight` is conv1x1_weight(w): w (K, C, 1, 1) packed into (K/16, C, 16)
+  // panels; K is a multiple of 16. The output has x's memory format;
+  // conv1x1_add_ writes it into `residual` (channels_last) instead. Each
+  // output is one fused multiply-add chain over the C channels in order: the
+  // same bits on every CPU and thread count. No autograd.
+  m.def("conv1x1_weight(Tensor weight) -> Tensor");
+  m.def("conv1x1(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int stride=1) -> Tensor");
+  m.def("conv1x1_add_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor? bias, bool relu, int stride=1) -> ()");
 }

@@ -55,7 +55,7 @@ def _timed_convolutions(record: dict):
         start = time.perf_counter()
         out = original(x, packed, *args, **kwargs)
         seconds = time.perf_counter() - start
-        k = 3 if packed.winograd else packed.weight.shape[-1]
+        k = packed.kernel_size[0]
         cin, cout = x.shape[1], out.shape[1]
         entry = record.setdefault(layer_type(k, packed.stride[0], cin, cout), [0.0, 0.0, 0])
         entry[0] += seconds

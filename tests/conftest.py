@@ -213,3 +213,16 @@ def time_fastest_when_called(monkeypatch, calls: list) -> None:
 
     monkeypatch.setattr(tuning, "can_measure", lambda x: True)
     monkeypatch.setattr(tuning, "cuda_time", measure)
+
+
+def gemm_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The (rows x cols) matrix B that the CPU GEMM's packed panels hold
+    (csrc/cpu/gemm.h: panels of 64 columns, the last one narrower, each
+    row-major), written here from the layout's description."""
+    flat = packed.reshape(-1)
+    assert flat.numel() == rows * cols
+    parts = []
+    for n0 in range(0, cols, 64):
+        width = min(64, cols - n0)
+        parts.append(flat[n0 * rows:(n0 + width) * rows].reshape(rows, width))
+    return torch.cat(parts, dim=1)

@@ -214,8 +214,10 @@ def max_pool2d(
 
 
 def winograd_weight(weight: Tensor) -> Tensor:
-    """The (36, C, K) Winograd F(4x4, 3x3) transform G g Gᵀ of a (K, C, 3, 3)
-    fp32 CPU weight, computed in float64 and rounded once."""
+    """The Winograd F(4x4, 3x3) transform G g Gᵀ of a (K, C, 3, 3) fp32 CPU
+    weight (K a multiple of 16), computed in float64 and rounded once: a
+    (36, C·K) tensor, each point's (C x K) matrix packed for the CPU GEMM
+    (csrc/cpu/gemm.h)."""
     if _C is None:
         raise RuntimeError(f"winograd_weight needs resnet_fused._C, which could not be loaded ({load_error})")
     return torch.ops.resnet_fused.winograd_weight(weight)
@@ -226,6 +228,30 @@ def winograd_weight(weight: Tensor) -> Tensor:
 # residual), stride 1, padding 1, weight from winograd_weight; fp32 CPU, C and
 # K multiples of 16; the output in x's memory format; no autograd.
 winograd_conv3x3 = None if _C is None else torch.ops.resnet_fused.winograd_conv3x3.default
+
+
+def conv1x1_weight(weight: Tensor) -> Tensor:
+    """A (K, C, 1, 1) fp32 CPU weight packed for the CPU GEMM (csrc/cpu/gemm.h):
+    panels of 64 output channels, K a multiple of 16."""
+    if _C is None:
+        raise RuntimeError(f"conv1x1_weight needs resnet_fused._C, which could not be loaded ({load_error})")
+    return torch.ops.resnet_fused.conv1x1_weight(weight)
+
+
+def cpu_gemm_isa(isa: Optional[str] = None) -> str:
+    """The CPU GEMM kernel in use: "avx512", "avx2" or "generic" (a slow
+    reference, where neither is there). With `isa`, switch to it first (""
+    picks the best this CPU has); every kernel gives the same bits."""
+    if _C is None:
+        raise RuntimeError(f"cpu_gemm_isa needs resnet_fused._C, which could not be loaded ({load_error})")
+    return _C.cpu_gemm_isa() if isa is None else _C.cpu_gemm_isa(isa)
+
+
+# act(conv1x1(x) + bias + residual) with stride s, weight from conv1x1_weight;
+# fp32 CPU; the output in x's memory format (conv1x1_add_: written into the
+# channels_last residual); no autograd.
+conv1x1 = None if _C is None else torch.ops.resnet_fused.conv1x1.default
+conv1x1_add_ = None if _C is None else torch.ops.resnet_fused.conv1x1_add_.default
 
 
 def pool_layout_is_own(x: Tensor) -> bool:
@@ -282,18 +308,53 @@ if _C is not None:
             weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
             lambda: f"winograd_weight: weight must be (K, C, 3, 3), got {tuple(weight.shape)}",
         )
-        return weight.new_empty((36, weight.shape[1], weight.shape[0]))
+        torch._check(weight.shape[0] % 16 == 0,
+                     lambda: f"winograd_weight: output channels must be a multiple of 16, got K={weight.shape[0]}")
+        return weight.new_empty((36, weight.shape[1] * weight.shape[0]))
 
     @torch.library.register_fake("resnet_fused::winograd_conv3x3")
     def _winograd_conv3x3_fake(x, weight, bias, residual, relu):
         torch._check(x.dim() == 4, lambda: f"winograd_conv3x3: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        c = x.shape[1]
         torch._check(
-            weight.dim() == 3 and weight.shape[0] == 36 and weight.shape[1] == x.shape[1],
-            lambda: f"winograd_conv3x3: weight must be (36, C={x.shape[1]}, K), got {tuple(weight.shape)}",
+            weight.dim() == 2 and weight.shape[0] == 36 and c > 0 and weight.shape[1] % c == 0,
+            lambda: f"winograd_conv3x3: weight must be (36, C * K) with C={c}, got {tuple(weight.shape)}",
         )
         n, _, h, w = x.shape
-        return torch.empty((n, weight.shape[2], h, w), dtype=x.dtype, device=x.device,
+        return torch.empty((n, weight.shape[1] // c, h, w), dtype=x.dtype, device=x.device,
                            memory_format=common.memory_format(x))
+
+    def _conv1x1_out_shape(op, x, weight, stride):
+        torch._check(x.dim() == 4, lambda: f"{op}: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        torch._check(stride >= 1, lambda: f"{op}: stride must be at least 1, got {stride}")
+        c = x.shape[1]
+        torch._check(
+            weight.dim() == 1 and c > 0 and weight.shape[0] % c == 0 and (weight.shape[0] // c) % 16 == 0,
+            lambda: f"{op}: weight ({weight.shape[0]} values) does not hold a multiple of 16 output channels of "
+            f"x's {c} input channels",
+        )
+        n, _, h, w = x.shape
+        return (n, weight.shape[0] // c, (h - 1) // stride + 1 if h else 0, (w - 1) // stride + 1 if w else 0)
+
+    @torch.library.register_fake("resnet_fused::conv1x1_weight")
+    def _conv1x1_weight_fake(weight):
+        torch._check(
+            weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1,
+            lambda: f"conv1x1_weight: weight must be (K, C, 1, 1), got {tuple(weight.shape)}",
+        )
+        return weight.new_empty((weight.numel(),))
+
+    @torch.library.register_fake("resnet_fused::conv1x1")
+    def _conv1x1_fake(x, weight, bias, residual, relu, stride=1):
+        shape = _conv1x1_out_shape("conv1x1", x, weight, stride)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=common.memory_format(x))
+
+    @torch.library.register_fake("resnet_fused::conv1x1_add_")
+    def _conv1x1_add_fake(residual, x, weight, bias, relu, stride=1):
+        shape = _conv1x1_out_shape("conv1x1_add_", x, weight, stride)
+        torch._check(tuple(residual.shape) == shape,
+                     lambda: f"conv1x1_add_: residual must be {list(shape)}, the output's shape, got "
+                     f"{list(residual.shape)}")
 
     # autograd of batch_norm_act_fwd: csrc/autograd.cpp (C++, to keep the
     # interpreter out of every training step's 2 x 53 BN calls)

@@ -1,11 +1,13 @@
 """CPU inference as one convolution call per conv+BN pair with the epilogue
 fused: the BN scale folded into the weights, the shift as the bias, then
 ReLU, or the residual added before the ReLU. The call is oneDNN's
-convolution with the epilogue as post-ops, or — for fp32 3x3 stride-1
-convolutions whose channel counts are multiples of 16 — the library's
-Winograd F(4x4, 3x3) kernel (`torch.ops.resnet_fused.winograd_conv3x3`,
-csrc/cpu/winograd.cpp) with the epilogue in its output transform; see
-`set_cpu_winograd`.
+convolution with the epilogue as post-ops, or one of the library's own
+kernels where they apply (fp32, output channels a multiple of 16): the 1x1
+convolutions as one GEMM with the epilogue before its store
+(`torch.ops.resnet_fused.conv1x1`, csrc/cpu/conv1x1.cpp; see
+`RESNET_FUSED_CPU_GEMM`), the 3x3 stride-1 ones as Winograd F(4x4, 3x3)
+(`torch.ops.resnet_fused.winograd_conv3x3`, csrc/cpu/winograd.cpp) with the
+epilogue in its output transform (see `set_cpu_winograd`).
 
 Long on purpose: the cache entries, their checks and the one-call convolutions
 share the `Packed` records and the layout rules, which change together.
@@ -62,6 +64,35 @@ if UNAVAILABLE is None:
     _pointwise_binary_inplace = torch.ops.mkldnn._convolution_pointwise_.binary
 
 
+# The library's GEMM for the fp32 1x1 convolutions (csrc/cpu/gemm.h): its
+# tiles run as fast as oneDNN's 1x1 kernels or faster on ResNet's layers, each
+# call costs ~5 µs instead of oneDNN's ~35, and one packing serves every input
+# size. Each output is one fused multiply-add chain over the input channels
+# (the same bits on every CPU and thread count; NaN and infinity as in a
+# direct convolution). It needs AVX2 with FMA or AVX-512 (its generic kernel
+# is a slow reference); RESNET_FUSED_CPU_GEMM=0 keeps the 1x1 convolutions on
+# oneDNN (read at import).
+_gemm = os.environ.get("RESNET_FUSED_CPU_GEMM", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _vector_gemm() -> bool:
+    """Whether the library's GEMM runs a vector kernel here (AVX2 with FMA, or
+    AVX-512), which both the 1x1 and the Winograd convolutions need to pay."""
+    return extension.cpu_gemm_isa() != "generic"
+
+
+def _gemm_fits(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
+    """Whether `conv` in `dtype` runs as torch.ops.resnet_fused.conv1x1: an
+    fp32 1x1 convolution, no padding, one group, the same stride both ways,
+    output channels a multiple of 16, on a CPU with a vector GEMM kernel."""
+    w = member(conv, "weight")
+    return (
+        _gemm and dtype == torch.float32 and extension.is_loaded() and _vector_gemm()
+        and tuple(w.shape[2:]) == (1, 1) and tuple(conv.padding) == (0, 0) and conv.groups == 1
+        and conv.stride[0] == conv.stride[1] and w.shape[0] % 16 == 0
+    )
+
+
 # Winograd F(4x4, 3x3) for the fp32 3x3 stride-1 convolutions (csrc/cpu/winograd.cpp):
 # 1.5-2.5x faster than oneDNN's direct convolution on ResNet's layers, with an
 # fp32 error of ~1e-6 (direct: ~4e-7). RESNET_FUSED_CPU_WINOGRAD=0 or
@@ -91,7 +122,8 @@ def cpu_winograd() -> bool:
 
 def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bool:
     """Whether `conv` in `dtype` on inputs of `input_size` runs as
-    torch.ops.resnet_fused.winograd_conv3x3. With fewer than 8 output tiles
+    torch.ops.resnet_fused.winograd_conv3x3 (where the GEMM has a vector
+    kernel: `_vector_gemm`). With fewer than 8 output tiles
     of 4x4 and 256 or more channels, reading the transformed filters (4x the
     weights) costs more than the multiplications it saves: measured 0.5-1.0x
     oneDNN there, 1.1-3.4x everywhere else (batch 1-8, 4x4 to 56x56 maps,
@@ -104,7 +136,7 @@ def _winograd_fits(conv: nn.Conv2d, dtype: torch.dtype, input_size: tuple) -> bo
     w = member(conv, "weight")
     d = conv.dilation[0]
     if not (
-        _winograd and dtype == torch.float32 and extension.is_loaded()
+        _winograd and dtype == torch.float32 and extension.is_loaded() and _vector_gemm()
         and tuple(w.shape[2:]) == (3, 3) and tuple(conv.stride) == (1, 1)
         and tuple(conv.dilation) == (d, d) and tuple(conv.padding) == (d, d) and conv.groups == 1
         and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
@@ -147,17 +179,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class Packed:
-    # BN-scaled and reordered: an mkldnn tensor, or with `winograd` the
-    # (36, C, K) Winograd transform (torch.ops.resnet_fused.winograd_weight),
-    # shared by every input size
+    # BN-scaled and reordered: an mkldnn tensor; with `winograd` the
+    # Winograd transform, 36 (C x K) matrices (torch.ops.resnet_fused.winograd_weight);
+    # with `gemm` the GEMM's panels (torch.ops.resnet_fused.conv1x1_weight);
+    # those two are shared by every input size
     weight: Tensor
     bias: Tensor  # BN shift (+ scaled conv bias), compute dtype
+    kernel_size: tuple
     stride: list
     padding: list
     dilation: list
     groups: int
     out_shape: tuple  # the output's (N, K, P, Q) for the input size it was packed for
     winograd: bool = False
+    gemm: bool = False
     # every folded weight and bias value is finite (else `lookup` never
     # returns it, and the layer runs the composed path: see conv_bn_act)
     finite: bool = True
@@ -177,11 +212,12 @@ class _Entry:
     """One convolution's cache entry: what its packed weights were made of
     (checked on every call) and the packed weights per input size."""
 
-    __slots__ = ("key", "saved", "bias", "finite", "winograd_weight", "by_size")
+    __slots__ = ("key", "saved", "bias", "finite", "winograd_weight", "gemm_weight", "by_size")
 
     def __init__(self, key: tuple, saved: tuple, bias: Tensor, finite: bool) -> None:
         self.key, self.saved, self.bias, self.finite = key, saved, bias, finite
         self.winograd_weight: Optional[Tensor] = None
+        self.gemm_weight: Optional[Tensor] = None
         self.by_size: dict = {}
 
 
@@ -223,7 +259,7 @@ def _key(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype) -> tuple:
     w = member(conv, "weight")
     return (
         w.data_ptr(), w._version, w.dtype, w.device, w.shape, None if bn is None else float(bn.eps), dtype,
-        tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, _winograd,
+        tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, _winograd, _gemm,
     )
 
 
@@ -286,20 +322,31 @@ def pack(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype, input_siz
             finite = bool(torch.isfinite(weight).all()) and bool(torch.isfinite(shift).all())
             entry = _Entry(_key(conv, bn, dtype), saved, shift.to(compute), finite)
         winograd = entry.finite and _winograd_fits(conv, compute, input_size)
+        gemm = entry.finite and not winograd and _gemm_fits(conv, compute)
         if winograd and entry.winograd_weight is None:
             entry.winograd_weight = extension.winograd_weight(weight)
-        packed = Packed(
-            weight=entry.winograd_weight if winograd else torch.ops.mkldnn._reorder_convolution_weight(
+        if gemm and entry.gemm_weight is None:
+            entry.gemm_weight = extension.conv1x1_weight(weight)
+        if winograd:
+            packed_weight = entry.winograd_weight
+        elif gemm:
+            packed_weight = entry.gemm_weight
+        else:
+            packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
                 weight.to(compute), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
                 list(input_size),
-            ),
+            )
+        packed = Packed(
+            weight=packed_weight,
             bias=entry.bias,
+            kernel_size=tuple(conv.weight.shape[2:]),
             stride=list(conv.stride),
             padding=list(conv.padding),
             dilation=list(conv.dilation),
             groups=conv.groups,
             out_shape=ops.conv_out_size(input_size, conv.weight.shape, conv.stride, conv.padding, conv.dilation),
             winograd=winograd,
+            gemm=gemm,
             finite=entry.finite,
             dtype=compute,
         )
@@ -333,8 +380,9 @@ def all_finite(t: Tensor) -> bool:
 
 
 def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: bool, consume_residual: bool = False) -> Tensor:
-    """`act(conv(x) · scale + shift + residual)` as one call (oneDNN, or the
-    Winograd kernel where `packed.winograd`); the output has x's memory
+    """`act(conv(x) · scale + shift + residual)` as one call (oneDNN, the
+    GEMM where `packed.gemm`, the Winograd kernel where `packed.winograd`);
+    the output has x's memory
     format and dtype. `consume_residual`: the caller gives up `residual`, and
     oneDNN writes the result into it when its dtype and layout allow
     (in-place sum: no new buffer). For finite x, residual and weights only
@@ -350,6 +398,19 @@ def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: boo
             return out
         out = out.add_(residual.to(x.dtype))
         return out.relu_() if relu else out
+    if packed.gemm:
+        stride = packed.stride[0]
+        if residual is None:
+            return extension.conv1x1(x, packed.weight, packed.bias, None, relu, stride)
+        residual = residual.to(x.dtype)
+        if (
+            consume_residual and residual.is_contiguous(memory_format=torch.channels_last)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        ):
+            extension.conv1x1_add_(residual, x, packed.weight, packed.bias, relu, stride)
+            return residual
+        return extension.conv1x1(x, packed.weight, packed.bias, residual, relu, stride)
     if packed.winograd:
         d = packed.dilation[0]
         residual = None if residual is None else residual.to(x.dtype)

@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 import resnet_fused
+from resnet_fused.ops import extension
 from resnet_fused.ops.cpu import onednn
 from conftest import NET_TOL, assert_equivalent, randomize_norms
 from test_models import ARCHS
@@ -415,6 +416,9 @@ def test_alternating_input_sizes_pack_once_and_give_the_bits_of_constant_ones(mo
         assert len(packs) == len(sizes)
         wino = [p.weight for p in packs if p.winograd]
         assert all(w is wino[0] for w in wino)  # one transform for every size
+        gemm = [p.weight for p in packs if p.gemm]
+        assert all(w is gemm[0] for w in gemm)  # one GEMM packing for every size
+    assert any(p.gemm for conv in convs for p in onednn.cached(conv)) == (extension.cpu_gemm_isa() != "generic")
 
 
 def test_the_cache_holds_a_bounded_number_of_sizes():

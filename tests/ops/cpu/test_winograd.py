@@ -15,7 +15,7 @@ import torchvision
 import resnet_fused
 from resnet_fused.ops import extension
 from resnet_fused.ops.cpu import onednn
-from conftest import NET_TOL, OP_TOL, assert_equivalent, randomize_norms
+from conftest import NET_TOL, OP_TOL, assert_equivalent, gemm_unpack, randomize_norms
 
 pytestmark = pytest.mark.skipif(not extension.is_loaded(), reason="resnet_fused._C is not built")
 
@@ -69,19 +69,22 @@ def test_keeps_the_input_memory_format():
     assert torch.equal(ops.winograd_conv3x3(x, ops.winograd_weight(weight), bias, res_cl, True), out)
 
 
-def test_weight_transform_is_g_w_gt_rounded_once():
-    """winograd_weight(w)[i * 6 + j, c, k] = (G w[k, c] G^T)[i, j] for the
-    points 0, 1, -1, 1/2, -2, computed here from the Lagrange basis."""
+@pytest.mark.parametrize("k", [48, 80])  # one panel narrower than 64; a whole one and a narrower one
+def test_weight_transform_is_g_w_gt_rounded_once(k):
+    """winograd_weight(w) holds, for each point i * 6 + j, the (C x K)
+    matrix (G w[k, c] G^T)[i, j] for the points 0, 1, -1, 1/2, -2
+    (computed here from the Lagrange basis), packed for the CPU GEMM."""
     points = [0.0, 1.0, -1.0, 0.5, -2.0]
     G = torch.zeros(6, 3, dtype=torch.float64)
     for i, p in enumerate(points):
         den = math.prod(p - q for j, q in enumerate(points) if j != i)
         G[i] = torch.tensor([1.0, p, p * p], dtype=torch.float64) / den
     G[5] = torch.tensor([0.0, 0.0, 1.0])
-    w = torch.randn(24, 16, 3, 3, generator=torch.Generator().manual_seed(3))
-    expected = torch.einsum("ia,kcab,jb->ijck", G, w.double(), G).reshape(36, 16, 24)
+    w = torch.randn(k, 16, 3, 3, generator=torch.Generator().manual_seed(3))
+    expected = torch.einsum("ia,kcab,jb->ijck", G, w.double(), G).reshape(36, 16, k)
     got = ops.winograd_weight(w)
-    assert got.dtype == torch.float32 and got.shape == (36, 16, 24)
+    assert got.dtype == torch.float32 and got.shape == (36, 16 * k)
+    got = torch.stack([gemm_unpack(got[p], 16, k) for p in range(36)])
     # one rounding of a float64 result: within an fp32 ulp (2^-23) of it
     torch.testing.assert_close(got.double(), expected, rtol=2.0**-23, atol=0.0)
 
@@ -119,9 +122,10 @@ def test_nan_in_the_input_reaches_the_outputs_that_read_it():
         (lambda a: a.update(weight=a["weight"].double()), "weight must be float32"),
         (lambda a: a.update(bias=a["bias"].half()), "bias must be float32"),
         (lambda a: a.update(x=a["x"][0]), "x must be 4-D"),
-        (lambda a: a.update(x=a["x"][:, :8]), "x has 8 channels but weight expects 16"),
-        (lambda a: a.update(weight=a["weight"][:, :, :8].contiguous()), "multiples of 16, got C=16, K=8"),
-        (lambda a: a.update(weight=a["weight"][:35]), "weight must be a contiguous \\(36, C, K\\)"),
+        (lambda a: a.update(x=torch.randn(2, 24, 5, 5)), "x has 24 channels but weight \\(256 values per point\\)"),
+        (lambda a: a.update(weight=a["weight"][:, :128].contiguous()), "multiples of 16, got C=16, K=8"),
+        (lambda a: a.update(weight=a["weight"][:35]), "weight must be a contiguous \\(36, C \\* K\\)"),
+        (lambda a: a.update(weight=a["weight"][:, ::2]), "weight must be a contiguous \\(36, C \\* K\\)"),
         (lambda a: a.update(bias=a["bias"][:5]), "bias must be a contiguous \\(16,\\)"),
         (lambda a: a.update(residual=a["residual"][:, :, 1:]), "residual must be \\[2, 16, 5, 5\\]"),
         (lambda a: a.update(residual=a["residual"].double()), "residual must be float32"),
@@ -137,6 +141,8 @@ def test_bad_arguments_are_named(change, message):
         ops.winograd_weight(torch.randn(4, 4, 1, 1))
     with pytest.raises(RuntimeError, match="winograd_weight: weight must be float32"):
         ops.winograd_weight(torch.randn(4, 4, 3, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="winograd_weight: output channels must be a multiple of 16, got K=24"):
+        ops.winograd_weight(torch.randn(24, 4, 3, 3))
 
 
 def winograd_convs(model):
@@ -268,7 +274,7 @@ def test_opcheck(fmt, residual):
         fx = mode.from_tensor(x)
         fw = ops.winograd_weight(mode.from_tensor(weight))
         out = ops.winograd_conv3x3(fx, fw, mode.from_tensor(bias), None, False)
-    assert fw.shape == (36, 16, 32) and out.shape == (2, 32, 7, 9)
+    assert fw.shape == (36, 16 * 32) and out.shape == (2, 32, 7, 9)
     assert out.is_contiguous(memory_format=fmt)
 
 

@@ -1,0 +1,168 @@
+// The CPU GEMM's driver (gemm.h): which ISA's kernel runs, how a product is
+// cut into cache blocks and tasks, and the threads.
+#include "gemm_plan.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace resnet_fused {
+namespace cpu {
+namespace gemm {
+
+namespace {
+
+struct Kernel {
+  const char* name;
+  BlockFn fn;
+};
+
+bool cpu_has(const char* isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (std::strcmp(isa, "avx512") == 0) return __builtin_cpu_supports("avx512f");
+  if (std::strcmp(isa, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return std::strcmp(isa, "generic") == 0;
+}
+
+Kernel kernel_for(const std::string& isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == "avx512") return {"avx512", &block_avx512};
+  if (isa == "avx2") return {"avx2", &block_avx2};
+#endif
+  return {"generic", &block_generic};
+}
+
+// The best kernel this CPU runs, within ATen's own cap where one is set
+// (ATEN_CPU_CAPABILITY=avx2 or default: how an AVX2-only machine is
+// emulated on a larger one, and the kernels then follow it).
+Kernel best_kernel() {
+  const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+  const std::string limit = cap ? cap : "";
+  for (const char* isa : {"avx512", "avx2"}) {
+    const bool allowed = limit.empty() || limit.rfind("avx512", 0) == 0 || (limit == "avx2" && std::strcmp(isa, "avx2") == 0);
+    if (allowed && cpu_has(isa)) return kernel_for(isa);
+  }
+  return kernel_for("generic");
+}
+
+std::atomic<int> g_kernel{-1};  // index into kIsas; -1: not chosen yet
+constexpr const char* kIsas[] = {"avx512", "avx2", "generic"};
+
+int index_of(const std::string& isa) {
+  for (int i = 0; i < 3; ++i)
+    if (isa == kIsas[i]) return i;
+  return -1;
+}
+
+Kernel current() {
+  int i = g_kernel.load(std::memory_order_relaxed);
+  if (i < 0) {
+    i = index_of(best_kernel().name);
+    g_kernel.store(i, std::memory_order_relaxed);
+  }
+  return kernel_for(kIsas[i]);
+}
+
+}  // namespace
+
+std::string isa() { return current().name; }
+
+void set_isa(const std::string& name) {
+  const std::string wanted = name.empty() ? best_kernel().name : name;
+  const int i = index_of(wanted);
+  TORCH_CHECK(i >= 0, "cpu_gemm_isa: isa must be one of 'avx512', 'avx2', 'generic' or '' (the best "
+              "this CPU has), got '", name, "'");
+  TORCH_CHECK(cpu_has(kIsas[i]), "cpu_gemm_isa: this CPU has no ", wanted, " (with FMA)");
+  g_kernel.store(i, std::memory_order_relaxed);
+}
+
+Plan plan(int64_t M, int64_t N, int64_t K) {
+  // k blocks: whole up to 1024 (the accumulators never leave registers);
+  // beyond, equal blocks of at most 512 whose partial sums go through C
+  constexpr int64_t kMaxWhole = 1024, kBlock = 512;
+  // a task's block of B: 256 KB, within L2 on every x86 core with AVX2
+  constexpr int64_t kBBytes = 256 << 10;
+  // tasks per thread, where the rows and columns allow: spreads what a busy
+  // core or a ragged last task would hold up
+  constexpr int64_t kWant = 4;
+  Plan pl;
+  const int64_t kblocks = K <= kMaxWhole ? 1 : (K + kBlock - 1) / kBlock;
+  pl.kc = std::max<int64_t>(1, (K + kblocks - 1) / kblocks);
+  // columns: a task's block of B (kc x nc) stays in L2 while all its rows
+  // pass over it, each tile of rows going over all of it from L1
+  const int64_t units = (N + 63) / 64;  // 64 columns: one AVX-512 tile
+  const int64_t fit = std::max<int64_t>(1, kBBytes / (pl.kc * 64 * int64_t(sizeof(float))));
+  int64_t n_tasks = (units + fit - 1) / fit;
+  // rows: split evenly (in tiles of 6) so that every thread gets the same work
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t tiles = std::max<int64_t>(1, (M + 5) / 6);
+  int64_t m_tasks = std::min(tiles, (threads * kWant + n_tasks - 1) / n_tasks);
+  if (m_tasks * n_tasks < threads * kWant && n_tasks < units)  // few rows: cut the columns further
+    n_tasks = std::min(units, (threads * kWant + m_tasks - 1) / m_tasks);
+  pl.nc = ((units + n_tasks - 1) / n_tasks) * 64;
+  pl.mc = ((tiles + m_tasks - 1) / m_tasks) * 6;
+  return pl;
+}
+
+void run(const Problem& p, int64_t M, int64_t N) {
+  if (M == 0 || N == 0) return;
+  const Kernel kernel = current();
+  const Plan pl = plan(M, N, p.K);
+  const int64_t m_tasks = (M + pl.mc - 1) / pl.mc, n_tasks = (N + pl.nc - 1) / pl.nc;
+  at::parallel_for(0, m_tasks * n_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t / n_tasks) * pl.mc, n0 = (t % n_tasks) * pl.nc;
+      const int64_t m1 = std::min(M, m0 + pl.mc), n1 = std::min(N, n0 + pl.nc);
+      int64_t k0 = 0;
+      do {  // once with K = 0: the epilogue of zero sums
+        const int64_t k1 = std::min(p.K, k0 + pl.kc);
+        kernel.fn(p, m0, m1, n0, n1, k0, k1);
+        k0 = k1;
+      } while (k0 < p.K);
+    }
+  });
+}
+
+void run_batch(const Problem* problems, int64_t count, int64_t M, int64_t N) {
+  if (M == 0 || N == 0 || count == 0) return;
+  const Kernel kernel = current();
+  const int64_t kc = plan(M, N, problems[0].K).kc;
+  // every product whole (its B read by one thread), the rows cut only where
+  // the products alone are too few to keep every thread busy
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t tiles = (M + 5) / 6;
+  const int64_t splits = std::min(tiles, (threads * 4 + count - 1) / count);
+  const int64_t mc = ((tiles + splits - 1) / splits) * 6;
+  at::parallel_for(0, count * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Problem& p = problems[t / splits];
+      const int64_t m0 = (t % splits) * mc, m1 = std::min(M, m0 + mc);
+      int64_t k0 = 0;
+      do {
+        const int64_t k1 = std::min(p.K, k0 + kc);
+        kernel.fn(p, m0, m1, 0, N, k0, k1);
+        k0 = k1;
+      } while (k0 < p.K);
+    }
+  });
+}
+
+void pack(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n, float* dst) {
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    const int64_t width = std::min(kPanel, N - n0);
+    float* panel = dst + n0 * K;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < width; ++j) panel[k * width + j] = src[k * stride_k + (n0 + j) * stride_n];
+  }
+}
+
+}  // namespace gemm
+}  // namespace cpu
+}  // namespace resnet_fused

@@ -1,0 +1,74 @@
+// The CPU GEMM behind the 1x1 convolutions and the Winograd products:
+//   C[m, n] = act(sum_k A[m, k] * B[k, n] + bias[n] + R[m, n])
+// with A the channels_last activations (a row of K channels per pixel, read
+// in place, strided rows for a stride-2 1x1 convolution), B the weights
+// packed once into panels of kPanel columns, and the epilogue (bias,
+// residual, ReLU that keeps NaN) applied to the accumulators before their
+// one store.
+//
+// Every output is one fused multiply-add chain over k in order 0..K-1,
+// whatever the ISA, the register tile, the cache blocking or the thread
+// split: the AVX-512, AVX2 and generic kernels give the same bits, and so
+// does any thread count. NaN and infinity propagate as in a direct
+// convolution (every product is formed; the ReLU keeps NaN).
+//
+// This header has no ATen: the ISA files (gemm_avx512.cpp, gemm_avx2.cpp,
+// gemm_generic.cpp) compile the kernel of gemm_kernel.h for their
+// instruction set; gemm.cpp plans the blocking and the threads.
+#pragma once
+
+#include <cstdint>
+
+namespace resnet_fused {
+namespace cpu {
+namespace gemm {
+
+// B is packed in panels of kPanel columns (the last one narrower where N is
+// not a multiple of it): panel p holds columns [64p, 64p + w), w = min(64,
+// N - 64p), its row k the w consecutive floats at b + 64p * K + k * w — one
+// stream of B per tile whatever the ISA's tile width. N must be a multiple of
+// kColumns.
+constexpr int64_t kPanel = 64;
+constexpr int64_t kColumns = 16;
+
+// The rows of A: row m is pixel m of the output map (N, P, Q); it reads
+// input pixel (n, p * stride, q * stride) of the (N, H, W) map, lda floats
+// apart (stride 1: row m at a + m * lda).
+struct Rows {
+  const float* a;
+  int64_t lda;
+  int64_t stride;  // 1, or the 1x1 convolution's stride
+  int64_t H, W, P, Q;
+  const float* row(int64_t m) const {
+    if (stride == 1) return a + m * lda;
+    const int64_t q = m % Q, t = m / Q, p = t % P, n = t / P;
+    return a + ((n * H + p * stride) * W + q * stride) * lda;
+  }
+};
+
+struct Problem {
+  Rows rows;
+  int64_t K;
+  const float* b;         // packed (see kPanel)
+  int64_t N;              // columns of B
+  const float* bias;      // N values, or null
+  const float* residual;  // M x N, row m at residual + m * ldr, or null; may be c itself
+  int64_t ldr;
+  float* c;  // M x N, row m at c + m * ldc
+  int64_t ldc;
+  bool relu;
+};
+
+// C[m0:m1, n0:n1] for k in [k0, k1): the accumulators start at 0 when k0 is
+// 0, else from C (the partial sums the block before stored); the epilogue
+// runs when k1 is K, else the partial sums are stored. n0 and n1 are
+// multiples of kColumns.
+using BlockFn = void (*)(const Problem&, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1);
+
+void block_avx512(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+void block_avx2(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+void block_generic(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+}  // namespace gemm
+}  // namespace cpu
+}  // namespace resnet_fused

@@ -1,0 +1,39 @@
+// gemm_kernel.h for AVX2 with FMA: 6 rows x 16 columns per tile (12 ymm
+// accumulators, 2 for B, 1 broadcast).
+#include <immintrin.h>
+
+#include <utility>
+
+#include "gemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "gemm_kernel.h"
+
+namespace resnet_fused {
+namespace cpu {
+namespace gemm {
+namespace {
+struct Avx2 {
+  using reg = __m256;
+  static constexpr int L = 8, MR = 6, NP = 1;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  // vmaxps returns its second operand unless the first is greater: NaN stays NaN, -0 stays -0
+  static reg relu(reg v) { return _mm256_max_ps(_mm256_setzero_ps(), v); }
+};
+}  // namespace
+
+void block_avx2(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+  block<Avx2>(p, m0, m1, n0, n1, k0, k1);
+}
+}  // namespace gemm
+}  // namespace cpu
+}  // namespace resnet_fused
+#pragma GCC pop_options
+#endif
