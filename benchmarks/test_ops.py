@@ -180,7 +180,7 @@ def test_conv3x3_bias_relu(benchmark, impl, shape):
     set_cpu_winograd(False), and what torch.compile's inductor calls); the
     extension's Winograd F(4x4, 3x3) kernel (the cpu backend's default)."""
     from resnet_fused.ops import extension
-from resnet_fused.ops.cpu import onednn
+    from resnet_fused.ops.cpu import onednn
 
     if impl == "resnet_fused-winograd" and not extension.has_kernel("winograd_conv3x3", "CPU"):
         pytest.skip(f"no CPU kernels: {extension.unavailable_reason('CPU')}")
@@ -210,5 +210,66 @@ from resnet_fused.ops.cpu import onednn
     nbytes = 2 * x.numel() * x.element_size() + weight.numel() * weight.element_size()
     _info(benchmark, shape, torch.float32, nbytes)
     benchmark.extra_info["gflop"] = 2 * n * h * w * c * c * 9 / 1e9
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+    _finish(benchmark, nbytes)
+
+
+# ResNet-50's 1x1 convolutions at batch 8, 224px input: (N, C, H, W, K, stride, residual)
+CONV1X1_SHAPES = [
+    (8, 256, 56, 56, 64, 1, False), (8, 64, 56, 56, 256, 1, True), (8, 256, 56, 56, 512, 2, True),
+    (8, 1024, 14, 14, 256, 1, False), (8, 512, 7, 7, 2048, 1, True),
+]
+
+
+@pytest.mark.parametrize("shape", CONV1X1_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-s{s[5]}" + ("-add" if s[6] else ""))
+@pytest.mark.parametrize("impl", ["torch-conv2d+relu", "onednn", "resnet_fused-gemm"])
+def test_conv1x1_bias_add_relu(benchmark, impl, shape):
+    """A folded 1x1 conv+BN(+residual)+ReLU on CPU (fp32, channels_last,
+    inference), three ways: torch's conv2d, add and ReLU; the oneDNN
+    convolution with bias, sum and ReLU post-ops on pre-packed weights (what
+    torch.compile's inductor calls, and the cpu backend with
+    RESNET_FUSED_CPU_GEMM=0), the residual summed in place; the extension's
+    GEMM (csrc/cpu/gemm.h, the cpu backend's default), the residual summed
+    in place."""
+    from resnet_fused.ops import extension
+    from resnet_fused.ops.cpu import onednn
+
+    if impl == "resnet_fused-gemm" and not extension.has_kernel("conv1x1", "CPU"):
+        pytest.skip(f"no CPU kernels: {extension.unavailable_reason('CPU')}")
+    if impl == "onednn" and onednn.UNAVAILABLE is not None:
+        pytest.skip(onednn.UNAVAILABLE)
+    n, c, h, w, k, stride, add = shape
+    g = torch.Generator().manual_seed(0)
+    x = _activation(g, (n, c, h, w), "nhwc", "cpu")
+    weight = torch.randn(k, c, 1, 1, generator=g) / c ** 0.5
+    bias = torch.randn(k, generator=g)
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    residual = _activation(g, (n, k, p, q), "nhwc", "cpu") if add else None
+    if impl == "torch-conv2d+relu":
+        def step():
+            with torch.no_grad():
+                y = F.conv2d(x, weight, bias, stride=stride)
+                return (y.add_(residual) if add else y).relu_()
+    elif impl == "onednn":
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [0, 0], [stride] * 2, [1, 1], 1, list(x.shape))
+
+        def step():
+            if add:
+                return torch.ops.mkldnn._convolution_pointwise_.binary(
+                    residual, x, packed, bias, [0, 0], [stride] * 2, [1, 1], 1, "add", 1.0, "relu", [], "")
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [0, 0], [stride] * 2, [1, 1], 1, "relu", [], "")
+    else:
+        packed = torch.ops.resnet_fused.conv1x1_weight(weight)
+
+        def step():
+            if add:
+                return torch.ops.resnet_fused.conv1x1_add_(residual, x, packed, bias, True, stride)
+            return torch.ops.resnet_fused.conv1x1(x, packed, bias, None, True, stride)
+
+    benchmark.group = f"conv1x1+bias{'+add' if add else ''}+relu {'x'.join(map(str, shape[:5]))} s{stride} nhwc float32"
+    out_numel = n * k * p * q
+    nbytes = (x.numel() // (stride * stride) + (2 if add else 1) * out_numel + weight.numel()) * 4
+    _info(benchmark, shape[:4], torch.float32, nbytes)
+    benchmark.extra_info["gflop"] = 2 * out_numel * c / 1e9
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     _finish(benchmark, nbytes)
