@@ -224,17 +224,26 @@ def cpu_description() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, {isa}; torch capability {torch.backends.cpu.get_cpu_capability()}"
 
 
-def _time_rounds(impls: list, runs: list, rounds: int, progress=lambda r: None, clock=time.perf_counter) -> None:
-    """Interleaved timing: each round runs every implementation twice in a
-    row and times the second call. The untimed call absorbs what the
-    previous implementation leaves running: onnxruntime's worker threads
-    spin for ~50 ms after a run (measured on 2 cores: a fused resnet50
-    forward right after one took 67–75 ms instead of 39), and torch's OpenMP
-    workers spin briefly too; timed alone, each implementation then runs
-    with its own threads warm, as in a process that serves only it."""
+# Pause before each implementation's calls: longer than onnxruntime's worker
+# threads spin after a run (~50 ms).
+SETTLE_S = 0.1
+
+
+def _time_rounds(impls: list, runs: list, rounds: int, progress=lambda r: None, clock=time.perf_counter,
+                 sleep=time.sleep) -> None:
+    """Interleaved timing: each round, for every implementation in turn, a
+    pause (SETTLE_S), then two calls in a row, the second timed. The pause
+    lets what the previous implementation left running stop: onnxruntime's
+    worker threads spin for ~50 ms after a run (measured on 2 cores: a fused
+    resnet50 forward right after one took 67–75 ms instead of 39; an
+    untimed call alone does not cover a forward shorter than that — resnet18
+    at batch 1 measured 0.5x its alone speed), and torch's OpenMP workers
+    spin briefly too. The untimed call then wakes the implementation's own
+    threads, so it is timed as in a process that serves only it."""
     for r in range(rounds):
         progress(r)
         for impl, run in zip(impls, runs):
+            sleep(SETTLE_S)
             run()
             start = clock()
             run()

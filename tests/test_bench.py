@@ -220,9 +220,9 @@ def test_bench_builds_compiled_and_engine_rows_per_dtype():
     assert out[1].model == ("model in", torch.bfloat16) and out[3].model is built.model
 
 
-def test_rounds_time_the_second_of_two_calls_in_a_row():
-    """Each round runs every implementation twice and times the second call,
-    so the one before it (onnxruntime's spinning threads) cannot slow it."""
+def test_rounds_pause_then_time_the_second_of_two_calls_in_a_row():
+    """Each round pauses before every implementation (the previous one's
+    spinning threads stop), runs it twice and times the second call."""
     calls, now = [], [0.0]
 
     def run_of(name, seconds):
@@ -234,9 +234,11 @@ def test_rounds_time_the_second_of_two_calls_in_a_row():
     a = bench._Impl("a", None, None, torch.contiguous_format)
     b = bench._Impl("b", None, None, torch.contiguous_format)
     runs = [run_of("a", [9.0, 1.0, 9.0, 2.0]), run_of("b", [9.0, 3.0, 9.0, 4.0])]
-    bench._time_rounds([a, b], runs, 2, clock=lambda: now[0])
-    assert calls == ["a", "a", "b", "b"] * 2
+    bench._time_rounds([a, b], runs, 2, clock=lambda: now[0], sleep=lambda s: calls.append(("pause", s)))
+    pause = ("pause", bench.SETTLE_S)
+    assert calls == [pause, "a", "a", pause, "b", "b"] * 2
     assert a.times == [1.0, 2.0] and b.times == [3.0, 4.0]
+    assert bench.SETTLE_S >= 0.05  # onnxruntime's workers spin ~50 ms after a run
 
 
 def test_peers_reject_unknown_names_and_say_what_is_missing(monkeypatch):
