@@ -10,23 +10,17 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "gemm_plan.h"
 
 namespace resnet_fused {
 namespace {
 
-void check_float_cpu(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-}
+using cpu::check_float_cpu;
 
 at::Tensor conv1x1_weight_cpu(const at::Tensor& weight) {
-  check_float_cpu("conv1x1_weight", weight, "weight");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1,
-              "conv1x1_weight: weight must be (K, C, 1, 1), got ", weight.sizes());
+  cpu::check_gemm_weight("conv1x1_weight", weight, 1, 1, cpu::gemm::kColumns);
   const int64_t K = weight.size(0), C = weight.size(1);
-  TORCH_CHECK(K % cpu::gemm::kColumns == 0, "conv1x1_weight: output channels must be a multiple of ",
-              cpu::gemm::kColumns, ", got K=", K);
   // panels of 64 output channels (gemm.h kPanel), the last one narrower:
   // B (C x K) is the weight transposed
   const at::Tensor w = weight.contiguous();

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "clones.h"
+#include "checks.h"
 #include "gemm_plan.h"
 
 // The helpers below pass 64-byte vectors by value; they are always inlined
@@ -165,18 +166,11 @@ RF_CPU_CLONES void transform_outputs(const float* M, const float* bias, const fl
   }
 }
 
-void check_float_cpu(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-}
+using cpu::check_float_cpu;
 
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
-  check_float_cpu("winograd_weight", weight, "weight");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
-              "winograd_weight: weight must be (K, C, 3, 3), got ", weight.sizes());
+  cpu::check_gemm_weight("winograd_weight", weight, 3, 3, cpu::gemm::kColumns);
   const int64_t K = weight.size(0), C = weight.size(1);
-  TORCH_CHECK(K % cpu::gemm::kColumns == 0, "winograd_weight: output channels must be a multiple of ",
-              cpu::gemm::kColumns, ", got K=", K);
   const at::Tensor w = weight.to(at::kDouble).contiguous();
   at::Tensor v = at::empty({kPoints, C, K}, weight.options().dtype(at::kDouble));
   const double* src = w.data_ptr<double>();
