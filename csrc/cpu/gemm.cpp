@@ -23,7 +23,7 @@ struct Kernel {
 };
 
 bool cpu_has(const char* isa) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if RF_GEMM_X86
   __builtin_cpu_init();
   if (std::strcmp(isa, "avx512") == 0) return __builtin_cpu_supports("avx512f");
   if (std::strcmp(isa, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -32,7 +32,7 @@ bool cpu_has(const char* isa) {
 }
 
 Kernel kernel_for(const std::string& isa) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if RF_GEMM_X86
   if (isa == "avx512") return {"avx512", &block_avx512};
   if (isa == "avx2") return {"avx2", &block_avx2};
 #endif

@@ -19,6 +19,14 @@
 
 #include <cstdint>
 
+// The vector kernels are compiled with GCC's `#pragma GCC target` (x86-64);
+// elsewhere (another compiler or architecture) only the generic one exists.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RF_GEMM_X86 1
+#else
+#define RF_GEMM_X86 0
+#endif
+
 namespace resnet_fused {
 namespace cpu {
 namespace gemm {

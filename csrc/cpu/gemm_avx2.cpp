@@ -1,12 +1,12 @@
 // gemm_kernel.h for AVX2 with FMA: 6 rows x 16 columns per tile (12 ymm
 // accumulators, 2 for B, 1 broadcast).
-#include <immintrin.h>
-
 #include <utility>
 
 #include "gemm.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if RF_GEMM_X86
+#include <immintrin.h>
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #include "gemm_kernel.h"

@@ -1,12 +1,12 @@
 // gemm_kernel.h for AVX-512: 6 rows x 64 columns per tile (24 zmm
 // accumulators, 4 for B, 1 broadcast).
-#include <immintrin.h>
-
 #include <utility>
 
 #include "gemm.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if RF_GEMM_X86
+#include <immintrin.h>
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 // GCC 12 flags _mm512_undefined_ps inside its own intrinsics header
