@@ -273,16 +273,19 @@ def test_models_run_their_1x1_convolutions_on_it(arch):
 
 
 @pytest.mark.parametrize("value, used", [("0", False), ("off", False), ("1", True)])
-def test_the_environment_variable_keeps_1x1_convolutions_on_onednn(value, used):
+def test_the_environment_variable_keeps_1x1_convolutions_on_onednn(value, used, tmp_path):
     code = (
         "import torch, resnet_fused\n"
+        "from resnet_fused.ops import extension\n"
         "from resnet_fused.ops.cpu import onednn\n"
         "conv = torch.nn.Conv2d(32, 64, 1)\n"
-        "print(onednn._gemm_fits(conv, torch.float32))\n"
+        "print(extension.is_loaded(), onednn._gemm_fits(conv, torch.float32))\n"
     )
     env = dict(os.environ, RESNET_FUSED_CPU_GEMM=value)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == str(used and extension.cpu_gemm_isa() != "generic")
+    # run outside the repository: from its root, `import resnet_fused` finds the uncompiled sources
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    assert out.stdout.strip().splitlines()[-1] == f"True {used and extension.cpu_gemm_isa() != 'generic'}"
 
 
 @pytest.mark.parametrize(
