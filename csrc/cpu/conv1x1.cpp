@@ -4,7 +4,7 @@
 // applied before the one store. Channels_last makes a 1x1 convolution a
 // product of the (pixels x C) activations, read in place (every s-th pixel
 // of every s-th row for stride s), and the (C x K) weights, packed once into
-// panels of 16 output channels (conv1x1_weight). The packed layout does not
+// panels of 64 output channels (conv1x1_weight). The packed layout does not
 // depend on the input size, so one packing serves every batch and map size.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -61,16 +61,11 @@ Shapes check_conv1x1(const char* op, const at::Tensor& x, const at::Tensor& weig
 cpu::gemm::Problem problem(const Shapes& s, const at::Tensor& xc, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const float* residual, float* out, bool relu,
                            int64_t stride) {
-  cpu::gemm::Problem p;
-  p.rows = {xc.data_ptr<float>(), s.C, stride, s.H, s.W, s.P, s.Q};
-  p.K = s.C;
-  p.b = weight.data_ptr<float>();
-  p.N = s.K;
+  const cpu::gemm::Rows rows{xc.data_ptr<float>(), s.C, stride, s.H, s.W, s.P, s.Q};
+  cpu::gemm::Problem p = cpu::gemm::product(rows, s.C, weight.data_ptr<float>(), s.K, out, s.K);
   p.bias = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   p.residual = residual;
   p.ldr = s.K;
-  p.c = out;
-  p.ldc = s.K;
   p.relu = relu;
   return p;
 }
@@ -109,7 +104,7 @@ void conv1x1_add_cpu(at::Tensor& residual, const at::Tensor& x, const at::Tensor
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   // partial sums over k blocks go through the output before the epilogue
   // reads the residual there: give those products a buffer of their own
-  const bool blocked = cpu::gemm::plan(s.N * s.P * s.Q, s.K, s.C).kc < s.C;
+  const bool blocked = cpu::gemm::k_block(s.C) < s.C;
   TORCH_CHECK(at::get_overlap_status(residual, xc) == at::MemOverlapStatus::No,
               "conv1x1_add_: residual must not share memory with x");
   at::Tensor out = blocked ? at::empty_like(residual) : residual;

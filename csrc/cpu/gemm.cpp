@@ -83,18 +83,37 @@ void set_isa(const std::string& name) {
   g_kernel.store(i, std::memory_order_relaxed);
 }
 
-Plan plan(int64_t M, int64_t N, int64_t K) {
-  // k blocks: whole up to 1024 (the accumulators never leave registers);
-  // beyond, equal blocks of at most 512 whose partial sums go through C
+namespace {
+// tasks per thread, where the rows and columns allow: spreads what a busy
+// core or a ragged last task would hold up
+constexpr int64_t kWant = 4;
+
+// C[m0:m1, n0:n1] over every k block, in order (once with K = 0: the
+// epilogue of zero sums)
+void all_k_blocks(const Kernel& kernel, const Problem& p, int64_t kc, int64_t m0, int64_t m1, int64_t n0,
+                  int64_t n1) {
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = std::min(p.K, k0 + kc);
+    kernel.fn(p, m0, m1, n0, n1, k0, k1);
+    k0 = k1;
+  } while (k0 < p.K);
+}
+}  // namespace
+
+int64_t k_block(int64_t K) {
+  // whole up to 1024 (the accumulators never leave registers); beyond,
+  // equal blocks of at most 512 whose partial sums go through C
   constexpr int64_t kMaxWhole = 1024, kBlock = 512;
+  const int64_t kblocks = K <= kMaxWhole ? 1 : (K + kBlock - 1) / kBlock;
+  return std::max<int64_t>(1, (K + kblocks - 1) / kblocks);
+}
+
+Plan plan(int64_t M, int64_t N, int64_t K) {
   // a task's block of B: 256 KB, within L2 on every x86 core with AVX2
   constexpr int64_t kBBytes = 256 << 10;
-  // tasks per thread, where the rows and columns allow: spreads what a busy
-  // core or a ragged last task would hold up
-  constexpr int64_t kWant = 4;
   Plan pl;
-  const int64_t kblocks = K <= kMaxWhole ? 1 : (K + kBlock - 1) / kBlock;
-  pl.kc = std::max<int64_t>(1, (K + kblocks - 1) / kblocks);
+  pl.kc = k_block(K);
   // columns: a task's block of B (kc x nc) stays in L2 while all its rows
   // pass over it, each tile of rows going over all of it from L1
   const int64_t units = (N + 63) / 64;  // 64 columns: one AVX-512 tile
@@ -120,12 +139,7 @@ void run(const Problem& p, int64_t M, int64_t N) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m0 = (t / n_tasks) * pl.mc, n0 = (t % n_tasks) * pl.nc;
       const int64_t m1 = std::min(M, m0 + pl.mc), n1 = std::min(N, n0 + pl.nc);
-      int64_t k0 = 0;
-      do {  // once with K = 0: the epilogue of zero sums
-        const int64_t k1 = std::min(p.K, k0 + pl.kc);
-        kernel.fn(p, m0, m1, n0, n1, k0, k1);
-        k0 = k1;
-      } while (k0 < p.K);
+      all_k_blocks(kernel, p, pl.kc, m0, m1, n0, n1);
     }
   });
 }
@@ -133,23 +147,18 @@ void run(const Problem& p, int64_t M, int64_t N) {
 void run_batch(const Problem* problems, int64_t count, int64_t M, int64_t N) {
   if (M == 0 || N == 0 || count == 0) return;
   const Kernel kernel = current();
-  const int64_t kc = plan(M, N, problems[0].K).kc;
+  const int64_t kc = k_block(problems[0].K);
   // every product whole (its B read by one thread), the rows cut only where
   // the products alone are too few to keep every thread busy
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t tiles = (M + 5) / 6;
-  const int64_t splits = std::min(tiles, (threads * 4 + count - 1) / count);
+  const int64_t splits = std::min(tiles, (threads * kWant + count - 1) / count);
   const int64_t mc = ((tiles + splits - 1) / splits) * 6;
   at::parallel_for(0, count * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const Problem& p = problems[t / splits];
       const int64_t m0 = (t % splits) * mc, m1 = std::min(M, m0 + mc);
-      int64_t k0 = 0;
-      do {
-        const int64_t k1 = std::min(p.K, k0 + kc);
-        kernel.fn(p, m0, m1, 0, N, k0, k1);
-        k0 = k1;
-      } while (k0 < p.K);
+      all_k_blocks(kernel, p, kc, m0, m1, 0, N);
     }
   });
 }

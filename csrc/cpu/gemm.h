@@ -47,6 +47,8 @@ struct Rows {
   int64_t lda;
   int64_t stride;  // 1, or the 1x1 convolution's stride
   int64_t H, W, P, Q;
+  // a row-major matrix, rows lda floats apart
+  static Rows matrix(const float* a, int64_t lda) { return {a, lda, 1, 0, 0, 0, 0}; }
   const float* row(int64_t m) const {
     if (stride == 1) return a + m * lda;
     const int64_t q = m % Q, t = m / Q, p = t % P, n = t / P;
@@ -66,6 +68,11 @@ struct Problem {
   int64_t ldc;
   bool relu;
 };
+
+// C = A·B over K, no epilogue (bias, residual and ReLU set after, where wanted)
+inline Problem product(const Rows& rows, int64_t K, const float* b, int64_t N, float* c, int64_t ldc) {
+  return {rows, K, b, N, nullptr, nullptr, 0, c, ldc, false};
+}
 
 // C[m0:m1, n0:n1] for k in [k0, k1): the accumulators start at 0 when k0 is
 // 0, else from C (the partial sums the block before stored); the epilogue

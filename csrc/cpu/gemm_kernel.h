@@ -5,7 +5,7 @@
 // vector width L (floats), MR (rows per tile) and NP (16-column groups per
 // tile, within one panel of B).
 //
-// A tile of MR rows x NP * kPanel columns keeps its MR x NP * kPanel / L
+// A tile of MR rows x NP * kColumns columns keeps its MR x NP * kColumns / L
 // accumulators in registers over its k block: per k, one vector load per L
 // columns of B, one broadcast per row of A, then a fused multiply-add per
 // accumulator — the sum over k of each output is the same chain of

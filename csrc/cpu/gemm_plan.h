@@ -16,6 +16,9 @@ struct Plan {
   int64_t kc, mc, nc;
 };
 Plan plan(int64_t M, int64_t N, int64_t K);
+// The k block of a product over K (Plan::kc): less than K where partial sums
+// go through the output.
+int64_t k_block(int64_t K);
 
 // The whole product, on at::parallel_for's threads. N must be a multiple of
 // kColumns. With K = 0 the output is the epilogue of zero sums.

@@ -251,19 +251,9 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
       transform_inputs(xp, zeros.data(), g, t0, t1, begin, end, U);
     });
     cpu::gemm::Problem products[kPoints];
-    for (int64_t p = 0; p < kPoints; ++p) {
-      cpu::gemm::Problem& q = products[p];
-      q.rows = {U + p * rows * C, C, 1, 0, 0, 0, 0};
-      q.K = C;
-      q.b = wp + p * C * K;
-      q.N = K;
-      q.bias = nullptr;
-      q.residual = nullptr;
-      q.ldr = 0;
-      q.c = M + p * rows * K;
-      q.ldc = K;
-      q.relu = false;
-    }
+    for (int64_t p = 0; p < kPoints; ++p)
+      products[p] = cpu::gemm::product(cpu::gemm::Rows::matrix(U + p * rows * C, C), C, wp + p * C * K, K,
+                                       M + p * rows * K, K);
     cpu::gemm::run_batch(products, kPoints, rows, K);
     at::parallel_for(t0, t1, 1, [&](int64_t begin, int64_t end) {
       transform_outputs(M, bp, rp, relu, g, t0, t1, begin, end, yp);
