@@ -17,7 +17,10 @@ namespace gemm {
 namespace {
 struct Avx2 {
   using reg = __m256;
-  static constexpr int L = 8, MR = 6, NP = 1;
+  // BAhead 32: measured best of 16/32/48 on a Zen 3 (batch 1's cold weights
+  // 3-14% faster; batch 8 unchanged; every tile ahead instead of the first
+  // only cost batch 8 up to 8%)
+  static constexpr int L = 8, MR = 6, NP = 1, BAhead = 32;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }

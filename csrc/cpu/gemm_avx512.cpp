@@ -19,7 +19,7 @@ namespace gemm {
 namespace {
 struct Avx512 {
   using reg = __m512;
-  static constexpr int L = 16, MR = 6, NP = 4;
+  static constexpr int L = 16, MR = 6, NP = 4, BAhead = 0;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }

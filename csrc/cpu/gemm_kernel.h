@@ -2,8 +2,9 @@
 // compiled by each ISA file inside its `#pragma GCC target` region (so it
 // must include nothing but gemm.h: a header compiled here would be compiled
 // for this ISA). Traits I give the vector type and its operations, the
-// vector width L (floats), MR (rows per tile) and NP (16-column groups per
-// tile, within one panel of B).
+// vector width L (floats), MR (rows per tile), NP (16-column groups per
+// tile, within one panel of B) and BAhead (how many k steps ahead the first
+// tile over a block of B fetches B's lines; 0: not at all).
 //
 // A tile of MR rows x NP * kColumns columns keeps its MR x NP * kColumns / L
 // accumulators in registers over its k block: per k, one vector load per L
@@ -22,8 +23,11 @@ namespace {
 // `next`: the rows of the tile after this one (or null), fetched into cache
 // a line per row every 16 k, so that their loads do not stall the next
 // tile; the lines this tile's epilogue reads and writes are fetched at its
-// start.
-template <class I, int MR, int NP>
+// start. `ColdB`: this tile is the first over its block of B, which then
+// comes from memory (at batch 1 every weight is read once per forward and
+// the whole model's weights exceed L3), so B's lines are fetched I::BAhead
+// k steps before their loads.
+template <class I, int MR, int NP, bool ColdB = false>
 __attribute__((always_inline)) inline void tile(const Problem& p, const float* const* rows, const float* const* next,
                                                 int64_t m, int64_t n, int64_t k0, int64_t k1) {
   using R = typename I::reg;
@@ -50,7 +54,12 @@ __attribute__((always_inline)) inline void tile(const Problem& p, const float* c
       }
   }
   const int64_t kc = k1 - k0;
+  const int64_t k_ahead_end = kc - I::BAhead;  // below it, the line BAhead steps ahead is in this k block
   auto step = [&](int64_t k) __attribute__((always_inline)) {
+    if constexpr (ColdB) {
+      if (k < k_ahead_end)
+        for (int q = 0; q < NP; ++q) __builtin_prefetch(b + (k + I::BAhead) * ldb + q * kColumns);
+    }
     R bv[NV];
     for (int q = 0; q < NP; ++q)
       for (int v = 0; v < VP; ++v) bv[q * VP + v] = I::load(b + k * ldb + q * kColumns + v * I::L);
@@ -127,7 +136,9 @@ void block(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int
     for (int64_t n = n0; n < n1; n += NW) {
       const float* const* next = full_next && n == n0 ? rows[cur ^ 1] : nullptr;
       const int64_t np = (n1 - n) / kColumns < I::NP ? (n1 - n) / kColumns : I::NP;
-      if (mr == I::MR && np == I::NP)
+      if (mr == I::MR && np == I::NP && m == m0)
+        tile<I, I::MR, I::NP, (I::BAhead > 0)>(p, rows[cur], next, m, n, k0, k1);
+      else if (mr == I::MR && np == I::NP)
         tile<I, I::MR, I::NP>(p, rows[cur], next, m, n, k0, k1);
       else
         tiles.table[mr - 1][np - 1](p, rows[cur], next, m, n, k0, k1);
