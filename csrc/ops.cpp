@@ -10,6 +10,7 @@
 
 #include "cpu/bn_reduce_host.h"
 #include "cpu/gemm_plan.h"
+#include "cpu/output_cache.h"
 
 namespace resnet_fused {
 namespace cpu {
@@ -120,6 +121,12 @@ PyObject* cpu_gemm_isa(PyObject*, PyObject* args) {
   }
 }
 
+// cpu_output_cache_bytes() -> int: the bytes of freed output blocks the CPU
+// kernels hold for reuse (csrc/cpu/output_cache.h): for tests.
+PyObject* cpu_output_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(resnet_fused::cpu::output_cache_bytes());
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How resnet_fused._C was built: {'openmp': bool, 'cpu_targets': str}."},
     {"same_values", same_values, METH_VARARGS,
@@ -130,6 +137,8 @@ PyMethodDef methods[] = {
     {"cpu_gemm_isa", cpu_gemm_isa, METH_VARARGS,
      "cpu_gemm_isa(isa=None): the CPU GEMM kernel in use ('avx512', 'avx2', 'generic'); with isa, switch "
      "to it first ('' picks the best this CPU has)."},
+    {"cpu_output_cache_bytes", cpu_output_cache_bytes, METH_NOARGS,
+     "cpu_output_cache_bytes(): bytes of freed CPU kernel outputs kept for reuse (at most 256 MB)."},
     {nullptr, nullptr, 0, nullptr},
 };
 }  // namespace
@@ -137,7 +146,8 @@ PyMethodDef methods[] = {
 extern "C" {
 // Importing resnet_fused._C loads this library, which runs the TORCH_LIBRARY
 // registrations below; the Python module only has build_info(),
-// same_values(), bn_reduce_on_host() and cpu_gemm_isa().
+// same_values(), bn_reduce_on_host(), cpu_gemm_isa() and
+// cpu_output_cache_bytes().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods,

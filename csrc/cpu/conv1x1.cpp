@@ -12,6 +12,7 @@
 
 #include "checks.h"
 #include "gemm_plan.h"
+#include "output_cache.h"
 
 namespace resnet_fused {
 namespace {
@@ -85,7 +86,7 @@ at::Tensor conv1x1_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
     residual = residual_opt->contiguous(at::MemoryFormat::ChannelsLast);
   }
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor y = at::empty({s.N, s.K, s.P, s.Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = cpu::empty_output({s.N, s.K, s.P, s.Q}, x.options(), at::MemoryFormat::ChannelsLast);
   const cpu::gemm::Problem p = problem(s, xc, weight, bias, residual.defined() ? residual.data_ptr<float>() : nullptr,
                                        y.data_ptr<float>(), relu, stride);
   cpu::gemm::run(p, s.N * s.P * s.Q, s.K);
@@ -107,7 +108,7 @@ void conv1x1_add_cpu(at::Tensor& residual, const at::Tensor& x, const at::Tensor
   const bool blocked = cpu::gemm::k_block(s.C) < s.C;
   TORCH_CHECK(at::get_overlap_status(residual, xc) == at::MemOverlapStatus::No,
               "conv1x1_add_: residual must not share memory with x");
-  at::Tensor out = blocked ? at::empty_like(residual) : residual;
+  at::Tensor out = blocked ? cpu::empty_output(residual.sizes(), residual.options(), at::MemoryFormat::ChannelsLast) : residual;
   const cpu::gemm::Problem p = problem(s, xc, weight, bias, residual.data_ptr<float>(), out.data_ptr<float>(), relu, stride);
   cpu::gemm::run(p, s.N * s.P * s.Q, s.K);
   if (blocked) residual.copy_(out);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "output_cache.h"
 
 namespace resnet_fused {
 namespace {
@@ -72,7 +73,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::
   if (!(C > 1 && H * W > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast))) {
     return at::max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode);
   }
-  at::Tensor out = at::empty({N, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = cpu::empty_output({N, C, OH, OW}, x.options(), at::MemoryFormat::ChannelsLast);
   if (out.numel() == 0) return out;
   const int64_t KH = kernel_size[0], KW = kernel_size[1];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_cpu", [&] {

@@ -40,6 +40,7 @@
 #include "clones.h"
 #include "checks.h"
 #include "gemm_plan.h"
+#include "output_cache.h"
 
 // The helpers below pass 64-byte vectors by value; they are always inlined
 // into the target clones, so no call crosses an ABI boundary.
@@ -223,7 +224,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
   }
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor y = at::empty({N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = cpu::empty_output({N, K, H, W}, x.options(), at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return channels_last ? y : y.contiguous();
 
   const Geometry g{N, H, W, C, K, (H + kTile - 1) / kTile, (W + kTile - 1) / kTile};

@@ -247,6 +247,16 @@ def cpu_gemm_isa(isa: Optional[str] = None) -> str:
     return _C.cpu_gemm_isa() if isa is None else _C.cpu_gemm_isa(isa)
 
 
+def cpu_output_cache_bytes() -> int:
+    """Bytes the CPU inference kernels hold for reuse: blocks of 1 MB or
+    more that their outputs (conv1x1, winograd_conv3x3, max_pool2d) freed,
+    kept for the next output of the same size so it needs no new pages; at
+    most 256 MB, the oldest given back first (csrc/cpu/output_cache.h)."""
+    if _C is None:
+        raise RuntimeError(f"cpu_output_cache_bytes needs resnet_fused._C, which could not be loaded ({load_error})")
+    return _C.cpu_output_cache_bytes()
+
+
 # act(conv1x1(x) + bias + residual) with stride s, weight from conv1x1_weight;
 # fp32 CPU; the output in x's memory format (conv1x1_add_: written into the
 # channels_last residual); no autograd.
