@@ -18,8 +18,8 @@ namespace {
 struct Avx2 {
   using reg = __m256;
   // BAhead 32: measured best of 16/32/48 on a Zen 3 (batch 1's cold weights
-  // 3-14% faster; batch 8 unchanged; every tile ahead instead of the first
-  // only cost batch 8 up to 8%)
+  // 3-10% faster; batch 8 unchanged; every tile ahead instead of the first
+  // only cost batch 8 8.6%; docs/performance.md)
   static constexpr int L = 8, MR = 6, NP = 1, BAhead = 32;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
