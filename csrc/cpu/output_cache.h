@@ -2,8 +2,8 @@
 // max_pool.cpp) from a small cache of freed blocks. glibc serves a block of
 // at least its mmap threshold (which rises to the largest block freed so far,
 // up to 32 MB) by a fresh mmap, so a batch-8 forward's 25 MB activations
-// were new pages on every call: each first write a page fault (about 5% of a
-// resnet50 batch-8 forward on a 2-core VM). A block of 1 MB or more that a
+// were new pages on every call: each first write a page fault (system time of
+// 3-10% of a resnet50 batch-8 forward on a 2-core VM; docs/performance.md). A block of 1 MB or more that a
 // tensor from here frees is kept for the next output of the same byte size
 // (the most recently freed such block first: the likeliest still in cache);
 // at most kMaxCachedBytes (256 MB) are kept, the oldest blocks freed first

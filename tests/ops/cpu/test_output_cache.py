@@ -110,3 +110,15 @@ def test_stays_within_its_bound():
     out = ops.conv1x1(x, packed, bias, None, False, 1)
     assert extension.cpu_output_cache_bytes() == held - sizes[-1]
     del out
+
+
+def test_a_block_larger_than_the_bound_is_freed_not_kept():
+    # 64 x 1040² output floats: 264 MB, more than the cache may hold at all
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 16, 1, 1, generator=g) / 4
+    x = torch.randn(1, 16, 1040, 1040, generator=g).to(memory_format=torch.channels_last)
+    out = ops.conv1x1(x, extension.conv1x1_weight(weight), torch.zeros(64), None, False, 1)
+    assert out.numel() * 4 > BOUND
+    held = extension.cpu_output_cache_bytes()
+    del out
+    assert extension.cpu_output_cache_bytes() == held
