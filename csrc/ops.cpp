@@ -127,6 +127,32 @@ PyObject* cpu_output_cache_bytes(PyObject*, PyObject*) {
   return PyLong_FromSize_t(resnet_fused::cpu::output_cache_bytes());
 }
 
+// cpu_gemm_ahead(K, N, n0, n1, k0, k1) -> [(first, lines), ...]: the spans
+// of cache lines that a block fetches for the block of B (packed K x N, at a
+// 64-byte aligned address) that C[:, n0:n1] reads over k in [k0, k1)
+// (gemm.h Ahead), each as its first float's offset from B and its lines: for
+// tests.
+PyObject* cpu_gemm_ahead(PyObject*, PyObject* args) {
+  long long K, N, n0, n1, k0, k1;
+  if (!PyArg_ParseTuple(args, "LLLLLL", &K, &N, &n0, &n1, &k0, &k1)) return nullptr;
+  if (!(K >= 0 && N >= 0 && 0 <= n0 && n0 <= n1 && n1 <= N && n0 % resnet_fused::cpu::gemm::kPanel == 0 && 0 <= k0 &&
+        k0 <= k1 && k1 <= K)) {
+    PyErr_Format(PyExc_ValueError,
+                 "cpu_gemm_ahead: expected 0 <= n0 <= n1 <= N with n0 a multiple of 64 and 0 <= k0 <= k1 <= K, got "
+                 "K=%lld N=%lld n0=%lld n1=%lld k0=%lld k1=%lld", K, N, n0, n1, k0, k1);
+    return nullptr;
+  }
+  alignas(64) static const float base[16] = {};  // never read: its address anchors the offsets
+  resnet_fused::cpu::gemm::Problem p{};
+  p.K = K, p.N = N, p.b = base;
+  const auto a = resnet_fused::cpu::gemm::ahead_of(p, n0, n1, k0, k1);
+  PyObject* out = PyList_New(a.spans);
+  for (int s = 0; s < a.spans; ++s)
+    PyList_SET_ITEM(out, s, Py_BuildValue("(LL)", (long long)((a.begin[s] - reinterpret_cast<const char*>(base)) / 4),
+                                          (long long)a.lines[s]));
+  return out;
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How resnet_fused._C was built: {'openmp': bool, 'cpu_targets': str}."},
     {"same_values", same_values, METH_VARARGS,
@@ -137,6 +163,9 @@ PyMethodDef methods[] = {
     {"cpu_gemm_isa", cpu_gemm_isa, METH_VARARGS,
      "cpu_gemm_isa(isa=None): the CPU GEMM kernel in use ('avx512', 'avx2', 'generic'); with isa, switch "
      "to it first ('' picks the best this CPU has)."},
+    {"cpu_gemm_ahead", cpu_gemm_ahead, METH_VARARGS,
+     "cpu_gemm_ahead(K, N, n0, n1, k0, k1): the (first float, lines) spans a GEMM block fetches for that "
+     "block of B, for tests."},
     {"cpu_output_cache_bytes", cpu_output_cache_bytes, METH_NOARGS,
      "cpu_output_cache_bytes(): bytes of freed CPU kernel outputs kept for reuse (at most 256 MB)."},
     {nullptr, nullptr, 0, nullptr},
@@ -146,7 +175,7 @@ PyMethodDef methods[] = {
 extern "C" {
 // Importing resnet_fused._C loads this library, which runs the TORCH_LIBRARY
 // registrations below; the Python module only has build_info(),
-// same_values(), bn_reduce_on_host(), cpu_gemm_isa() and
+// same_values(), bn_reduce_on_host(), cpu_gemm_isa(), cpu_gemm_ahead() and
 // cpu_output_cache_bytes().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {

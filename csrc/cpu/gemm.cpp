@@ -88,14 +88,28 @@ namespace {
 // core or a ragged last task would hold up
 constexpr int64_t kWant = 4;
 
+// The block of B a thread runs after C[:, n0:n1]'s last k block: the first
+// k block of `next` over columns [nn0, nn1), or none (null `next`)
+struct After {
+  const Problem* next;
+  int64_t nn0, nn1;
+};
+
 // C[m0:m1, n0:n1] over every k block, in order (once with K = 0: the
-// epilogue of zero sums)
+// epilogue of zero sums), each block fetching the next one's B meanwhile
+// (gemm.h Ahead): its next k block, else `after`'s — where that is another
+// block of B (the same block would still be in L2)
 void all_k_blocks(const Kernel& kernel, const Problem& p, int64_t kc, int64_t m0, int64_t m1, int64_t n0,
-                  int64_t n1) {
+                  int64_t n1, const After& after) {
   int64_t k0 = 0;
   do {
     const int64_t k1 = std::min(p.K, k0 + kc);
-    kernel.fn(p, m0, m1, n0, n1, k0, k1);
+    Ahead ahead;
+    if (k1 < p.K)
+      ahead = ahead_of(p, n0, n1, k1, std::min(p.K, k1 + kc));
+    else if (after.next && (after.next->b != p.b || after.nn0 != n0 || k0 > 0))
+      ahead = ahead_of(*after.next, after.nn0, after.nn1, 0, std::min(after.next->K, kc));
+    kernel.fn(p, m0, m1, n0, n1, k0, k1, ahead.total > 0 ? &ahead : nullptr);
     k0 = k1;
   } while (k0 < p.K);
 }
@@ -139,7 +153,9 @@ void run(const Problem& p, int64_t M, int64_t N) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m0 = (t / n_tasks) * pl.mc, n0 = (t % n_tasks) * pl.nc;
       const int64_t m1 = std::min(M, m0 + pl.mc), n1 = std::min(N, n0 + pl.nc);
-      all_k_blocks(kernel, p, pl.kc, m0, m1, n0, n1);
+      const int64_t nn0 = ((t + 1) % n_tasks) * pl.nc;  // the thread's next task's columns
+      const After after{t + 1 < end ? &p : nullptr, nn0, std::min(N, nn0 + pl.nc)};
+      all_k_blocks(kernel, p, pl.kc, m0, m1, n0, n1, after);
     }
   });
 }
@@ -158,7 +174,8 @@ void run_batch(const Problem* problems, int64_t count, int64_t M, int64_t N) {
     for (int64_t t = begin; t < end; ++t) {
       const Problem& p = problems[t / splits];
       const int64_t m0 = (t % splits) * mc, m1 = std::min(M, m0 + mc);
-      all_k_blocks(kernel, p, kc, m0, m1, 0, N);
+      const After after{t + 1 < end ? &problems[(t + 1) / splits] : nullptr, 0, N};
+      all_k_blocks(kernel, p, kc, m0, m1, 0, N, after);
     }
   });
 }

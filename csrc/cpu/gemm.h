@@ -74,15 +74,57 @@ inline Problem product(const Rows& rows, int64_t K, const float* b, int64_t N, f
   return {rows, K, b, N, nullptr, nullptr, 0, c, ldc, false};
 }
 
+// The lines of B that a block fetches into cache while it runs: those of the
+// block its thread runs next (gemm.cpp), so that block does not meet its B
+// cold (at batch 1 every weight comes from memory once per forward). At
+// most kSpans contiguous spans (one per panel) and kBytes in all; the tiles
+// spread the fetches over their k steps, in 16-step chunks. Only a block of
+// at most kMaxPasses row tiles fetches: there the first pass over B, which
+// waits on memory, is a large part of the block (batch 1: the Winograd
+// products of a 14x14 map 0.75-0.85x the time, resnet50 0.95x); with more
+// rows the fetched lines only crowd the block's own B out of L2 (batch 8's
+// 1x1 shapes 1.03-1.04x the time when every block fetched; docs/performance.md).
+struct Ahead {
+  static constexpr int kSpans = 16;
+  static constexpr int64_t kBytes = 256 << 10;
+  static constexpr int64_t kMaxPasses = 12;
+  const char* begin[kSpans];
+  int64_t lines[kSpans];  // 64-byte lines from begin[s]
+  int spans = 0;
+  int64_t total = 0;  // lines over all spans
+};
+
+// The block of B that C[:, n0:n1] reads for k in [k0, k1) (n0 a multiple of
+// kPanel), as Ahead's spans: its rows of each panel, panel by panel, cut at
+// Ahead::kBytes.
+inline Ahead ahead_of(const Problem& p, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+  Ahead a;
+  int64_t room = Ahead::kBytes / 64;
+  for (int64_t panel = n0; panel < n1 && a.spans < Ahead::kSpans && room > 0 && k1 > k0; panel += kPanel) {
+    const int64_t w = p.N - panel < kPanel ? p.N - panel : kPanel;
+    const char* first = reinterpret_cast<const char*>(p.b + panel * p.K + k0 * w);
+    const char* last = reinterpret_cast<const char*>(p.b + panel * p.K + k1 * w);
+    const uintptr_t line0 = reinterpret_cast<uintptr_t>(first) & ~uintptr_t(63);
+    int64_t lines = static_cast<int64_t>((reinterpret_cast<uintptr_t>(last) - line0 + 63) / 64);
+    lines = lines < room ? lines : room;
+    a.begin[a.spans] = reinterpret_cast<const char*>(line0);
+    a.lines[a.spans++] = lines;
+    a.total += lines;
+    room -= lines;
+  }
+  return a;
+}
+
 // C[m0:m1, n0:n1] for k in [k0, k1): the accumulators start at 0 when k0 is
 // 0, else from C (the partial sums the block before stored); the epilogue
 // runs when k1 is K, else the partial sums are stored. n0 and n1 are
-// multiples of kColumns.
-using BlockFn = void (*)(const Problem&, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1);
+// multiples of kColumns. `ahead` (or null): lines to fetch meanwhile.
+using BlockFn = void (*)(const Problem&, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                         const Ahead* ahead);
 
-void block_avx512(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
-void block_avx2(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
-void block_generic(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+void block_avx512(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const Ahead*);
+void block_avx2(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const Ahead*);
+void block_generic(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const Ahead*);
 
 }  // namespace gemm
 }  // namespace cpu

@@ -31,8 +31,9 @@ struct Avx512 {
 };
 }  // namespace
 
-void block_avx512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
-  block<Avx512>(p, m0, m1, n0, n1, k0, k1);
+void block_avx512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                  const Ahead* ahead) {
+  block<Avx512>(p, m0, m1, n0, n1, k0, k1, ahead);
 }
 }  // namespace gemm
 }  // namespace cpu

@@ -26,10 +26,12 @@ namespace {
 // start. `ColdB`: this tile is the first over its block of B, which then
 // comes from memory (at batch 1 every weight is read once per forward and
 // the whole model's weights exceed L3), so B's lines are fetched I::BAhead
-// k steps before their loads.
+// k steps before their loads. `pf`: `pf_n` lines of the next block's B
+// (gemm.h Ahead), fetched one every kc / pf_n k steps.
 template <class I, int MR, int NP, bool ColdB = false>
 __attribute__((always_inline)) inline void tile(const Problem& p, const float* const* rows, const float* const* next,
-                                                int64_t m, int64_t n, int64_t k0, int64_t k1) {
+                                                int64_t m, int64_t n, int64_t k0, int64_t k1, const char* pf,
+                                                int64_t pf_n) {
   using R = typename I::reg;
   constexpr int VP = kColumns / I::L;  // vectors per 16 columns
   constexpr int NV = NP * VP;
@@ -69,13 +71,17 @@ __attribute__((always_inline)) inline void tile(const Problem& p, const float* c
     }
   };
   int64_t k = 0;
-  if (next) {
+  if (next || pf_n > 0) {
+    const int64_t chunks = kc / 16, per_chunk = chunks > 0 ? (pf_n + chunks - 1) / chunks : 0;
     for (; k + 16 <= kc; k += 16) {
-      for (int i = 0; i < MR; ++i) __builtin_prefetch(next[i] + k0 + k);
+      if (next)
+        for (int i = 0; i < MR; ++i) __builtin_prefetch(next[i] + k0 + k);
+      for (int64_t j = 0; j < per_chunk && pf_n > 0; ++j, --pf_n, pf += 64) __builtin_prefetch(pf, 0, 2);
       for (int64_t kk = k; kk < k + 16; ++kk) step(kk);
     }
   }
   for (; k < kc; ++k) step(k);
+  for (; pf_n > 0; --pf_n, pf += 64) __builtin_prefetch(pf, 0, 2);  // those kc steps did not reach
   if (k1 < p.K) {
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) I::store(p.c + (m + i) * p.ldc + n + j * I::L, acc[i][j]);
@@ -96,11 +102,12 @@ __attribute__((always_inline)) inline void tile(const Problem& p, const float* c
 
 template <class I, int MR, int NP>
 void tile_fn(const Problem& p, const float* const* rows, const float* const* next, int64_t m, int64_t n, int64_t k0,
-             int64_t k1) {
-  tile<I, MR, NP>(p, rows, next, m, n, k0, k1);
+             int64_t k1, const char* pf, int64_t pf_n) {
+  tile<I, MR, NP>(p, rows, next, m, n, k0, k1, pf, pf_n);
 }
 
-using TileFn = void (*)(const Problem&, const float* const*, const float* const*, int64_t, int64_t, int64_t, int64_t);
+using TileFn = void (*)(const Problem&, const float* const*, const float* const*, int64_t, int64_t, int64_t, int64_t,
+                        const char*, int64_t);
 
 template <class I, int MR, int... NPs>
 constexpr void fill_row(TileFn (&row)[I::NP], std::integer_sequence<int, NPs...>) {
@@ -118,11 +125,29 @@ struct Tiles {
 };
 
 // Tiles of rows in turn, each over all of the block's columns: the block of
-// B (kc x nc, gemm.cpp plan) stays in L2, the tile's rows in L1.
+// B (kc x nc, gemm.cpp plan) stays in L2, the tile's rows in L1. The lines
+// of `ahead` are shared out over the tiles, each tile's a contiguous run
+// within one span.
 template <class I>
-void block(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+void block(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+           const Ahead* ahead) {
   static constexpr Tiles<I> tiles(std::make_integer_sequence<int, I::MR>{});
   constexpr int64_t NW = I::NP * kColumns;
+  int64_t per_tile = 0, span = 0, done = 0;  // lines per tile; the span and line fetched next
+  const int64_t passes = (m1 - m0 + I::MR - 1) / I::MR;  // row tiles, each a pass over the block of B
+  if (ahead && ahead->total > 0 && passes <= Ahead::kMaxPasses) {
+    const int64_t count = passes * ((n1 - n0 + NW - 1) / NW);
+    const int64_t share = count > ahead->spans ? count - ahead->spans : 1;  // a span's end may waste a tile's share
+    per_tile = (ahead->total + share - 1) / share;
+  }
+  auto fetch = [&](const char*& pf) __attribute__((always_inline)) -> int64_t {
+    if (per_tile == 0 || span == ahead->spans) return 0;
+    const int64_t left = ahead->lines[span] - done, n = per_tile < left ? per_tile : left;
+    pf = ahead->begin[span] + done * 64;
+    done += n;
+    if (done == ahead->lines[span]) ++span, done = 0;
+    return n;
+  };
   const float* rows[2][I::MR];
   int cur = 0;
   int64_t mr = m1 - m0 < I::MR ? m1 - m0 : I::MR;
@@ -136,12 +161,14 @@ void block(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int
     for (int64_t n = n0; n < n1; n += NW) {
       const float* const* next = full_next && n == n0 ? rows[cur ^ 1] : nullptr;
       const int64_t np = (n1 - n) / kColumns < I::NP ? (n1 - n) / kColumns : I::NP;
+      const char* pf = nullptr;
+      const int64_t pf_n = fetch(pf);
       if (mr == I::MR && np == I::NP && m == m0)
-        tile<I, I::MR, I::NP, (I::BAhead > 0)>(p, rows[cur], next, m, n, k0, k1);
+        tile<I, I::MR, I::NP, (I::BAhead > 0)>(p, rows[cur], next, m, n, k0, k1, pf, pf_n);
       else if (mr == I::MR && np == I::NP)
-        tile<I, I::MR, I::NP>(p, rows[cur], next, m, n, k0, k1);
+        tile<I, I::MR, I::NP>(p, rows[cur], next, m, n, k0, k1, pf, pf_n);
       else
-        tiles.table[mr - 1][np - 1](p, rows[cur], next, m, n, k0, k1);
+        tiles.table[mr - 1][np - 1](p, rows[cur], next, m, n, k0, k1, pf, pf_n);
     }
     cur ^= 1;
     mr = mr_next;

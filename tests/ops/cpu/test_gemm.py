@@ -63,6 +63,7 @@ SHAPES = [
     (2, 64, 144, 8, 10, 3),      # stride 3
     (1, 1100, 32, 5, 6, 1),      # K > 1024: three blocks of k whose partial sums go through the output
     (2, 2048, 64, 3, 3, 1),      # ResNet-50's last reduce: four blocks of k
+    (1, 512, 512, 3, 3, 1),      # 9 rows, four blocks of B: each block fetches the next one's (gemm.h Ahead)
 ]
 
 
@@ -97,7 +98,7 @@ def test_weight_packing_is_the_documented_panel_layout():
     assert torch.equal(gemm_unpack(packed, 24, 80), w[:, :, 0, 0].t())
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[6]])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[6], SHAPES[7]])
 def test_every_kernel_and_thread_count_gives_the_same_bits(shape):
     """Each output is one fused multiply-add chain over the input channels
     in order, whatever the ISA's tile, the blocking or the thread split."""
@@ -119,6 +120,51 @@ def test_every_kernel_and_thread_count_gives_the_same_bits(shape):
     assert all(torch.equal(first, o) for o in outs.values()), sorted(outs)
     # and an fma chain it is: the generic kernel is std::fma, one rounding a step
     assert_equivalent(first, reference(x, weight, bias, res, True, stride), OP_TOL[torch.float32])
+
+
+def block_lines(K, N, n0, n1, k0, k1):
+    """The 64-byte lines (of a B at an aligned address) holding the packed
+    rows k0..k1 of the panels that columns n0..n1 fall in, panel by panel."""
+    lines = []
+    for panel in range(n0, n1, 64):
+        w = min(64, N - panel)
+        first, last = panel * K + k0 * w, panel * K + k1 * w  # floats
+        lines += [line for line in range(first // 16, (last + 15) // 16) if line not in lines[-1:]]
+    return lines
+
+
+@pytest.mark.parametrize("K, N, n0, n1, k0, k1", [
+    (256, 256, 0, 256, 0, 256),     # a Winograd product of a 256-channel layer: 256 KB, four panels
+    (64, 80, 0, 80, 0, 64),         # a panel of 64 and one of 16 columns
+    (1024, 512, 128, 256, 512, 1024),  # a task's second block of k, two panels of a wider B
+    (2048, 512, 0, 512, 0, 512),    # 1 MB: cut at 256 KB
+    (35, 48, 0, 48, 3, 7),          # rows that start and end inside a line
+    (64, 64, 0, 64, 5, 5),          # no rows: nothing to fetch
+    (64, 2048, 0, 2048, 0, 8),      # 32 panels: cut at 16 spans
+])
+def test_the_lines_fetched_ahead_are_the_next_block_of_b(K, N, n0, n1, k0, k1):
+    """A GEMM block fetches the B its thread reads next (gemm.h Ahead):
+    exactly that block's lines in the order its first row tile reads them,
+    panel by panel, up to 256 KB and 16 spans, nothing outside B."""
+    spans = extension._C.cpu_gemm_ahead(K, N, n0, n1, k0, k1)
+    fetched = [first // 16 + i for first, lines in spans for i in range(lines)]
+    assert all(first % 16 == 0 for first, _ in spans)
+    assert len(spans) <= 16 and len(fetched) <= (256 << 10) // 64
+    want = block_lines(K, N, n0, n1, k0, k1)
+    assert fetched == want[:len(fetched)]
+    panels = len(range(n0, n1, 64))
+    if len(want) <= 4096 and panels <= 16:
+        assert fetched == want  # all of it where it fits
+    else:
+        assert len(fetched) == 4096 or len(spans) == 16
+    assert all(line < (K * N + 15) // 16 for line in fetched)
+
+
+def test_the_ahead_hook_names_bad_arguments():
+    with pytest.raises(ValueError, match="n0 a multiple of 64"):
+        extension._C.cpu_gemm_ahead(64, 128, 16, 128, 0, 64)
+    with pytest.raises(ValueError, match="k0 <= k1 <= K"):
+        extension._C.cpu_gemm_ahead(64, 128, 0, 128, 0, 65)
 
 
 def test_winograd_products_are_the_same_bits_on_every_kernel():
