@@ -56,8 +56,15 @@ constexpr int64_t kLanes = 16;     // channels per vector
 // Per-chunk workspace budget, each of U and M: a chunk's working set stays
 // within the caches between the transforms and the products (1-2 MB measured
 // fastest, 8 MB 10-20% slower on ResNet's layers at batch 8), and a thread's
-// workspace is bounded whatever the batch.
+// workspace is bounded whatever the batch (by this, or by kMinChunkTiles
+// tiles where those take more).
 constexpr int64_t kChunkBytes = int64_t(2) << 20;
+// ...but a chunk has at least this many tiles (or all of them), and the
+// chunks are cut evenly: every chunk reads all 36 filters (36·C·K floats, 36
+// MB at 512 channels, more than L3), so a chunk of few tiles pays that read
+// for little work (layer4 of ResNet-50 at batch 8, 32 tiles: chunks of 28 + 4
+// took 1.25-1.3x the time of one chunk of 32; docs/performance.md).
+constexpr int64_t kMinChunkTiles = 64;
 
 typedef float lanes __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
 
@@ -230,7 +237,9 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const Geometry g{N, H, W, C, K, (H + kTile - 1) / kTile, (W + kTile - 1) / kTile};
   const int64_t tiles = N * g.TH * g.TW;
   const int64_t per_tile = kPoints * std::max(C, K) * int64_t(sizeof(float));
-  const int64_t chunk = std::max<int64_t>(16, kChunkBytes / per_tile);
+  const int64_t most = std::max(kMinChunkTiles, kChunkBytes / per_tile);
+  const int64_t n_chunks = (tiles + most - 1) / most;
+  const int64_t chunk = (tiles + n_chunks - 1) / n_chunks;
   // the calling thread's workspace, grown to the largest chunk it has run
   thread_local std::vector<float> u_space, m_space;
   const size_t u_size = static_cast<size_t>(kPoints * std::min(chunk, tiles) * C);

@@ -49,7 +49,7 @@ def reference(x, weight, bias, res, relu):
         (2, 32, 16, 5, 7),      # partial tiles on both edges
         (3, 64, 64, 13, 9),     # odd batch and sizes
         (1, 48, 80, 16, 16),    # whole tiles only
-        (2, 512, 512, 44, 44),  # 242 tiles: three chunks of the workspace
+        (2, 512, 512, 44, 44),  # 242 tiles: four even chunks of the workspace (61, 61, 61, 59)
     ],
 )
 def test_matches_a_float64_convolution(shape, residual, relu):
