@@ -127,29 +127,52 @@ PyObject* cpu_output_cache_bytes(PyObject*, PyObject*) {
   return PyLong_FromSize_t(resnet_fused::cpu::output_cache_bytes());
 }
 
-// cpu_gemm_ahead(K, N, n0, n1, k0, k1) -> [(first, lines), ...]: the spans
-// of cache lines that a block fetches for the block of B (packed K x N, at a
-// 64-byte aligned address) that C[:, n0:n1] reads over k in [k0, k1)
-// (gemm.h Ahead), each as its first float's offset from B and its lines: for
-// tests.
-PyObject* cpu_gemm_ahead(PyObject*, PyObject* args) {
-  long long K, N, n0, n1, k0, k1;
-  if (!PyArg_ParseTuple(args, "LLLLLL", &K, &N, &n0, &n1, &k0, &k1)) return nullptr;
-  if (!(K >= 0 && N >= 0 && 0 <= n0 && n0 <= n1 && n1 <= N && n0 % resnet_fused::cpu::gemm::kPanel == 0 && 0 <= k0 &&
-        k0 <= k1 && k1 <= K)) {
+// cpu_gemm_schedule(M, N, K, count, begin, end) -> [(product, m0, m1, n0,
+// n1, k0, k1, [(first, lines), ...]), ...]: the blocks that tasks [begin,
+// end) of one thread run (end < 0: to the last task), in order, for an M x N
+// x K product on run() (count 0) or `count` of them on run_batch() (product i's
+// B at i * K * N floats), each with the spans of B's lines it fetches ahead
+// (csrc/cpu/gemm_plan.h schedule; gemm.h Ahead) as their first float's offset
+// from the first B and their 64-byte lines: for tests.
+PyObject* cpu_gemm_schedule(PyObject*, PyObject* args) {
+  long long M, N, K, count, begin, end;
+  if (!PyArg_ParseTuple(args, "LLLLLL", &M, &N, &K, &count, &begin, &end)) return nullptr;
+  if (!(M >= 0 && N >= 0 && N % resnet_fused::cpu::gemm::kColumns == 0 && K >= 0 && count >= 0 && count <= 64 &&
+        (count > 0 ? count : 1) * K * N <= (int64_t(64) << 20))) {
     PyErr_Format(PyExc_ValueError,
-                 "cpu_gemm_ahead: expected 0 <= n0 <= n1 <= N with n0 a multiple of 64 and 0 <= k0 <= k1 <= K, got "
-                 "K=%lld N=%lld n0=%lld n1=%lld k0=%lld k1=%lld", K, N, n0, n1, k0, k1);
+                 "cpu_gemm_schedule: expected M, K >= 0, N >= 0 a multiple of 16, 0 <= count <= 64 and at most 64 M "
+                 "floats of B, got M=%lld N=%lld K=%lld count=%lld", M, N, K, count);
     return nullptr;
   }
-  alignas(64) static const float base[16] = {};  // never read: its address anchors the offsets
-  resnet_fused::cpu::gemm::Problem p{};
-  p.K = K, p.N = N, p.b = base;
-  const auto a = resnet_fused::cpu::gemm::ahead_of(p, n0, n1, k0, k1);
-  PyObject* out = PyList_New(a.spans);
-  for (int s = 0; s < a.spans; ++s)
-    PyList_SET_ITEM(out, s, Py_BuildValue("(LL)", (long long)((a.begin[s] - reinterpret_cast<const char*>(base)) / 4),
-                                          (long long)a.lines[s]));
+  namespace gemm = resnet_fused::cpu::gemm;
+  const int64_t products = count > 0 ? count : 1;
+  const at::Tensor b = at::empty({products * K * N + 16}, at::kFloat);  // never read: its address anchors the spans
+  const float* base = b.data_ptr<float>();
+  std::vector<gemm::Problem> problems(products);
+  for (int64_t i = 0; i < products; ++i)
+    problems[i] = gemm::product(gemm::Rows::matrix(nullptr, K), K, base + i * K * N, N, nullptr, N);
+  const auto blocks = gemm::schedule(problems.data(), count, M, N, begin, end);
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(blocks.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const auto& s = blocks[i];
+    PyObject* spans = PyList_New(s.ahead.spans);
+    if (spans == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    for (int j = 0; j < s.ahead.spans; ++j) {
+      const auto first = (s.ahead.begin[j] - reinterpret_cast<const char*>(base)) / int64_t(sizeof(float));
+      PyList_SET_ITEM(spans, j, Py_BuildValue("(LL)", (long long)first, (long long)s.ahead.lines[j]));
+    }
+    PyObject* item = Py_BuildValue("(LLLLLLLN)", (long long)s.product, (long long)s.m0, (long long)s.m1,
+                                   (long long)s.n0, (long long)s.n1, (long long)s.k0, (long long)s.k1, spans);
+    if (item == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
+  }
   return out;
 }
 
@@ -163,9 +186,10 @@ PyMethodDef methods[] = {
     {"cpu_gemm_isa", cpu_gemm_isa, METH_VARARGS,
      "cpu_gemm_isa(isa=None): the CPU GEMM kernel in use ('avx512', 'avx2', 'generic'); with isa, switch "
      "to it first ('' picks the best this CPU has)."},
-    {"cpu_gemm_ahead", cpu_gemm_ahead, METH_VARARGS,
-     "cpu_gemm_ahead(K, N, n0, n1, k0, k1): the (first float, lines) spans a GEMM block fetches for that "
-     "block of B, for tests."},
+    {"cpu_gemm_schedule", cpu_gemm_schedule, METH_VARARGS,
+     "cpu_gemm_schedule(M, N, K, count, begin, end): the blocks one thread runs for tasks [begin, end) of an "
+     "M x N x K GEMM (count products on run_batch, 0: one on run), each with the spans of B it fetches "
+     "ahead, for tests."},
     {"cpu_output_cache_bytes", cpu_output_cache_bytes, METH_NOARGS,
      "cpu_output_cache_bytes(): bytes of freed CPU kernel outputs kept for reuse (at most 256 MB)."},
     {nullptr, nullptr, 0, nullptr},
@@ -175,7 +199,7 @@ PyMethodDef methods[] = {
 extern "C" {
 // Importing resnet_fused._C loads this library, which runs the TORCH_LIBRARY
 // registrations below; the Python module only has build_info(),
-// same_values(), bn_reduce_on_host(), cpu_gemm_isa(), cpu_gemm_ahead() and
+// same_values(), bn_reduce_on_host(), cpu_gemm_isa(), cpu_gemm_schedule() and
 // cpu_output_cache_bytes().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {

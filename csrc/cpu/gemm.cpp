@@ -88,30 +88,82 @@ namespace {
 // core or a ragged last task would hold up
 constexpr int64_t kWant = 4;
 
-// The block of B a thread runs after C[:, n0:n1]'s last k block: the first
-// k block of `next` over columns [nn0, nn1), or none (null `next`)
-struct After {
-  const Problem* next;
-  int64_t nn0, nn1;
+// f(block, ahead) for the blocks of tasks [begin, end) in the order one
+// thread runs them: each task (task(t): its product and C[m0:m1, n0:n1])
+// over its k blocks of kc in order (one with K = 0: the epilogue of zero
+// sums), each block with the B of the block after it to fetch meanwhile
+// (gemm.h Ahead) — none after the last, or where the next block reads the
+// same block of B (still in L2)
+template <class Task, class F>
+void for_blocks(const Task& task, int64_t kc, int64_t begin, int64_t end, const F& f) {
+  if (begin >= end) return;
+  auto first = [&](int64_t t) {
+    Block b = task(t);
+    b.k0 = 0, b.k1 = std::min(b.p->K, kc);
+    return b;
+  };
+  int64_t t = begin;
+  Block cur = first(t);
+  for (;;) {
+    Block next{};
+    bool more = true;
+    if (cur.k1 < cur.p->K) {
+      next = cur;
+      next.k0 = cur.k1, next.k1 = std::min(cur.p->K, cur.k1 + kc);
+    } else if (t + 1 < end) {
+      next = first(++t);
+    } else {
+      more = false;
+    }
+    Ahead ahead;
+    if (more && !(next.p->b == cur.p->b && next.n0 == cur.n0 && next.k0 == cur.k0))
+      ahead = ahead_of(*next.p, next.n0, next.n1, next.k0, next.k1);
+    f(cur, ahead);
+    if (!more) return;
+    cur = next;
+  }
+}
+
+// run()'s tasks: rows x columns of one product, as plan() cuts them
+struct ProductTasks {
+  const Problem* p;
+  int64_t M, N, mc, nc, n_tasks, count;
+  ProductTasks(const Problem* p_, int64_t M_, int64_t N_, const Plan& pl)
+      : p(p_), M(M_), N(N_), mc(pl.mc), nc(pl.nc), n_tasks((N_ + pl.nc - 1) / pl.nc),
+        count(((M_ + pl.mc - 1) / pl.mc) * n_tasks) {}
+  Block operator()(int64_t t) const {
+    const int64_t m0 = (t / n_tasks) * mc, n0 = (t % n_tasks) * nc;
+    return {p, m0, std::min(M, m0 + mc), n0, std::min(N, n0 + nc), 0, 0};
+  }
 };
 
-// C[m0:m1, n0:n1] over every k block, in order (once with K = 0: the
-// epilogue of zero sums), each block fetching the next one's B meanwhile
-// (gemm.h Ahead): its next k block, else `after`'s — where that is another
-// block of B (the same block would still be in L2)
-void all_k_blocks(const Kernel& kernel, const Problem& p, int64_t kc, int64_t m0, int64_t m1, int64_t n0,
-                  int64_t n1, const After& after) {
-  int64_t k0 = 0;
-  do {
-    const int64_t k1 = std::min(p.K, k0 + kc);
-    Ahead ahead;
-    if (k1 < p.K)
-      ahead = ahead_of(p, n0, n1, k1, std::min(p.K, k1 + kc));
-    else if (after.next && (after.next->b != p.b || after.nn0 != n0 || k0 > 0))
-      ahead = ahead_of(*after.next, after.nn0, after.nn1, 0, std::min(after.next->K, kc));
-    kernel.fn(p, m0, m1, n0, n1, k0, k1, ahead.total > 0 ? &ahead : nullptr);
-    k0 = k1;
-  } while (k0 < p.K);
+// run_batch()'s tasks: every product whole (its B read by one thread), the
+// rows cut only where the products alone are too few to keep every thread
+// busy
+struct BatchTasks {
+  const Problem* problems;
+  int64_t M, N, splits, mc, count;
+  BatchTasks(const Problem* problems_, int64_t count_, int64_t M_, int64_t N_) : problems(problems_), M(M_), N(N_) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t tiles = (M + 5) / 6;
+    splits = std::min(tiles, (threads * kWant + count_ - 1) / count_);
+    mc = ((tiles + splits - 1) / splits) * 6;
+    count = count_ * splits;
+  }
+  Block operator()(int64_t t) const {
+    const int64_t m0 = (t % splits) * mc;
+    return {&problems[t / splits], m0, std::min(M, m0 + mc), 0, N, 0, 0};
+  }
+};
+
+template <class Tasks>
+void run_tasks(const Tasks& tasks, int64_t kc) {
+  const Kernel kernel = current();
+  at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
+    for_blocks(tasks, kc, begin, end, [&](const Block& b, const Ahead& ahead) {
+      kernel.fn(*b.p, b.m0, b.m1, b.n0, b.n1, b.k0, b.k1, ahead.total > 0 ? &ahead : nullptr);
+    });
+  });
 }
 }  // namespace
 
@@ -146,38 +198,32 @@ Plan plan(int64_t M, int64_t N, int64_t K) {
 
 void run(const Problem& p, int64_t M, int64_t N) {
   if (M == 0 || N == 0) return;
-  const Kernel kernel = current();
   const Plan pl = plan(M, N, p.K);
-  const int64_t m_tasks = (M + pl.mc - 1) / pl.mc, n_tasks = (N + pl.nc - 1) / pl.nc;
-  at::parallel_for(0, m_tasks * n_tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / n_tasks) * pl.mc, n0 = (t % n_tasks) * pl.nc;
-      const int64_t m1 = std::min(M, m0 + pl.mc), n1 = std::min(N, n0 + pl.nc);
-      const int64_t nn0 = ((t + 1) % n_tasks) * pl.nc;  // the thread's next task's columns
-      const After after{t + 1 < end ? &p : nullptr, nn0, std::min(N, nn0 + pl.nc)};
-      all_k_blocks(kernel, p, pl.kc, m0, m1, n0, n1, after);
-    }
-  });
+  run_tasks(ProductTasks(&p, M, N, pl), pl.kc);
 }
 
 void run_batch(const Problem* problems, int64_t count, int64_t M, int64_t N) {
   if (M == 0 || N == 0 || count == 0) return;
-  const Kernel kernel = current();
-  const int64_t kc = k_block(problems[0].K);
-  // every product whole (its B read by one thread), the rows cut only where
-  // the products alone are too few to keep every thread busy
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t tiles = (M + 5) / 6;
-  const int64_t splits = std::min(tiles, (threads * kWant + count - 1) / count);
-  const int64_t mc = ((tiles + splits - 1) / splits) * 6;
-  at::parallel_for(0, count * splits, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const Problem& p = problems[t / splits];
-      const int64_t m0 = (t % splits) * mc, m1 = std::min(M, m0 + mc);
-      const After after{t + 1 < end ? &problems[(t + 1) / splits] : nullptr, 0, N};
-      all_k_blocks(kernel, p, kc, m0, m1, 0, N, after);
-    }
-  });
+  run_tasks(BatchTasks(problems, count, M, N), k_block(problems[0].K));
+}
+
+std::vector<Scheduled> schedule(const Problem* problems, int64_t count, int64_t M, int64_t N, int64_t begin,
+                                int64_t end) {
+  std::vector<Scheduled> out;
+  if (M == 0 || N == 0) return out;
+  auto record = [&](const Block& b, const Ahead& ahead) {
+    out.push_back({b.p - problems, b.m0, b.m1, b.n0, b.n1, b.k0, b.k1, ahead});
+  };
+  if (count == 0) {
+    const Plan pl = plan(M, N, problems[0].K);
+    const ProductTasks tasks(problems, M, N, pl);
+    for_blocks(tasks, pl.kc, std::max<int64_t>(0, begin), end < 0 ? tasks.count : std::min(end, tasks.count), record);
+  } else {
+    const BatchTasks tasks(problems, count, M, N);
+    for_blocks(tasks, k_block(problems[0].K), std::max<int64_t>(0, begin),
+               end < 0 ? tasks.count : std::min(end, tasks.count), record);
+  }
+  return out;
 }
 
 void pack(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n, float* dst) {

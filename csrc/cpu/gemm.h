@@ -79,17 +79,14 @@ inline Problem product(const Rows& rows, int64_t K, const float* b, int64_t N, f
 // cold (at batch 1 every weight comes from memory once per forward). At
 // most kSpans contiguous spans (one per panel) and kBytes in all; the tiles
 // spread the fetches over their k steps, in 16-step chunks. Only a block of
-// at most kMaxPasses row tiles fetches: there the first pass over B, which
-// waits on memory, is a large part of the block (batch 1: the Winograd
-// products of a 14x14 map 0.75-0.85x the time, resnet50 0.95x); with more
-// rows the fetched lines only crowd the block's own B out of L2 (batch 8's
-// 1x1 shapes 1.03-1.04x the time when every block fetched; docs/performance.md).
+// at most the ISA's AheadPasses row tiles fetches (gemm_kernel.h): there the
+// first pass over B, which waits on memory, is a large part of the block;
+// with more rows the fetched lines only crowd the block's own B out of L2.
 struct Ahead {
   static constexpr int kSpans = 16;
   static constexpr int64_t kBytes = 256 << 10;
-  static constexpr int64_t kMaxPasses = 12;
-  const char* begin[kSpans];
-  int64_t lines[kSpans];  // 64-byte lines from begin[s]
+  const char* begin[kSpans] = {};
+  int64_t lines[kSpans] = {};  // 64-byte lines from begin[s]
   int spans = 0;
   int64_t total = 0;  // lines over all spans
 };
@@ -114,6 +111,12 @@ inline Ahead ahead_of(const Problem& p, int64_t n0, int64_t n1, int64_t k0, int6
   }
   return a;
 }
+
+// One block of a product: C[m0:m1, n0:n1] for k in [k0, k1) of *p
+struct Block {
+  const Problem* p;
+  int64_t m0, m1, n0, n1, k0, k1;
+};
 
 // C[m0:m1, n0:n1] for k in [k0, k1): the accumulators start at 0 when k0 is
 // 0, else from C (the partial sums the block before stored); the epilogue

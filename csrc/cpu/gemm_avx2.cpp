@@ -19,8 +19,11 @@ struct Avx2 {
   using reg = __m256;
   // BAhead 32: measured best of 16/32/48 on a Zen 3 (batch 1's cold weights
   // 3-10% faster; batch 8 unchanged; every tile ahead instead of the first
-  // only cost batch 8 8.6%; docs/performance.md)
-  static constexpr int L = 8, MR = 6, NP = 1, BAhead = 32;
+  // only cost batch 8 8.6%). AheadPasses 12, on the same Zen 3: batch 1's
+  // Winograd products at 14x14 0.75-0.85x the time, its 1x1 layers at 7x7
+  // 0.82-0.93x, resnet50 0.95x; batch 8 unchanged, where every block
+  // fetching cost its 1x1 layers 3-4% (docs/performance.md).
+  static constexpr int L = 8, MR = 6, NP = 1, BAhead = 32, AheadPasses = 12;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }

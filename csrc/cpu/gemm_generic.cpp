@@ -14,7 +14,7 @@ namespace gemm {
 namespace {
 struct Generic {
   using reg = float;
-  static constexpr int L = 1, MR = 2, NP = 1, BAhead = 0;
+  static constexpr int L = 1, MR = 2, NP = 1, BAhead = 0, AheadPasses = 0;
   static reg zero() { return 0.f; }
   static reg load(const float* p) { return *p; }
   static void store(float* p, reg v) { *p = v; }

@@ -3,8 +3,10 @@
 // must include nothing but gemm.h: a header compiled here would be compiled
 // for this ISA). Traits I give the vector type and its operations, the
 // vector width L (floats), MR (rows per tile), NP (16-column groups per
-// tile, within one panel of B) and BAhead (how many k steps ahead the first
-// tile over a block of B fetches B's lines; 0: not at all).
+// tile, within one panel of B), BAhead (how many k steps ahead the first
+// tile over a block of B fetches B's lines; 0: not at all) and AheadPasses
+// (a block of at most this many row tiles fetches the next block's B, gemm.h
+// Ahead; 0: none does).
 //
 // A tile of MR rows x NP * kColumns columns keeps its MR x NP * kColumns / L
 // accumulators in registers over its k block: per k, one vector load per L
@@ -27,7 +29,8 @@ namespace {
 // comes from memory (at batch 1 every weight is read once per forward and
 // the whole model's weights exceed L3), so B's lines are fetched I::BAhead
 // k steps before their loads. `pf`: `pf_n` lines of the next block's B
-// (gemm.h Ahead), fetched one every kc / pf_n k steps.
+// (gemm.h Ahead), fetched ceil(pf_n / (kc / 16)) at the start of each 16 k
+// steps (all after the k loop where kc < 16).
 template <class I, int MR, int NP, bool ColdB = false>
 __attribute__((always_inline)) inline void tile(const Problem& p, const float* const* rows, const float* const* next,
                                                 int64_t m, int64_t n, int64_t k0, int64_t k1, const char* pf,
@@ -135,7 +138,7 @@ void block(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int
   constexpr int64_t NW = I::NP * kColumns;
   int64_t per_tile = 0, span = 0, done = 0;  // lines per tile; the span and line fetched next
   const int64_t passes = (m1 - m0 + I::MR - 1) / I::MR;  // row tiles, each a pass over the block of B
-  if (ahead && ahead->total > 0 && passes <= Ahead::kMaxPasses) {
+  if (ahead && ahead->total > 0 && passes <= I::AheadPasses) {
     const int64_t count = passes * ((n1 - n0 + NW - 1) / NW);
     const int64_t share = count > ahead->spans ? count - ahead->spans : 1;  // a span's end may waste a tile's share
     per_tile = (ahead->total + share - 1) / share;

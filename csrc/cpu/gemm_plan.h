@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "gemm.h"
 
@@ -27,6 +28,17 @@ void run(const Problem& p, int64_t M, int64_t N);
 // `count` products of the same M x N x K, on at::parallel_for's threads:
 // each task one product's rows [m0, m1) (the Winograd F(4x4, 3x3)'s 36).
 void run_batch(const Problem* problems, int64_t count, int64_t M, int64_t N);
+
+// The blocks that tasks [begin, end) (end < 0: to the last) of one thread
+// run, in order, with the lines each fetches ahead (gemm.h Ahead): of run()
+// on problems[0] where count is 0, else of run_batch() on `count` products —
+// for tests (the split of tasks over threads is at::parallel_for's).
+struct Scheduled {
+  int64_t product, m0, m1, n0, n1, k0, k1;
+  Ahead ahead;
+};
+std::vector<Scheduled> schedule(const Problem* problems, int64_t count, int64_t M, int64_t N, int64_t begin,
+                                int64_t end);
 
 // B (K x N, element (k, n) at src[k * stride_k + n * stride_n]) into the
 // packed panels of gemm.h (K * N floats at dst). N a multiple of kColumns.

@@ -59,11 +59,12 @@ constexpr int64_t kLanes = 16;     // channels per vector
 // workspace is bounded whatever the batch (by this, or by kMinChunkTiles
 // tiles where those take more).
 constexpr int64_t kChunkBytes = int64_t(2) << 20;
-// ...but a chunk has at least this many tiles (or all of them), and the
-// chunks are cut evenly: every chunk reads all 36 filters (36·C·K floats, 36
-// MB at 512 channels, more than L3), so a chunk of few tiles pays that read
-// for little work (layer4 of ResNet-50 at batch 8, 32 tiles: chunks of 28 + 4
-// took 1.25-1.3x the time of one chunk of 32; docs/performance.md).
+// ...but up to this many tiles a chunk may take more, and the chunks are
+// cut evenly (each more than half the largest allowed): every chunk reads
+// all 36 filters (36·C·K floats, 36 MB at 512 channels, more than L3), so a
+// chunk of few tiles pays that read for little work (layer4 of ResNet-50 at
+// batch 8, 32 tiles: chunks of 28 + 4 took 1.25-1.3x the time of one chunk
+// of 32; docs/performance.md).
 constexpr int64_t kMinChunkTiles = 64;
 
 typedef float lanes __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));

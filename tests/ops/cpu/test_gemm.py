@@ -123,48 +123,86 @@ def test_every_kernel_and_thread_count_gives_the_same_bits(shape):
 
 
 def block_lines(K, N, n0, n1, k0, k1):
-    """The 64-byte lines (of a B at an aligned address) holding the packed
-    rows k0..k1 of the panels that columns n0..n1 fall in, panel by panel."""
+    """The 64-byte lines of the packed rows k0..k1 of the panels that columns
+    n0..n1 fall in (B at a 64-byte aligned address), panel by panel: what a
+    block reading that block of B touches, in the order of its first row tile."""
     lines = []
     for panel in range(n0, n1, 64):
         w = min(64, N - panel)
         first, last = panel * K + k0 * w, panel * K + k1 * w  # floats
-        lines += [line for line in range(first // 16, (last + 15) // 16) if line not in lines[-1:]]
+        lines += range(first // 16, (last + 15) // 16)
     return lines
 
 
-@pytest.mark.parametrize("K, N, n0, n1, k0, k1", [
-    (256, 256, 0, 256, 0, 256),     # a Winograd product of a 256-channel layer: 256 KB, four panels
-    (64, 80, 0, 80, 0, 64),         # a panel of 64 and one of 16 columns
-    (1024, 512, 128, 256, 512, 1024),  # a task's second block of k, two panels of a wider B
-    (2048, 512, 0, 512, 0, 512),    # 1 MB: cut at 256 KB
-    (35, 48, 0, 48, 3, 7),          # rows that start and end inside a line
-    (64, 64, 0, 64, 5, 5),          # no rows: nothing to fetch
-    (64, 2048, 0, 2048, 0, 8),      # 32 panels: cut at 16 spans
+def fetched_lines(spans):
+    assert all(first % 16 == 0 for first, _ in spans)  # whole lines
+    return [first // 16 + i for first, lines in spans for i in range(lines)]
+
+
+@pytest.mark.parametrize("M, N, K, count", [
+    (9, 512, 512, 0),     # 1x1 at batch 1: four blocks of B, the thread's next task's block fetched
+    (16, 80, 2500, 0),    # five blocks of k, a panel of 64 and one of 16 columns
+    (200, 4096, 32, 0),   # blocks of 32 panels: the fetch cut at 16 spans
+    (16, 256, 256, 36),   # Winograd products at 14x14, batch 1: each the next product's 256 KB
+    (4, 512, 512, 36),    # 512 channels: 1 MB of B per product, the fetch cut at 256 KB
+    (500, 64, 64, 2),     # two products cut into row tasks: the same B again is not fetched
 ])
-def test_the_lines_fetched_ahead_are_the_next_block_of_b(K, N, n0, n1, k0, k1):
-    """A GEMM block fetches the B its thread reads next (gemm.h Ahead):
-    exactly that block's lines in the order its first row tile reads them,
-    panel by panel, up to 256 KB and 16 spans, nothing outside B."""
-    spans = extension._C.cpu_gemm_ahead(K, N, n0, n1, k0, k1)
-    fetched = [first // 16 + i for first, lines in spans for i in range(lines)]
-    assert all(first % 16 == 0 for first, _ in spans)
-    assert len(spans) <= 16 and len(fetched) <= (256 << 10) // 64
-    want = block_lines(K, N, n0, n1, k0, k1)
-    assert fetched == want[:len(fetched)]
-    panels = len(range(n0, n1, 64))
-    if len(want) <= 4096 and panels <= 16:
-        assert fetched == want  # all of it where it fits
-    else:
-        assert len(fetched) == 4096 or len(spans) == 16
-    assert all(line < (K * N + 15) // 16 for line in fetched)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_each_block_fetches_the_next_blocks_b(M, N, K, count, threads):
+    """Every GEMM block a thread runs fetches, while it runs, the lines of B
+    that the thread's next block reads (gemm.h Ahead): that block's packed
+    rows panel by panel, up to 256 KB and 16 spans, nothing outside the
+    products' B; nothing where the next block reads the same block of B, and
+    nothing after the last. Checked on every split of the tasks a thread
+    may get (at::parallel_for's are contiguous ranges)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the plan depends on it
+    try:
+        every = extension._C.cpu_gemm_schedule(M, N, K, count, 0, -1)
+        tasks = len({(b[0], b[1], b[3]) for b in every})
+        ranges = {(0, tasks), (0, 1), (1, tasks), (0, tasks // 2), (tasks // 2, tasks), (tasks - 1, tasks)}
+        schedules = [extension._C.cpu_gemm_schedule(M, N, K, count, lo, hi) for lo, hi in ranges if lo < hi]
+    finally:
+        torch.set_num_threads(saved)
+    assert tasks > 1
+    fetching = 0
+    for blocks in schedules:
+        for block, after in zip(blocks, blocks[1:] + [None]):
+            spans = block[7]
+            if after is None:
+                assert spans == []
+                continue
+            product, _, _, n0, n1, k0, k1, _ = after
+            if (product, n0, k0) == (block[0], block[3], block[5]):
+                assert spans == []  # the same block of B: still in L2
+                continue
+            want = [product * K * N // 16 + line for line in block_lines(K, N, n0, n1, k0, k1)]
+            got = fetched_lines(spans)
+            assert got == want[:len(got)]
+            assert len(spans) <= 16 and len(got) <= (256 << 10) // 64
+            if len(got) < len(want):  # cut: at 256 KB or at 16 spans
+                assert len(got) == (256 << 10) // 64 or len(spans) == 16
+            fetching += 1
+    assert fetching > 0
 
 
-def test_the_ahead_hook_names_bad_arguments():
-    with pytest.raises(ValueError, match="n0 a multiple of 64"):
-        extension._C.cpu_gemm_ahead(64, 128, 16, 128, 0, 64)
-    with pytest.raises(ValueError, match="k0 <= k1 <= K"):
-        extension._C.cpu_gemm_ahead(64, 128, 0, 128, 0, 65)
+def test_the_schedule_covers_every_task_and_k_block_once():
+    """The blocks of all tasks of a product, in order: each task's rows and
+    columns over k blocks 0..K in order (the partial sums' order)."""
+    blocks = extension._C.cpu_gemm_schedule(50, 192, 1100, 0, 0, -1)
+    cover = {}
+    for product, m0, m1, n0, n1, k0, k1, _ in blocks:
+        cover.setdefault((m0, m1, n0, n1), []).append((k0, k1))
+    assert sum((m1 - m0) * (n1 - n0) for m0, m1, n0, n1 in cover) == 50 * 192
+    for ks in cover.values():
+        assert ks[0][0] == 0 and ks[-1][1] == 1100 and all(a[1] == b[0] for a, b in zip(ks, ks[1:]))
+
+
+def test_the_schedule_hook_names_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        extension._C.cpu_gemm_schedule(4, 24, 64, 0, 0, -1)
+    with pytest.raises(ValueError, match="count <= 64"):
+        extension._C.cpu_gemm_schedule(4, 64, 64, 65, 0, -1)
 
 
 def test_winograd_products_are_the_same_bits_on_every_kernel():
