@@ -188,6 +188,11 @@ Plan plan(int64_t M, int64_t N, int64_t K) {
   // rows: split evenly (in tiles of 6) so that every thread gets the same work
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t tiles = std::max<int64_t>(1, (M + 5) / 6);
+  // fewer rows than columns (batch 1's late layers): A is the smaller operand,
+  // so the threads share the columns, each reading its own part of B (with
+  // the rows cut first, every thread read all of B: resnet50's 2048 -> 512
+  // at 7x7, batch 1, 0.80x the time cut by columns; docs/performance.md)
+  if (M < N) n_tasks = std::max(n_tasks, std::min(units, threads * kWant));
   int64_t m_tasks = std::min(tiles, (threads * kWant + n_tasks - 1) / n_tasks);
   if (m_tasks * n_tasks < threads * kWant && n_tasks < units)  // few rows: cut the columns further
     n_tasks = std::min(units, (threads * kWant + m_tasks - 1) / m_tasks);
