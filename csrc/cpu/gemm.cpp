@@ -156,12 +156,26 @@ struct BatchTasks {
   }
 };
 
-template <class Tasks>
-void run_tasks(const Tasks& tasks, int64_t kc) {
+// g(tasks, kc): run()'s tasks of problems[0] where count is 0, else
+// run_batch()'s of `count` products, with their k block — one place that
+// both the runs and schedule() take them from
+template <class G>
+void with_tasks(const Problem* problems, int64_t count, int64_t M, int64_t N, const G& g) {
+  if (count == 0) {
+    const Plan pl = plan(M, N, problems[0].K);
+    g(ProductTasks(problems, M, N, pl), pl.kc);
+  } else {
+    g(BatchTasks(problems, count, M, N), k_block(problems[0].K));
+  }
+}
+
+void run_tasks(const Problem* problems, int64_t count, int64_t M, int64_t N) {
   const Kernel kernel = current();
-  at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
-    for_blocks(tasks, kc, begin, end, [&](const Block& b, const Ahead& ahead) {
-      kernel.fn(*b.p, b.m0, b.m1, b.n0, b.n1, b.k0, b.k1, ahead.total > 0 ? &ahead : nullptr);
+  with_tasks(problems, count, M, N, [&](const auto& tasks, int64_t kc) {
+    at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
+      for_blocks(tasks, kc, begin, end, [&](const Block& b, const Ahead& ahead) {
+        kernel.fn(*b.p, b.m0, b.m1, b.n0, b.n1, b.k0, b.k1, ahead.total > 0 ? &ahead : nullptr);
+      });
     });
   });
 }
@@ -203,31 +217,24 @@ Plan plan(int64_t M, int64_t N, int64_t K) {
 
 void run(const Problem& p, int64_t M, int64_t N) {
   if (M == 0 || N == 0) return;
-  const Plan pl = plan(M, N, p.K);
-  run_tasks(ProductTasks(&p, M, N, pl), pl.kc);
+  run_tasks(&p, 0, M, N);
 }
 
 void run_batch(const Problem* problems, int64_t count, int64_t M, int64_t N) {
   if (M == 0 || N == 0 || count == 0) return;
-  run_tasks(BatchTasks(problems, count, M, N), k_block(problems[0].K));
+  run_tasks(problems, count, M, N);
 }
 
 std::vector<Scheduled> schedule(const Problem* problems, int64_t count, int64_t M, int64_t N, int64_t begin,
                                 int64_t end) {
   std::vector<Scheduled> out;
   if (M == 0 || N == 0) return out;
-  auto record = [&](const Block& b, const Ahead& ahead) {
-    out.push_back({b.p - problems, b.m0, b.m1, b.n0, b.n1, b.k0, b.k1, ahead});
-  };
-  if (count == 0) {
-    const Plan pl = plan(M, N, problems[0].K);
-    const ProductTasks tasks(problems, M, N, pl);
-    for_blocks(tasks, pl.kc, std::max<int64_t>(0, begin), end < 0 ? tasks.count : std::min(end, tasks.count), record);
-  } else {
-    const BatchTasks tasks(problems, count, M, N);
-    for_blocks(tasks, k_block(problems[0].K), std::max<int64_t>(0, begin),
-               end < 0 ? tasks.count : std::min(end, tasks.count), record);
-  }
+  with_tasks(problems, count, M, N, [&](const auto& tasks, int64_t kc) {
+    for_blocks(tasks, kc, std::max<int64_t>(0, begin), end < 0 ? tasks.count : std::min(end, tasks.count),
+               [&](const Block& b, const Ahead& ahead) {
+                 out.push_back({b.p - problems, b.m0, b.m1, b.n0, b.n1, b.k0, b.k1, ahead});
+               });
+  });
   return out;
 }
 
