@@ -286,4 +286,17 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("conv1x1_weight(Tensor weight) -> Tensor");
   m.def("conv1x1(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int stride=1) -> Tensor");
   m.def("conv1x1_add_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor? bias, bool relu, int stride=1) -> ()");
+
+  // Inference grouped 3x3 convolution, padding 1, stride 1 or 2, as many
+  // output channels as input (ResNeXt's middle convolution; CPU, float32),
+  // direct, with the epilogue applied before its store:
+  //   out = act(conv(x, w, groups) + bias + residual)
+  // `weight` is grouped_conv3x3_weight(w): w (C, C / groups, 3, 3), C a
+  // multiple of 16, C / groups 4, 8 or a multiple of 16, reordered into
+  // (C / 16, 3, 3, C / groups, 16). Each output is one fused multiply-add
+  // chain over the taps, then the group's channels, in order: the same bits
+  // on every CPU and thread count. The output has x's memory format. No
+  // autograd.
+  m.def("grouped_conv3x3_weight(Tensor weight) -> Tensor");
+  m.def("grouped_conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int stride=1) -> Tensor");
 }

@@ -249,7 +249,7 @@ def cpu_gemm_isa(isa: Optional[str] = None) -> str:
 
 def cpu_output_cache_bytes() -> int:
     """Bytes the CPU inference kernels hold for reuse: blocks of 1 MB or
-    more that their outputs (conv1x1, winograd_conv3x3, max_pool2d) freed,
+    more that their outputs (conv1x1, winograd_conv3x3, grouped_conv3x3, max_pool2d) freed,
     kept for the next output of the same size so it needs no new pages; at
     most 256 MB, the oldest given back first (csrc/cpu/output_cache.h)."""
     if _C is None:
@@ -262,6 +262,21 @@ def cpu_output_cache_bytes() -> int:
 # channels_last residual); no autograd.
 conv1x1 = None if _C is None else torch.ops.resnet_fused.conv1x1.default
 conv1x1_add_ = None if _C is None else torch.ops.resnet_fused.conv1x1_add_.default
+
+
+def grouped_conv3x3_weight(weight: Tensor) -> Tensor:
+    """A grouped (C, C / groups, 3, 3) fp32 CPU weight (C a multiple of 16, C /
+    groups 4, 8 or a multiple of 16) reordered for the grouped 3x3 kernel
+    (csrc/cpu/grouped.h): (C / 16, 3, 3, C / groups, 16)."""
+    if _C is None:
+        raise RuntimeError(f"grouped_conv3x3_weight needs resnet_fused._C, which could not be loaded ({load_error})")
+    return torch.ops.resnet_fused.grouped_conv3x3_weight(weight)
+
+
+# act(grouped_conv3x3(x) + bias + residual), padding 1, stride 1 or 2, weight
+# from grouped_conv3x3_weight (its shape gives the groups); fp32 CPU; the
+# output in x's memory format; no autograd.
+grouped_conv3x3 = None if _C is None else torch.ops.resnet_fused.grouped_conv3x3.default
 
 
 def pool_layout_is_own(x: Tensor) -> bool:
@@ -365,6 +380,40 @@ if _C is not None:
         torch._check(tuple(residual.shape) == shape,
                      lambda: f"conv1x1_add_: residual must be {list(shape)}, the output's shape, got "
                      f"{list(residual.shape)}")
+
+    @torch.library.register_fake("resnet_fused::grouped_conv3x3_weight")
+    def _grouped_conv3x3_weight_fake(weight):
+        torch._check(
+            weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
+            lambda: f"grouped_conv3x3_weight: weight must be (C, C / groups, 3, 3), got {tuple(weight.shape)}",
+        )
+        c, cg = weight.shape[0], weight.shape[1]
+        torch._check(cg in (4, 8) or (cg > 0 and cg % 16 == 0),
+                     lambda: f"grouped_conv3x3_weight: channels per group (weight.size(1)) must be 4, 8 or a "
+                     f"multiple of 16, got {cg}")
+        torch._check(c % 16 == 0 and c % cg == 0,
+                     lambda: f"grouped_conv3x3_weight: output channels must be a multiple of 16 and of the {cg} "
+                     f"channels per group, got {c}")
+        return weight.new_empty((c // 16, 3, 3, cg, 16))
+
+    @torch.library.register_fake("resnet_fused::grouped_conv3x3")
+    def _grouped_conv3x3_fake(x, weight, bias, residual, relu, stride=1):
+        torch._check(x.dim() == 4, lambda: f"grouped_conv3x3: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        torch._check(
+            weight.dim() == 5 and tuple(weight.shape[1:3]) == (3, 3) and weight.shape[4] == 16,
+            lambda: f"grouped_conv3x3: weight must be a (C / 16, 3, 3, C / groups, 16) tensor from "
+            f"grouped_conv3x3_weight, got {tuple(weight.shape)}",
+        )
+        torch._check(stride in (1, 2), lambda: f"grouped_conv3x3: stride must be 1 or 2, got {stride}")
+        n, c, h, w = x.shape
+        torch._check(weight.shape[0] * 16 == c,
+                     lambda: f"grouped_conv3x3: weight is for {weight.shape[0] * 16} channels, x has {c}")
+        shape = (n, c, (h - 1) // stride + 1 if h else 0, (w - 1) // stride + 1 if w else 0)
+        if residual is not None:
+            torch._check(tuple(residual.shape) == shape,
+                         lambda: f"grouped_conv3x3: residual must be {list(shape)}, the output's shape, got "
+                         f"{list(residual.shape)}")
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=common.memory_format(x))
 
     # autograd of batch_norm_act_fwd: csrc/autograd.cpp (C++, to keep the
     # interpreter out of every training step's 2 x 53 BN calls)

@@ -7,7 +7,10 @@ convolutions as one GEMM with the epilogue before its store
 (`torch.ops.resnet_fused.conv1x1`, csrc/cpu/conv1x1.cpp; see
 `RESNET_FUSED_CPU_GEMM`), the 3x3 stride-1 ones as Winograd F(4x4, 3x3)
 (`torch.ops.resnet_fused.winograd_conv3x3`, csrc/cpu/winograd.cpp) with the
-epilogue in its output transform (see `set_cpu_winograd`).
+epilogue in its output transform (see `set_cpu_winograd`), and ResNeXt's
+grouped 3x3 ones as a direct kernel over 6-pixel x 16-channel tiles
+(`torch.ops.resnet_fused.grouped_conv3x3`, csrc/cpu/grouped_conv.cpp; see
+`RESNET_FUSED_CPU_GROUPED`).
 
 Long on purpose: the cache entries, their checks and the one-call convolutions
 share the `Packed` records and the layout rules, which change together.
@@ -90,6 +93,32 @@ def _gemm_fits(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
         _gemm and dtype == torch.float32 and extension.is_loaded() and _vector_gemm()
         and tuple(w.shape[2:]) == (1, 1) and tuple(conv.padding) == (0, 0) and conv.groups == 1
         and conv.stride[0] == conv.stride[1] and w.shape[0] % 16 == 0
+    )
+
+
+# The library's grouped 3x3 kernel (csrc/cpu/grouped.h) for the fp32 grouped
+# convolutions of ResNeXt's blocks: oneDNN runs those at 15-80 GFLOP/s on
+# 2 cores of an AVX2 Zen 3, this kernel at 40-115, 1.03-2.7x faster per layer
+# (docs/performance.md). Each output is one fused multiply-add chain over the
+# taps and the group's channels (the same bits on every CPU and thread count;
+# NaN and infinity as in a direct convolution). RESNET_FUSED_CPU_GROUPED=0
+# keeps them on oneDNN (read at import).
+_grouped = os.environ.get("RESNET_FUSED_CPU_GROUPED", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _grouped_fits(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
+    """Whether `conv` in `dtype` runs as torch.ops.resnet_fused.grouped_conv3x3:
+    an fp32 grouped 3x3 convolution, padding 1, stride 1 or 2 (both ways),
+    no dilation, as many output as input channels, a multiple of 16, with 4,
+    8 or a multiple of 16 channels per group, on a CPU with a vector GEMM
+    kernel (the grouped kernel needs AVX2 as well)."""
+    w = member(conv, "weight")
+    cg = w.shape[1]
+    return (
+        _grouped and dtype == torch.float32 and extension.is_loaded() and _vector_gemm() and conv.groups > 1
+        and tuple(w.shape[2:]) == (3, 3) and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1)
+        and tuple(conv.stride) in ((1, 1), (2, 2)) and w.shape[0] == cg * conv.groups and w.shape[0] % 16 == 0
+        and (cg in (4, 8) or cg % 16 == 0)
     )
 
 
@@ -182,7 +211,8 @@ class Packed:
     # BN-scaled and reordered: an mkldnn tensor; with `winograd` the
     # Winograd transform, 36 (C x K) matrices (torch.ops.resnet_fused.winograd_weight);
     # with `gemm` the GEMM's panels (torch.ops.resnet_fused.conv1x1_weight);
-    # those two are shared by every input size
+    # with `grouped` the grouped kernel's (torch.ops.resnet_fused.grouped_conv3x3_weight);
+    # those three are shared by every input size
     weight: Tensor
     bias: Tensor  # BN shift (+ scaled conv bias), compute dtype
     kernel_size: tuple
@@ -193,6 +223,7 @@ class Packed:
     out_shape: tuple  # the output's (N, K, P, Q) for the input size it was packed for
     winograd: bool = False
     gemm: bool = False
+    grouped: bool = False
     # every folded weight and bias value is finite (else `lookup` never
     # returns it, and the layer runs the composed path: see conv_bn_act)
     finite: bool = True
@@ -212,12 +243,13 @@ class _Entry:
     """One convolution's cache entry: what its packed weights were made of
     (checked on every call) and the packed weights per input size."""
 
-    __slots__ = ("key", "saved", "bias", "finite", "winograd_weight", "gemm_weight", "by_size")
+    __slots__ = ("key", "saved", "bias", "finite", "winograd_weight", "gemm_weight", "grouped_weight", "by_size")
 
     def __init__(self, key: tuple, saved: tuple, bias: Tensor, finite: bool) -> None:
         self.key, self.saved, self.bias, self.finite = key, saved, bias, finite
         self.winograd_weight: Optional[Tensor] = None
         self.gemm_weight: Optional[Tensor] = None
+        self.grouped_weight: Optional[Tensor] = None
         self.by_size: dict = {}
 
 
@@ -259,7 +291,7 @@ def _key(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype) -> tuple:
     w = member(conv, "weight")
     return (
         w.data_ptr(), w._version, w.dtype, w.device, w.shape, None if bn is None else float(bn.eps), dtype,
-        tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, _winograd, _gemm,
+        tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, _winograd, _gemm, _grouped,
     )
 
 
@@ -323,14 +355,19 @@ def pack(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype, input_siz
             entry = _Entry(_key(conv, bn, dtype), saved, shift.to(compute), finite)
         winograd = entry.finite and _winograd_fits(conv, compute, input_size)
         gemm = entry.finite and not winograd and _gemm_fits(conv, compute)
+        grouped = entry.finite and _grouped_fits(conv, compute)
         if winograd and entry.winograd_weight is None:
             entry.winograd_weight = extension.winograd_weight(weight)
         if gemm and entry.gemm_weight is None:
             entry.gemm_weight = extension.conv1x1_weight(weight)
+        if grouped and entry.grouped_weight is None:
+            entry.grouped_weight = extension.grouped_conv3x3_weight(weight)
         if winograd:
             packed_weight = entry.winograd_weight
         elif gemm:
             packed_weight = entry.gemm_weight
+        elif grouped:
+            packed_weight = entry.grouped_weight
         else:
             packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
                 weight.to(compute), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
@@ -347,6 +384,7 @@ def pack(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype, input_siz
             out_shape=ops.conv_out_size(input_size, conv.weight.shape, conv.stride, conv.padding, conv.dilation),
             winograd=winograd,
             gemm=gemm,
+            grouped=grouped,
             finite=entry.finite,
             dtype=compute,
         )
@@ -381,7 +419,8 @@ def all_finite(t: Tensor) -> bool:
 
 def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: bool, consume_residual: bool = False) -> Tensor:
     """`act(conv(x) · scale + shift + residual)` as one call (oneDNN, the
-    GEMM where `packed.gemm`, the Winograd kernel where `packed.winograd`);
+    GEMM where `packed.gemm`, the Winograd kernel where `packed.winograd`,
+    the grouped kernel where `packed.grouped`);
     the output has x's memory
     format and dtype. `consume_residual`: the caller gives up `residual`, and
     oneDNN writes the result into it when its dtype and layout allow
@@ -411,6 +450,9 @@ def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: boo
             extension.conv1x1_add_(residual, x, packed.weight, packed.bias, relu, stride)
             return residual
         return extension.conv1x1(x, packed.weight, packed.bias, residual, relu, stride)
+    if packed.grouped:
+        residual = None if residual is None else residual.to(x.dtype)
+        return extension.grouped_conv3x3(x, packed.weight, packed.bias, residual, relu, packed.stride[0])
     if packed.winograd:
         d = packed.dilation[0]
         residual = None if residual is None else residual.to(x.dtype)

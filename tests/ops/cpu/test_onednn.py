@@ -455,6 +455,7 @@ def test_bfloat16_without_onednn_bf16_kernels(arch, how, monkeypatch):
     packs = [p for m in fused.modules() for p in onednn.cached(m)]
     assert packs and all(p.dtype == torch.float32 for p in packs)
     assert any(p.winograd for p in packs) == (arch != "resnext50_32x4d")  # resnext's 3x3s are grouped
+    assert any(p.grouped for p in packs) == (arch == "resnext50_32x4d" and onednn._vector_gemm())
     assert_equivalent(out.float(), ref, NET_TOL[torch.bfloat16])
     onednn.clear_cache()
 
