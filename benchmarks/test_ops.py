@@ -273,3 +273,58 @@ def test_conv1x1_bias_add_relu(benchmark, impl, shape):
     benchmark.extra_info["gflop"] = 2 * out_numel * c / 1e9
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     _finish(benchmark, nbytes)
+
+
+# ResNeXt-50 32x4d's grouped 3x3 convolutions (N, C, H, W, stride; 32 groups)
+# at batch 1 and 8: 4, 8, 16 and 32 channels per group, both strides
+GROUPED_SHAPES = [
+    (n, c, h, h, s) for n in (1, 8)
+    for c, h, s in [(128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1), (256, 56, 2), (512, 28, 2), (1024, 14, 2)]
+]
+
+
+@pytest.mark.parametrize("shape", GROUPED_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-s{s[4]}")
+@pytest.mark.parametrize("impl", ["torch-conv2d+relu", "onednn", "resnet_fused-grouped"])
+def test_grouped_conv3x3_bias_relu(benchmark, impl, shape):
+    """A folded grouped 3x3 conv+BN+ReLU on CPU (fp32, channels_last,
+    inference, 32 groups), three ways: torch's conv2d and ReLU; the oneDNN
+    convolution with bias and ReLU post-ops on pre-packed weights (what
+    torch.compile's inductor calls, and the cpu backend with
+    RESNET_FUSED_CPU_GROUPED=0); the extension's grouped kernel
+    (csrc/cpu/grouped.h, the cpu backend's default)."""
+    from resnet_fused.ops import extension
+    from resnet_fused.ops.cpu import onednn
+
+    if impl == "resnet_fused-grouped" and not extension.has_kernel("grouped_conv3x3", "CPU"):
+        pytest.skip(f"no CPU kernels: {extension.unavailable_reason('CPU')}")
+    if impl == "onednn" and onednn.UNAVAILABLE is not None:
+        pytest.skip(onednn.UNAVAILABLE)
+    n, c, h, w, stride = shape
+    groups = 32
+    g = torch.Generator().manual_seed(0)
+    x = _activation(g, (n, c, h, w), "nhwc", "cpu")
+    weight = torch.randn(c, c // groups, 3, 3, generator=g) / (9 * c // groups) ** 0.5
+    bias = torch.randn(c, generator=g)
+    if impl == "torch-conv2d+relu":
+        def step():
+            with torch.no_grad():
+                return F.conv2d(x, weight, bias, stride=stride, padding=1, groups=groups).relu_()
+    elif impl == "onednn":
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [stride] * 2, [1, 1], groups, list(x.shape))
+
+        def step():
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [stride] * 2, [1, 1], groups, "relu",
+                                                            [], "")
+    else:
+        packed = torch.ops.resnet_fused.grouped_conv3x3_weight(weight)
+
+        def step():
+            return torch.ops.resnet_fused.grouped_conv3x3(x, packed, bias, None, True, stride)
+
+    benchmark.group = f"grouped conv3x3+bias+relu {'x'.join(map(str, shape[:4]))} s{stride} g{groups} nhwc float32"
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    nbytes = (x.numel() + n * c * p * q + weight.numel()) * 4
+    _info(benchmark, shape[:4], torch.float32, nbytes)
+    benchmark.extra_info["gflop"] = 2 * n * c * p * q * (c // groups) * 9 / 1e9
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+    _finish(benchmark, nbytes)

@@ -16,5 +16,6 @@ def test_every_benchmark_file_collects():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     collected = proc.stdout
     for name in ("test_ops.py::test_conv3x3_bias_relu", "test_ops.py::test_conv1x1_bias_add_relu",
+                 "test_ops.py::test_grouped_conv3x3_bias_relu",
                  "test_inference.py", "test_blocks.py", "test_train.py"):
         assert name in collected, name

@@ -23,6 +23,26 @@ __attribute__((always_inline)) inline void taps_of_block(const Conv& c, const fl
                                                          __m256 (&acc)[kRows][2]) {
   const int64_t cg = c.cg, c0 = cb * kBlock;
   const float* w = c.w + cb * kTaps * cg * kBlock;
+  if constexpr (G == 4) {  // four groups of 4: lane l of a half takes channel i of group l / 4
+    // one half at a time (6 accumulators, the half's 4 weight vectors, a
+    // pixel's 8 channels and their shuffle: 12 registers of 16; both halves
+    // at once spilled)
+    for (int h = 0; h < 2; ++h)
+      for (int t = 0; t < kTaps; ++t) {
+        const float* const* a = taps + t * kRows;
+        const float* wt = w + t * 4 * kBlock + 8 * h;
+        const __m256 w0 = _mm256_loadu_ps(wt), w1 = _mm256_loadu_ps(wt + kBlock), w2 = _mm256_loadu_ps(wt + 2 * kBlock),
+                     w3 = _mm256_loadu_ps(wt + 3 * kBlock);
+        for (int r = 0; r < kRows; ++r) {
+          const __m256 x = _mm256_loadu_ps(a[r] + c0 + 8 * h);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_permute_ps(x, 0x00), w0, acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_permute_ps(x, 0x55), w1, acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_permute_ps(x, 0xAA), w2, acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_permute_ps(x, 0xFF), w3, acc[r][h]);
+        }
+      }
+    return;
+  }
   for (int t = 0; t < kTaps; ++t) {
     const float* const* a = taps + t * kRows;
     if constexpr (G == 16) {  // one group: its cg channels
@@ -43,26 +63,6 @@ __attribute__((always_inline)) inline void taps_of_block(const Conv& c, const fl
           acc[r][1] = _mm256_fmadd_ps(_mm256_set1_ps(a[r][c0 + 8 + i]), w1, acc[r][1]);
         }
       }
-    } else {  // four groups of 4: lane l of a half takes channel i of group l / 4
-      __m256 x[kRows][2];
-      for (int r = 0; r < kRows; ++r) {
-        x[r][0] = _mm256_loadu_ps(a[r] + c0);
-        x[r][1] = _mm256_loadu_ps(a[r] + c0 + 8);
-      }
-#define RF_GROUPED_STEP(I)                                                                         \
-  {                                                                                                \
-    const __m256 w0 = _mm256_loadu_ps(w + (I) * kBlock), w1 = _mm256_loadu_ps(w + (I) * kBlock + 8); \
-    for (int r = 0; r < kRows; ++r) {                                                              \
-      acc[r][0] = _mm256_fmadd_ps(_mm256_permute_ps(x[r][0], (I) * 0x55), w0, acc[r][0]);        \
-      acc[r][1] = _mm256_fmadd_ps(_mm256_permute_ps(x[r][1], (I) * 0x55), w1, acc[r][1]);        \
-    }                                                                                              \
-  }
-      RF_GROUPED_STEP(0)
-      RF_GROUPED_STEP(1)
-      RF_GROUPED_STEP(2)
-      RF_GROUPED_STEP(3)
-#undef RF_GROUPED_STEP
-      w += 4 * kBlock;
     }
   }
 }

@@ -107,11 +107,20 @@ at::Tensor grouped_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, co
     const std::vector<float> zeros(C, 0.0f);
     const float* xp = xc.data_ptr<float>();
     // tasks: ranges of tiles x ranges of column blocks, at least 4 per
-    // thread where the shape has them; within a task, chunks of up to
-    // kChunk tiles, each chunk's column blocks in turn over all its tiles
-    // (a block's weights, 9 * cg * 16 floats, stay in L1 over the chunk)
-    constexpr int64_t kWant = 4, kChunk = 16;
+    // thread where the shape has them; within a task, chunks of tiles, each
+    // chunk's column blocks in turn over all its tiles: a block's weights
+    // (9 * cg * 16 floats) stay in L1 over the chunk, and the chunk's input
+    // rows (3 * stride rows of C channels per pixel, where a map row is
+    // wider than the chunk; the whole input where that is small) in L2
+    constexpr int64_t kWant = 4;
+    // 256 KB: 192-384 measured alike, a whole batch-8 map 1.2-1.4x slower
+    // (resnext50's layer1 and its stride-2 layer2 conv; docs/performance.md)
+    constexpr int64_t kInputBytes = 256 << 10;
     const int64_t tiles = (M + grouped::kRows - 1) / grouped::kRows, blocks = C / grouped::kBlock;
+    const int64_t per_tile = grouped::kRows * 3 * stride * C * int64_t(sizeof(float));
+    const int64_t kChunk = N * H * W * C * int64_t(sizeof(float)) <= kInputBytes
+                               ? tiles
+                               : std::clamp<int64_t>(kInputBytes / per_tile, 1, 16);
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t m_tasks = std::min(tiles, threads * kWant);
     const int64_t c_tasks = std::min(blocks, (threads * kWant + m_tasks - 1) / m_tasks);
