@@ -226,3 +226,57 @@ def gemm_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         width = min(64, cols - n0)
         parts.append(flat[n0 * rows:(n0 + width) * rows].reshape(rows, width))
     return torch.cat(parts, dim=1)
+
+
+def fits_in_a_new_process(variable: str, value: str, conv: str, fits: str, tmp_path) -> bool:
+    """`onednn.<fits>(<conv>, torch.float32)` in a fresh process whose
+    environment sets `variable` to `value` (the cpu backend's switches are
+    read at import); asserts the extension loaded there. Run outside the
+    repository: from its root, `import resnet_fused` finds the uncompiled
+    sources."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, resnet_fused\n"
+        "from resnet_fused.ops import extension\n"
+        "from resnet_fused.ops.cpu import onednn\n"
+        f"conv = {conv}\n"
+        f"print(extension.is_loaded(), onednn.{fits}(conv, torch.float32))\n"
+    )
+    env = dict(os.environ, **{variable: value})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    loaded, fitted = out.stdout.strip().splitlines()[-1].split()
+    assert loaded == "True", out.stdout
+    return fitted == "True"
+
+
+def on_every_cpu_kernel(run, isas, threads=(None,)) -> dict:
+    """{(isa, t): run()} with the CPU GEMM's kernel (`extension.cpu_gemm_isa`,
+    which the grouped kernel follows too) set to each of `isas` and torch's
+    thread count to each of `threads` (None: as it is); both restored after."""
+    from resnet_fused.ops import extension
+
+    current, before = extension.cpu_gemm_isa(), torch.get_num_threads()
+    outs = {}
+    try:
+        for isa in isas:
+            extension.cpu_gemm_isa(isa)
+            for t in threads:
+                torch.set_num_threads(before if t is None else t)
+                outs[isa, t] = run()
+    finally:
+        extension.cpu_gemm_isa(current)
+        torch.set_num_threads(before)
+    return outs
+
+
+def assert_nonfinite_like(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
+    """NaN, +inf and -inf exactly where `ref` has them, and the finite rest
+    within `tol` of it."""
+    assert torch.equal(out.isnan(), ref.isnan()), f"{what}: NaN"
+    assert torch.equal(out == float("inf"), ref == float("inf")), f"{what}: +inf"
+    assert torch.equal(out == float("-inf"), ref == float("-inf")), f"{what}: -inf"
+    finite = ref.isfinite()
+    assert_equivalent(out[finite], ref[finite], tol, what)

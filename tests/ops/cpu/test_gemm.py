@@ -2,9 +2,6 @@
 (torch.ops.resnet_fused.conv1x1 / conv1x1_add_, csrc/cpu/conv1x1.cpp), and how
 the cpu backend's inference path uses them (resnet_fused.ops.cpu.onednn)."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torchvision
 import resnet_fused
 from resnet_fused.ops import extension
 from resnet_fused.ops.cpu import onednn
-from conftest import NET_TOL, OP_TOL, assert_equivalent, gemm_unpack, randomize_norms
+from conftest import assert_nonfinite_like, fits_in_a_new_process, on_every_cpu_kernel, NET_TOL, OP_TOL, assert_equivalent, gemm_unpack, randomize_norms
 
 pytestmark = pytest.mark.skipif(not extension.is_loaded(), reason="resnet_fused._C is not built")
 
@@ -105,18 +102,8 @@ def test_every_kernel_and_thread_count_gives_the_same_bits(shape):
     n, c, k, h, w, stride = shape
     x, weight, bias, res = case(n, c, k, h, w, stride, seed=3)
     packed = ops.conv1x1_weight(weight)
-    current, threads = extension.cpu_gemm_isa(), torch.get_num_threads()
-    outs = {}
-    try:
-        for isa in isas():
-            extension.cpu_gemm_isa(isa)
-            for t in (1, 2, 3):
-                torch.set_num_threads(t)
-                outs[isa, t] = ops.conv1x1(x, packed, bias, res, True, stride)
-    finally:
-        extension.cpu_gemm_isa(current)
-        torch.set_num_threads(threads)
-    first = outs[current, 1]
+    outs = on_every_cpu_kernel(lambda: ops.conv1x1(x, packed, bias, res, True, stride), isas(), (1, 2, 3))
+    first = outs[extension.cpu_gemm_isa(), 1]
     assert all(torch.equal(first, o) for o in outs.values()), sorted(outs)
     # and an fma chain it is: the generic kernel is std::fma, one rounding a step
     assert_equivalent(first, reference(x, weight, bias, res, True, stride), OP_TOL[torch.float32])
@@ -209,12 +196,8 @@ def test_winograd_products_are_the_same_bits_on_every_kernel():
     x = torch.randn(2, 32, 9, 11).to(memory_format=torch.channels_last)
     v = ops.winograd_weight(torch.randn(48, 32, 3, 3) / 17)
     bias = torch.randn(48)
-    current = extension.cpu_gemm_isa()
-    try:
-        outs = [(extension.cpu_gemm_isa(isa), ops.winograd_conv3x3(x, v, bias, None, True))[1] for isa in isas()]
-    finally:
-        extension.cpu_gemm_isa(current)
-    assert all(torch.equal(outs[0], o) for o in outs)
+    outs = list(on_every_cpu_kernel(lambda: ops.winograd_conv3x3(x, v, bias, None, True), isas()).values())
+    assert len(outs) == len(isas()) and all(torch.equal(outs[0], o) for o in outs)
 
 
 def test_cpu_gemm_isa_names_what_it_takes():
@@ -235,18 +218,9 @@ def test_nan_and_infinity_land_where_a_direct_convolution_puts_them(relu):
     res[0, 7, 5, 5] = float("inf")
     weight[11, 5, 0, 0] = 0.0      # -inf · 0 = NaN for output channel 11 at pixel (1, 4, 2)
     ref = reference(x, weight, bias, res, relu)
-    current = extension.cpu_gemm_isa()
-    try:
-        for isa in isas():
-            extension.cpu_gemm_isa(isa)
-            out = ops.conv1x1(x, ops.conv1x1_weight(weight), bias, res, relu)
-            assert torch.equal(out.isnan(), ref.isnan()), isa
-            assert torch.equal(out == float("inf"), ref == float("inf")), isa
-            assert torch.equal(out == float("-inf"), ref == float("-inf")), isa
-            finite = ref.isfinite()
-            assert_equivalent(out[finite], ref[finite], OP_TOL[torch.float32])
-    finally:
-        extension.cpu_gemm_isa(current)
+    packed = ops.conv1x1_weight(weight)
+    for (isa, _), out in on_every_cpu_kernel(lambda: ops.conv1x1(x, packed, bias, res, relu), isas()).items():
+        assert_nonfinite_like(out, ref, OP_TOL[torch.float32], isa)
     assert ref[1, 11, 4, 2].isnan() and ref.isnan().any() and (ref == float("inf")).any()
 
 
@@ -359,18 +333,8 @@ def test_models_run_their_1x1_convolutions_on_it(arch):
 
 @pytest.mark.parametrize("value, used", [("0", False), ("off", False), ("1", True)])
 def test_the_environment_variable_keeps_1x1_convolutions_on_onednn(value, used, tmp_path):
-    code = (
-        "import torch, resnet_fused\n"
-        "from resnet_fused.ops import extension\n"
-        "from resnet_fused.ops.cpu import onednn\n"
-        "conv = torch.nn.Conv2d(32, 64, 1)\n"
-        "print(extension.is_loaded(), onednn._gemm_fits(conv, torch.float32))\n"
-    )
-    env = dict(os.environ, RESNET_FUSED_CPU_GEMM=value)
-    # run outside the repository: from its root, `import resnet_fused` finds the uncompiled sources
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=tmp_path)
-    assert out.stdout.strip().splitlines()[-1] == f"True {used and extension.cpu_gemm_isa() != 'generic'}"
+    fitted = fits_in_a_new_process("RESNET_FUSED_CPU_GEMM", value, "torch.nn.Conv2d(32, 64, 1)", "_gemm_fits", tmp_path)
+    assert fitted is (used and extension.cpu_gemm_isa() != "generic")
 
 
 @pytest.mark.parametrize(

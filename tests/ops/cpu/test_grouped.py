@@ -3,9 +3,6 @@ csrc/cpu/grouped_conv.cpp) and how the oneDNN inference path uses it for
 ResNeXt's middle convolutions (resnet_fused.ops.cpu.onednn)."""
 import copy
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ import torchvision
 import resnet_fused
 from resnet_fused.ops import extension
 from resnet_fused.ops.cpu import onednn
-from conftest import NET_TOL, OP_TOL, assert_equivalent, randomize_norms
+from conftest import assert_nonfinite_like, fits_in_a_new_process, on_every_cpu_kernel, NET_TOL, OP_TOL, assert_equivalent, randomize_norms
 
 pytestmark = pytest.mark.skipif(not extension.is_loaded(), reason="resnet_fused._C is not built")
 
@@ -79,18 +76,8 @@ def test_every_kernel_and_thread_count_gives_the_same_bits(shape):
     n, c, groups, h, w, stride = shape
     x, weight, bias, res = case(n, c, groups, h, w, stride, seed=3)
     packed = ops.grouped_conv3x3_weight(weight)
-    current, threads = extension.cpu_gemm_isa(), torch.get_num_threads()
-    outs = {}
-    try:
-        for isa in kernels():
-            extension.cpu_gemm_isa(isa)
-            for t in (1, 2, 3):
-                torch.set_num_threads(t)
-                outs[isa, t] = ops.grouped_conv3x3(x, packed, bias, res, True, stride)
-    finally:
-        extension.cpu_gemm_isa(current)
-        torch.set_num_threads(threads)
-    first = outs[current, 1]
+    outs = on_every_cpu_kernel(lambda: ops.grouped_conv3x3(x, packed, bias, res, True, stride), kernels(), (1, 2, 3))
+    first = outs[extension.cpu_gemm_isa(), 1]
     assert all(torch.equal(first, o) for o in outs.values()), sorted(outs)
     assert_equivalent(first, reference(x, weight, bias, res, True, groups, stride), OP_TOL[torch.float32])
 
@@ -126,18 +113,11 @@ def test_nan_and_infinity_stay_in_their_group(groups, relu):
     x[1, 5, 4, 0] = float("-inf")         # on the border: its taps meet padding
     res[0, 7, 5, 5] = float("inf")
     ref = reference(x, weight, bias, res, relu, groups)
-    current = extension.cpu_gemm_isa()
-    try:
-        for isa in kernels():
-            extension.cpu_gemm_isa(isa)
-            out = ops.grouped_conv3x3(x, ops.grouped_conv3x3_weight(weight), bias, res, relu)
-            assert torch.equal(out.isnan(), ref.isnan()), isa
-            assert torch.equal(out == float("inf"), ref == float("inf")), isa
-            assert torch.equal(out == float("-inf"), ref == float("-inf")), isa
-            finite = ref.isfinite()
-            assert_equivalent(out[finite], ref[finite], OP_TOL[torch.float32])
-    finally:
-        extension.cpu_gemm_isa(current)
+    packed = ops.grouped_conv3x3_weight(weight)
+    outs = on_every_cpu_kernel(lambda: ops.grouped_conv3x3(x, packed, bias, res, relu), kernels())
+    assert len(outs) == len(kernels())
+    for (isa, _), out in outs.items():
+        assert_nonfinite_like(out, ref, OP_TOL[torch.float32], isa)
     # the NaN reaches its own group's channels around (2, 4) and no other channel
     hit = ref[0].isnan().any(dim=(1, 2))
     assert hit[:cg].all() and not hit[cg:].any()
@@ -235,18 +215,8 @@ def test_resnext_runs_its_grouped_convolutions_on_it():
 
 @pytest.mark.parametrize("value, used", [("0", False), ("off", False), ("1", True)])
 def test_the_environment_variable_keeps_grouped_convolutions_on_onednn(value, used, tmp_path):
-    code = (
-        "import torch, resnet_fused\n"
-        "from resnet_fused.ops import extension\n"
-        "from resnet_fused.ops.cpu import onednn\n"
-        "conv = torch.nn.Conv2d(128, 128, 3, padding=1, groups=32)\n"
-        "print(extension.is_loaded(), onednn._grouped_fits(conv, torch.float32))\n"
-    )
-    env = dict(os.environ, RESNET_FUSED_CPU_GROUPED=value)
-    # run outside the repository: from its root, `import resnet_fused` finds the uncompiled sources
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=tmp_path)
-    assert out.stdout.strip().splitlines()[-1] == f"True {used and extension.cpu_gemm_isa() != 'generic'}"
+    fitted = fits_in_a_new_process("RESNET_FUSED_CPU_GROUPED", value, "torch.nn.Conv2d(128, 128, 3, padding=1, groups=32)", "_grouped_fits", tmp_path)
+    assert fitted is (used and extension.cpu_gemm_isa() != "generic")
 
 
 @pytest.mark.parametrize(
