@@ -97,9 +97,9 @@ def _gemm_fits(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
 
 
 # The library's grouped 3x3 kernel (csrc/cpu/grouped.h) for the fp32 grouped
-# convolutions of ResNeXt's blocks: oneDNN runs those at 15-80 GFLOP/s on
-# 2 cores of an AVX2 Zen 3, this kernel at 40-115, 1.03-2.7x faster per layer
-# (docs/performance.md). Each output is one fused multiply-add chain over the
+# convolutions of ResNeXt's blocks: oneDNN runs resnext50's at 27-123 GFLOP/s
+# on 2 cores of an AVX2 Zen 3, this kernel at 42-155, 1.12-2.04x faster per
+# layer (docs/performance.md). Each output is one fused multiply-add chain over the
 # taps and the group's channels (the same bits on every CPU and thread count;
 # NaN and infinity as in a direct convolution). RESNET_FUSED_CPU_GROUPED=0
 # keeps them on oneDNN (read at import).
