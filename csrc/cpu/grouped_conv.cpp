@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "checks.h"
@@ -48,6 +49,22 @@ namespace {
 
 using cpu::check_float_cpu;
 namespace grouped = cpu::grouped;
+
+// Cache lines [p, p + 64 n) to fetch a share at a time (into L2; `Write`: for
+// a store) while other work runs.
+template <int Write>
+struct Lines {
+  const char* p = nullptr;
+  int64_t n = 0;
+  Lines() = default;
+  Lines(const float* begin, const float* end, int64_t most_bytes) {
+    p = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(begin) & ~uintptr_t(63));
+    n = std::min<int64_t>((reinterpret_cast<const char*>(end) - p + 63) / 64, most_bytes / 64);
+  }
+  void fetch(int64_t count) {
+    for (; count > 0 && n > 0; --count, --n, p += 64) __builtin_prefetch(p, Write, 2);
+  }
+};
 
 bool groups_supported(int64_t cg) { return cg == 4 || cg == 8 || (cg > 0 && cg % 16 == 0); }
 
@@ -142,10 +159,32 @@ at::Tensor grouped_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, co
                 taps[(k * grouped::kTaps + t) * grouped::kRows + i] = inside ? xp + ((n * H + h) * W + w) * C : zeros.data();
               }
             }
+          // the next chunk's input rows and output pixels, fetched a share
+          // per tile while this chunk runs: each column block reads one
+          // line of each pixel (the block's 16 channels), so a chunk's input
+          // not yet in cache came in as that many passes of misses, one
+          // line per pixel (a batch-8 map is beyond L3: resnext50's layers
+          // took 1.3-2.3x as long at batch 8 without this, docs/performance.md)
+          Lines<0> in_next;
+          Lines<1> out_next;
+          const int64_t ma = (chunk + kChunk) * grouped::kRows;
+          const int64_t mb = std::min(M, std::min(t1, chunk + 2 * kChunk) * grouped::kRows);
+          if (ma < mb) {
+            const int64_t na = ma / (P * Q), ha = std::max<int64_t>(0, ma / Q % P * stride - 1);
+            const int64_t nb = (mb - 1) / (P * Q), hb = std::min<int64_t>(H, (mb - 1) / Q % P * stride + 2);
+            in_next = Lines<0>(xp + (na * H + ha) * W * C, xp + (nb * H + hb) * W * C, kInputBytes * 2);
+            // (for a store only where this task writes whole pixels: a line
+            // another thread writes would move between the cores)
+            if (b1 - b0 == blocks) out_next = Lines<1>(conv.y + ma * C, conv.y + mb * C, kInputBytes);
+          }
+          const int64_t passes = (b1 - b0) * count;
+          const int64_t in_share = (in_next.n + passes - 1) / passes, out_share = (out_next.n + passes - 1) / passes;
           for (int64_t cb = b0; cb < b1; ++cb)
             for (int64_t k = 0; k < count; ++k) {
               const int64_t m = (chunk + k) * grouped::kRows;
               tile(conv, taps.data() + k * grouped::kTaps * grouped::kRows, std::min(grouped::kRows, M - m), m, cb);
+              in_next.fetch(in_share);
+              out_next.fetch(out_share);
             }
         }
       }

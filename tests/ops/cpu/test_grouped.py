@@ -69,10 +69,15 @@ def test_matches_a_float64_convolution(shape, residual, relu):
     assert_equivalent(out, reference(x, weight, bias, res, relu, groups, stride), OP_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], (1, 512, 32, 14, 14, 1), (2, 1024, 32, 7, 7, 2)])
+@pytest.mark.parametrize("shape", [
+    SHAPES[0], SHAPES[1], SHAPES[3], (1, 512, 32, 14, 14, 1), (2, 1024, 32, 7, 7, 2),
+    (3, 128, 32, 20, 20, 1),  # 614 KB of input: chunks of 16 tiles that cross images
+])
 def test_every_kernel_and_thread_count_gives_the_same_bits(shape):
     """Each output is one fused multiply-add chain over the taps, then the
-    group's channels, whatever the kernel or the split over threads."""
+    group's channels, whatever the kernel or the split over threads (or
+    into chunks of tiles, each fetching the next one's input and output
+    lines while it runs: inputs beyond 256 KB)."""
     n, c, groups, h, w, stride = shape
     x, weight, bias, res = case(n, c, groups, h, w, stride, seed=3)
     packed = ops.grouped_conv3x3_weight(weight)
