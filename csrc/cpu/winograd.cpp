@@ -111,18 +111,29 @@ struct Geometry {
   int64_t tile_x(int64_t t) const { return t % TW; }
 };
 
-// U[p][t - t0][:] for tiles [t0, t1); `zeros` stands in for the padding
+// U[p][t - t0][:] for tiles [t0, t1); `zeros` stands in for the padding.
+// Each tile's patch is first copied row by row into `patch` (kPoints * C
+// floats): the transform reads one 16-channel line of each of its 36 pixels
+// per step, and read from the map in that order a patch not in cache came
+// in as one pass of misses per channel block (batch 8: 0.75-0.9x the
+// transform's time copied; docs/performance.md).
 RF_CPU_CLONES void transform_inputs(const float* x, const float* zeros, const Geometry& g, int64_t t0,
-                                    int64_t t1, int64_t begin, int64_t end, float* U) {
+                                    int64_t t1, int64_t begin, int64_t end, float* patch, float* U) {
   const int64_t rows = t1 - t0;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n = g.tile_n(t), h0 = g.tile_y(t) * kTile - 1, w0 = g.tile_x(t) * kTile - 1;
+    const int64_t w_lo = std::max<int64_t>(0, w0), w_hi = std::min<int64_t>(g.W, w0 + kPatch);
     const float* pixel[kPatch][kPatch];
-    for (int64_t i = 0; i < kPatch; ++i)
-      for (int64_t j = 0; j < kPatch; ++j) {
-        const int64_t h = h0 + i, w = w0 + j;
-        pixel[i][j] = (h >= 0 && h < g.H && w >= 0 && w < g.W) ? x + ((n * g.H + h) * g.W + w) * g.C : zeros;
-      }
+    for (int64_t i = 0; i < kPatch; ++i) {
+      const int64_t h = h0 + i;
+      const bool row_inside = h >= 0 && h < g.H && w_lo < w_hi;
+      float* row = patch + i * kPatch * g.C;
+      if (row_inside)
+        std::memcpy(row + (w_lo - w0) * g.C, x + ((n * g.H + h) * g.W + w_lo) * g.C,
+                    static_cast<size_t>((w_hi - w_lo) * g.C) * sizeof(float));
+      for (int64_t j = 0; j < kPatch; ++j)
+        pixel[i][j] = row_inside && w0 + j >= w_lo && w0 + j < w_hi ? row + j * g.C : zeros;
+    }
     float* u = U + (t - t0) * g.C;
     for (int64_t c = 0; c < g.C; c += kLanes) {
       lanes cols[kPatch][kPatch];  // cols[i][j] = (B^T d)[i][j]
@@ -141,10 +152,15 @@ RF_CPU_CLONES void transform_inputs(const float* x, const float* zeros, const Ge
   }
 }
 
-// y = act(A^T m A + bias + residual) for tiles [t0, t1), cut at the borders
+// y = act(A^T m A + bias + residual) for tiles [t0, t1), cut at the borders.
+// A tile's A^T m A + bias goes to `tile` (kTile * kTile * K floats) one
+// channel block at a time, then the residual and ReLU pixel by pixel: read
+// and written channel block by channel block, the 16 pixels' lines of y and
+// of the residual came in as one pass of misses per block (batch 8: 0.4-0.6x
+// the transform's time this way; docs/performance.md).
 RF_CPU_CLONES void transform_outputs(const float* M, const float* bias, const float* residual, bool relu,
                                      const Geometry& g, int64_t t0, int64_t t1, int64_t begin, int64_t end,
-                                     float* y) {
+                                     float* tile, float* y) {
   const int64_t rows = t1 - t0;
   const lanes zero = {};
   for (int64_t t = begin; t < end; ++t) {
@@ -163,15 +179,20 @@ RF_CPU_CLONES void transform_outputs(const float* M, const float* bias, const fl
       for (int64_t i = 0; i < hn; ++i) {
         lanes o[kTile];
         output_transform(half[i], o);
-        for (int64_t j = 0; j < wn; ++j) {
-          const int64_t at = ((n * g.H + h0 + i) * g.W + w0 + j) * g.K + k;
-          lanes v = o[j] + b;
-          if (residual) v += load(residual + at);
-          if (relu) v = v < zero ? zero : v;  // NaN stays NaN, as in torch.relu (relu_keep_nan)
-          store(y + at, v);
-        }
+        for (int64_t j = 0; j < wn; ++j) store(tile + (i * kTile + j) * g.K + k, o[j] + b);
       }
     }
+    for (int64_t i = 0; i < hn; ++i)
+      for (int64_t j = 0; j < wn; ++j) {
+        const float* v_in = tile + (i * kTile + j) * g.K;
+        const int64_t at = ((n * g.H + h0 + i) * g.W + w0 + j) * g.K;
+        for (int64_t k = 0; k < g.K; k += kLanes) {
+          lanes v = load(v_in + k);
+          if (residual) v += load(residual + at + k);
+          if (relu) v = v < zero ? zero : v;  // NaN stays NaN, as in torch.relu (relu_keep_nan)
+          store(y + at + k, v);
+        }
+      }
   }
 }
 
@@ -259,7 +280,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
     float* U = u_space.data();
     float* M = m_space.data();
     at::parallel_for(t0, t1, 1, [&](int64_t begin, int64_t end) {
-      transform_inputs(xp, zeros.data(), g, t0, t1, begin, end, U);
+      std::vector<float> patch(static_cast<size_t>(kPoints * C));
+      transform_inputs(xp, zeros.data(), g, t0, t1, begin, end, patch.data(), U);
     });
     cpu::gemm::Problem products[kPoints];
     for (int64_t p = 0; p < kPoints; ++p)
@@ -267,7 +289,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
                                        M + p * rows * K, K);
     cpu::gemm::run_batch(products, kPoints, rows, K);
     at::parallel_for(t0, t1, 1, [&](int64_t begin, int64_t end) {
-      transform_outputs(M, bp, rp, relu, g, t0, t1, begin, end, yp);
+      std::vector<float> tile(static_cast<size_t>(kTile * kTile * K));
+      transform_outputs(M, bp, rp, relu, g, t0, t1, begin, end, tile.data(), yp);
     });
   }
   return channels_last ? y : y.contiguous();
