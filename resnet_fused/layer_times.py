@@ -209,11 +209,13 @@ def onnxruntime_layers(tv: torch.nn.Module, x: torch.Tensor, rounds: int, thread
         name = e.get("name", "")
         if e.get("cat") == "Node" and name.endswith("_kernel_time"):
             node = name[: -len("_kernel_time")]
-            name = node if node in by_output else node.removesuffix("_nchwc")
-            kind = by_output.get(name)
-            per_type[kind or f"other ({e['args'].get('op_name', '?')})"] += e["dur"] / 1e3 / (rounds + 1)
+            if node not in by_output:
+                node = node.removesuffix("_nchwc")
+            kind = by_output.get(node)
+            ms = e["dur"] / 1e3 / (rounds + 1)
+            per_type[kind or f"other ({e['args'].get('op_name', '?')})"] += ms
             if kind:
-                convs[index[name]]["ms"] += e["dur"] / 1e3 / (rounds + 1)
+                convs[index[node]]["ms"] += ms
     return dict(per_type), total, convs
 
 

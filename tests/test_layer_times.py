@@ -1,6 +1,7 @@
 """python -m resnet_fused.layer_times: every convolution of the fused
 forward counted once under its layer type, FLOPs as a direct convolution
 counts them, and onnxruntime's profile mapped to the same types."""
+import collections
 import json
 
 import pytest
@@ -60,13 +61,10 @@ def test_per_layer_rows_follow_the_forward_one_per_convolution(tmp_path):
     shapes = []
     _direct_conv_flops("resnet18", 64, shapes)  # torchvision's own forward, in its order
     # torchvision's forward runs a block's projection after its main path, as the fused forward does
-    assert [(r["cin"], r["cout"], r["out_hw"]) for r in rows] == [(ci, co, hw) for ci, co, hw in shapes]
+    assert [(r["cin"], r["cout"], r["out_hw"]) for r in rows] == shapes
     assert {r["kernel"] for r in rows} <= {"winograd", "gemm", "grouped", "onednn"}
     assert all(r["ms"] > 0 and r["alone_ms"] > 0 for r in rows)
-    by_type = {}
-    for r in rows:
-        by_type[r["type"]] = by_type.get(r["type"], 0) + 1
-    assert by_type == {t: calls for t, (_, _, calls) in result["layers"].items()}
+    assert collections.Counter(r["type"] for r in rows) == {t: calls for t, (_, _, calls) in result["layers"].items()}
     assert sum(r["gflop"] for r in rows) == pytest.approx(sum(g for _, g, _ in result["layers"].values()), rel=1e-9)
     assert "onnxruntime_ms" not in rows[0]
 
