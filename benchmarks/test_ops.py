@@ -328,3 +328,59 @@ def test_grouped_conv3x3_bias_relu(benchmark, impl, shape):
     benchmark.extra_info["gflop"] = 2 * n * c * p * q * (c // groups) * 9 / 1e9
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     _finish(benchmark, nbytes)
+
+
+# The k x k convolutions neither Winograd nor the grouped kernel takes: the
+# stem and ResNet-18's / ResNet-50's 3x3 stride-2 ones, at batch 1 and 8
+# (N, C, H, W, K, kernel, stride)
+CONV_KXK_SHAPES = [
+    (n, c, h, h, k, r, s) for n in (1, 8)
+    for c, h, k, r, s in [(3, 224, 64, 7, 2), (64, 56, 128, 3, 2), (128, 56, 128, 3, 2), (256, 14, 512, 3, 2)]
+]
+
+
+@pytest.mark.parametrize("shape", CONV_KXK_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-k{s[5]}s{s[6]}")
+@pytest.mark.parametrize("impl", ["torch-conv2d+relu", "onednn", "resnet_fused-conv_gemm"])
+def test_conv_kxk_bias_relu(benchmark, impl, shape):
+    """A folded k x k conv+BN+ReLU on CPU (fp32, channels_last, inference),
+    three ways: torch's conv2d and ReLU; the oneDNN convolution with bias and
+    ReLU post-ops on pre-packed weights (what torch.compile's inductor calls,
+    and the cpu backend's default for all but the stem); the extension's
+    implicit GEMM (csrc/cpu/conv_gemm.cpp, the cpu backend's default for the
+    stem where the GEMM kernel is AVX2)."""
+    from resnet_fused.ops import extension
+    from resnet_fused.ops.cpu import onednn
+
+    if impl == "resnet_fused-conv_gemm" and not extension.has_kernel("conv_gemm", "CPU"):
+        pytest.skip(f"no CPU kernels: {extension.unavailable_reason('CPU')}")
+    if impl == "onednn" and onednn.UNAVAILABLE is not None:
+        pytest.skip(onednn.UNAVAILABLE)
+    n, c, h, w, k, r, stride = shape
+    pad = r // 2
+    g = torch.Generator().manual_seed(0)
+    x = _activation(g, (n, c, h, w), "nhwc", "cpu")
+    weight = torch.randn(k, c, r, r, generator=g) / (r * r * c) ** 0.5
+    bias = torch.randn(k, generator=g)
+    if impl == "torch-conv2d+relu":
+        def step():
+            with torch.no_grad():
+                return F.conv2d(x, weight, bias, stride=stride, padding=pad).relu_()
+    elif impl == "onednn":
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [pad] * 2, [stride] * 2, [1, 1], 1, list(x.shape))
+
+        def step():
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [pad] * 2, [stride] * 2, [1, 1], 1, "relu",
+                                                            [], "")
+    else:
+        packed = torch.ops.resnet_fused.conv_gemm_weight(weight)
+
+        def step():
+            return torch.ops.resnet_fused.conv_gemm(x, packed, bias, None, True, [r, r], stride, pad)
+
+    benchmark.group = f"conv{r}x{r}+bias+relu {'x'.join(map(str, shape[:5]))} s{stride} nhwc float32"
+    p = (h + 2 * pad - r) // stride + 1
+    nbytes = (x.numel() + n * k * p * p + weight.numel()) * 4
+    _info(benchmark, shape[:4], torch.float32, nbytes)
+    benchmark.extra_info["gflop"] = 2 * n * k * p * p * c * r * r / 1e9
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+    _finish(benchmark, nbytes)

@@ -287,6 +287,19 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("conv1x1(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int stride=1) -> Tensor");
   m.def("conv1x1_add_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor? bias, bool relu, int stride=1) -> ()");
 
+  // Inference R x S convolution, stride s and padding p both ways, one group
+  // (CPU, float32), as one implicit GEMM over a zero-padded copy of x with
+  // the epilogue applied before its store (csrc/cpu/conv_gemm.cpp):
+  //   out = act(conv(x, w) + bias + residual)
+  // `weight` is conv_gemm_weight(w): w (K, C, R, S) as (R * S * C) x K
+  // packed into the GEMM's panels; K is a multiple of 16. The output has x's
+  // memory format. Each output is one fused multiply-add chain over the taps
+  // (r, s) and then the channels, in order: the same bits on every CPU and
+  // thread count. No autograd.
+  m.def("conv_gemm_weight(Tensor weight) -> Tensor");
+  m.def("conv_gemm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int[2] kernel_size, "
+        "int stride=1, int padding=0) -> Tensor");
+
   // Inference grouped 3x3 convolution, padding 1, stride 1 or 2, as many
   // output channels as input (ResNeXt's middle convolution; CPU, float32),
   // direct, with the epilogue applied before its store:

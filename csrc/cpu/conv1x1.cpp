@@ -51,11 +51,7 @@ Shapes check_conv1x1(const char* op, const at::Tensor& x, const at::Tensor& weig
   s.P = (s.H - 1) / stride + 1, s.Q = (s.W - 1) / stride + 1;
   if (s.H == 0) s.P = 0;
   if (s.W == 0) s.Q = 0;
-  if (bias.has_value() && bias->defined()) {
-    check_float_cpu(op, *bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.K && bias->is_contiguous(), op, ": bias must be a contiguous (",
-                s.K, ",) tensor, got ", bias->sizes());
-  }
+  cpu::check_bias(op, bias, s.K);
   return s;
 }
 
@@ -78,13 +74,7 @@ bool is_channels_last(const at::Tensor& t) {
 at::Tensor conv1x1_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& residual_opt, bool relu, int64_t stride) {
   const Shapes s = check_conv1x1("conv1x1", x, weight, bias, stride);
-  at::Tensor residual;
-  if (residual_opt.has_value() && residual_opt->defined()) {
-    check_float_cpu("conv1x1", *residual_opt, "residual");
-    TORCH_CHECK(residual_opt->sizes() == at::IntArrayRef({s.N, s.K, s.P, s.Q}), "conv1x1: residual must be ",
-                at::IntArrayRef({s.N, s.K, s.P, s.Q}), ", the output's shape, got ", residual_opt->sizes());
-    residual = residual_opt->contiguous(at::MemoryFormat::ChannelsLast);
-  }
+  const at::Tensor residual = cpu::channels_last_residual("conv1x1", residual_opt, {s.N, s.K, s.P, s.Q});
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = cpu::empty_output({s.N, s.K, s.P, s.Q}, x.options(), at::MemoryFormat::ChannelsLast);
   const cpu::gemm::Problem p = problem(s, xc, weight, bias, residual.defined() ? residual.data_ptr<float>() : nullptr,

@@ -39,18 +39,24 @@ namespace gemm {
 constexpr int64_t kPanel = 64;
 constexpr int64_t kColumns = 16;
 
-// The rows of A: row m is pixel m of the output map (N, P, Q); it reads
+// The rows of A: row m is pixel m of the output map (N, P, Q); it starts at
 // input pixel (n, p * stride, q * stride) of the (N, H, W) map, lda floats
-// apart (stride 1: row m at a + m * lda).
+// apart (stride 1 and P, Q = H, W: row m at a + m * lda). Its K values are
+// contiguous from there, or, where `run` > 0, come in runs of `run` values,
+// run r at r * run_stride from the row's start: a k x k convolution over a
+// zero-padded channels_last input (conv_gemm.cpp) reads for each of its R
+// kernel rows the S * C contiguous values under it (run S * C, run_stride
+// one input row).
 struct Rows {
   const float* a;
   int64_t lda;
-  int64_t stride;  // 1, or the 1x1 convolution's stride
+  int64_t stride;  // 1, or the convolution's stride
   int64_t H, W, P, Q;
+  int64_t run = 0, run_stride = 0;
   // a row-major matrix, rows lda floats apart
   static Rows matrix(const float* a, int64_t lda) { return {a, lda, 1, 0, 0, 0, 0}; }
   const float* row(int64_t m) const {
-    if (stride == 1) return a + m * lda;
+    if (stride == 1 && H == P && W == Q) return a + m * lda;
     const int64_t q = m % Q, t = m / Q, p = t % P, n = t / P;
     return a + ((n * H + p * stride) * W + q * stride) * lda;
   }

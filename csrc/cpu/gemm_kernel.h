@@ -41,8 +41,7 @@ __attribute__((always_inline)) inline void tile(const Problem& p, const float* c
   const int64_t panel = n / kPanel * kPanel;
   const int64_t ldb = p.N - panel < kPanel ? p.N - panel : kPanel;
   const float* b = p.b + panel * p.K + k0 * ldb + (n - panel);
-  const float* a[MR];
-  for (int i = 0; i < MR; ++i) a[i] = rows[i] + k0;
+  const float* a[MR];  // per run of A (Rows::run): a[i][k] is A's (row i, k0 + k)
   R acc[MR][NV];
   if (k0 == 0) {
     for (int i = 0; i < MR; ++i)
@@ -73,17 +72,29 @@ __attribute__((always_inline)) inline void tile(const Problem& p, const float* c
       for (int j = 0; j < NV; ++j) acc[i][j] = I::fma(av, bv[j], acc[i][j]);
     }
   };
-  int64_t k = 0;
-  if (next || pf_n > 0) {
-    const int64_t chunks = kc / 16, per_chunk = chunks > 0 ? (pf_n + chunks - 1) / chunks : 0;
-    for (; k + 16 <= kc; k += 16) {
-      if (next)
-        for (int i = 0; i < MR; ++i) __builtin_prefetch(next[i] + k0 + k);
-      for (int64_t j = 0; j < per_chunk && pf_n > 0; ++j, --pf_n, pf += 64) __builtin_prefetch(pf, 0, 2);
-      for (int64_t kk = k; kk < k + 16; ++kk) step(kk);
+  // the k steps [k, end) with A's (row i, k0 + k) at rows[i] + off + k
+  auto span = [&](int64_t k, int64_t end, int64_t off) __attribute__((always_inline)) {
+    for (int i = 0; i < MR; ++i) a[i] = rows[i] + off;
+    if (next || pf_n > 0) {
+      const int64_t chunks = kc / 16, per_chunk = chunks > 0 ? (pf_n + chunks - 1) / chunks : 0;
+      for (; k + 16 <= end; k += 16) {
+        if (next)
+          for (int i = 0; i < MR; ++i) __builtin_prefetch(next[i] + off + k);
+        for (int64_t j = 0; j < per_chunk && pf_n > 0; ++j, --pf_n, pf += 64) __builtin_prefetch(pf, 0, 2);
+        for (int64_t kk = k; kk < k + 16; ++kk) step(kk);
+      }
+    }
+    for (; k < end; ++k) step(k);
+  };
+  if (p.rows.run == 0) {
+    span(0, kc, k0);  // A's rows contiguous: the 1x1 and Winograd products
+  } else {
+    for (int64_t k = 0; k < kc;) {  // run by run (Rows::run)
+      const int64_t r = (k0 + k) / p.rows.run, run_end = (r + 1) * p.rows.run - k0, end = run_end < kc ? run_end : kc;
+      span(k, end, r * p.rows.run_stride + (k0 + k) % p.rows.run - k);
+      k = end;
     }
   }
-  for (; k < kc; ++k) step(k);
   for (; pf_n > 0; --pf_n, pf += 64) __builtin_prefetch(pf, 0, 2);  // those kc steps did not reach
   if (k1 < p.K) {
     for (int i = 0; i < MR; ++i)

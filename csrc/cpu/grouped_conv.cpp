@@ -98,18 +98,8 @@ at::Tensor grouped_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, co
   TORCH_CHECK(groups_supported(cg) && C % cg == 0, op, ": weight's channels per group must be 4, 8 or a multiple of "
               "16 dividing C, got ", cg);
   const int64_t P = H == 0 ? 0 : (H - 1) / stride + 1, Q = W == 0 ? 0 : (W - 1) / stride + 1;
-  if (bias.has_value() && bias->defined()) {
-    check_float_cpu(op, *bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->is_contiguous(), op, ": bias must be a contiguous (",
-                C, ",) tensor, got ", bias->sizes());
-  }
-  at::Tensor residual;
-  if (residual_opt.has_value() && residual_opt->defined()) {
-    check_float_cpu(op, *residual_opt, "residual");
-    TORCH_CHECK(residual_opt->sizes() == at::IntArrayRef({N, C, P, Q}), op, ": residual must be ",
-                at::IntArrayRef({N, C, P, Q}), ", the output's shape, got ", residual_opt->sizes());
-    residual = residual_opt->contiguous(at::MemoryFormat::ChannelsLast);
-  }
+  cpu::check_bias(op, bias, C);
+  const at::Tensor residual = cpu::channels_last_residual(op, residual_opt, {N, C, P, Q});
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = cpu::empty_output({N, C, P, Q}, x.options(), at::MemoryFormat::ChannelsLast);
   const int64_t M = N * P * Q;

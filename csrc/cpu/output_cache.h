@@ -1,4 +1,4 @@
-// Outputs of the CPU inference kernels (conv1x1.cpp, winograd.cpp, grouped_conv.cpp,
+// Outputs of the CPU inference kernels (conv1x1.cpp, conv_gemm.cpp, winograd.cpp, grouped_conv.cpp,
 // max_pool.cpp) from a small cache of freed blocks. glibc serves a block of
 // at least its mmap threshold (which rises to the largest block freed so far,
 // up to 32 MB) by a fresh mmap, so a batch-8 forward's 25 MB activations

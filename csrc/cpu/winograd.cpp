@@ -244,13 +244,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
               kLanes, ", got C=", C, ", K=", K);
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == K && bias.is_contiguous(),
               "winograd_conv3x3: bias must be a contiguous (", K, ",) tensor, got ", bias.sizes());
-  at::Tensor residual;
-  if (residual_opt.has_value() && residual_opt->defined()) {
-    check_float_cpu("winograd_conv3x3", *residual_opt, "residual");
-    TORCH_CHECK(residual_opt->sizes() == at::IntArrayRef({N, K, H, W}), "winograd_conv3x3: residual must be ",
-                at::IntArrayRef({N, K, H, W}), ", the output's shape, got ", residual_opt->sizes());
-    residual = residual_opt->contiguous(at::MemoryFormat::ChannelsLast);
-  }
+  const at::Tensor residual = cpu::channels_last_residual("winograd_conv3x3", residual_opt, {N, K, H, W});
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = cpu::empty_output({N, K, H, W}, x.options(), at::MemoryFormat::ChannelsLast);

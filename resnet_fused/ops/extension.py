@@ -264,6 +264,20 @@ conv1x1 = None if _C is None else torch.ops.resnet_fused.conv1x1.default
 conv1x1_add_ = None if _C is None else torch.ops.resnet_fused.conv1x1_add_.default
 
 
+def conv_gemm_weight(weight: Tensor) -> Tensor:
+    """A (K, C, R, S) fp32 CPU weight packed for the CPU GEMM as (R·S·C) x K
+    (csrc/cpu/conv_gemm.cpp): panels of 64 output channels, K a multiple of 16."""
+    if _C is None:
+        raise RuntimeError(f"conv_gemm_weight needs resnet_fused._C, which could not be loaded ({load_error})")
+    return torch.ops.resnet_fused.conv_gemm_weight(weight)
+
+
+# act(conv(x) + bias + residual) for an R x S kernel, stride s, padding p, as
+# an implicit GEMM, weight from conv_gemm_weight; fp32 CPU; the output in x's
+# memory format; no autograd.
+conv_gemm = None if _C is None else torch.ops.resnet_fused.conv_gemm.default
+
+
 def grouped_conv3x3_weight(weight: Tensor) -> Tensor:
     """A grouped (C, C / groups, 3, 3) fp32 CPU weight (C a multiple of 16, C /
     groups 4, 8 or a multiple of 16) reordered for the grouped 3x3 kernel
@@ -380,6 +394,38 @@ if _C is not None:
         torch._check(tuple(residual.shape) == shape,
                      lambda: f"conv1x1_add_: residual must be {list(shape)}, the output's shape, got "
                      f"{list(residual.shape)}")
+
+    @torch.library.register_fake("resnet_fused::conv_gemm_weight")
+    def _conv_gemm_weight_fake(weight):
+        torch._check(weight.dim() == 4, lambda: f"conv_gemm_weight: weight must be (K, C, R, S), got {tuple(weight.shape)}")
+        torch._check(weight.shape[0] % 16 == 0,
+                     lambda: f"conv_gemm_weight: output channels must be a multiple of 16, got K={weight.shape[0]}")
+        return weight.new_empty((weight.numel(),))
+
+    @torch.library.register_fake("resnet_fused::conv_gemm")
+    def _conv_gemm_fake(x, weight, bias, residual, relu, kernel_size, stride=1, padding=0):
+        torch._check(x.dim() == 4, lambda: f"conv_gemm: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        torch._check(len(kernel_size) == 2 and min(kernel_size) >= 1,
+                     lambda: f"conv_gemm: kernel_size must be two positive sizes (R, S), got {list(kernel_size)}")
+        torch._check(stride >= 1, lambda: f"conv_gemm: stride must be at least 1, got {stride}")
+        torch._check(padding >= 0, lambda: f"conv_gemm: padding must be at least 0, got {padding}")
+        n, c, h, w = x.shape
+        r, s = kernel_size
+        taps = r * s * c
+        torch._check(
+            weight.dim() == 1 and c > 0 and weight.shape[0] % taps == 0 and (weight.shape[0] // taps) % 16 == 0,
+            lambda: f"conv_gemm: weight ({weight.shape[0]} values) does not hold a multiple of 16 output channels of "
+            f"{r}x{s} taps over x's {c} input channels",
+        )
+        torch._check(h + 2 * padding >= r and w + 2 * padding >= s,
+                     lambda: f"conv_gemm: the padded input ({h + 2 * padding}x{w + 2 * padding}) is smaller than "
+                     f"the kernel ({r}x{s})")
+        shape = (n, weight.shape[0] // taps, (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1)
+        if residual is not None:
+            torch._check(tuple(residual.shape) == shape,
+                         lambda: f"conv_gemm: residual must be {list(shape)}, the output's shape, got "
+                         f"{list(residual.shape)}")
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=common.memory_format(x))
 
     @torch.library.register_fake("resnet_fused::grouped_conv3x3_weight")
     def _grouped_conv3x3_weight_fake(weight):

@@ -96,6 +96,41 @@ def _gemm_fits(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
     )
 
 
+# The same GEMM for the fp32 k x k convolutions that neither Winograd nor the
+# grouped kernel takes: an implicit GEMM over a zero-padded copy of the input
+# (csrc/cpu/conv_gemm.cpp). By default it takes only those with fewer than 16
+# input channels (the stem), where the GEMM kernel is AVX2: there oneDNN's
+# direct kernel, which vectorises over blocks of 8 input channels, ran the
+# 3 -> 64 7x7 stem 1.12-1.67x slower than this on 2 cores of a Zen 3 (batch 1
+# and 8, interleaved runs), while on the 3x3 stride-2 layers it was level or
+# faster (0.86-1.05x this); on AVX-512 oneDNN's direct kernels reach the machine's peak and an
+# implicit GEMM measured 0.62-0.97x them (docs/performance.md).
+# RESNET_FUSED_CPU_CONV_GEMM=1 takes every such convolution wherever the GEMM
+# has a vector kernel, 0 none (read at import; default: auto, as above).
+_conv_gemm = os.environ.get("RESNET_FUSED_CPU_CONV_GEMM", "auto").strip().lower()
+if _conv_gemm not in ("auto", "1", "0"):
+    raise ValueError(f"RESNET_FUSED_CPU_CONV_GEMM must be 'auto', '1' or '0', got {_conv_gemm!r}")
+
+
+def _conv_gemm_fits(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
+    """Whether `conv` in `dtype` runs as torch.ops.resnet_fused.conv_gemm: an
+    fp32 convolution with a kernel larger than 1x1, one group, no dilation,
+    the same stride and padding both ways, output channels a multiple of 16;
+    by default only with fewer than 16 input channels and where the GEMM
+    kernel is AVX2 (RESNET_FUSED_CPU_CONV_GEMM=1: any input channels, any
+    vector kernel)."""
+    if _conv_gemm == "0" or not (_gemm and dtype == torch.float32 and extension.is_loaded()):
+        return False
+    isa = extension.cpu_gemm_isa()
+    w = member(conv, "weight")
+    wanted = isa != "generic" if _conv_gemm == "1" else (isa == "avx2" and w.shape[1] < 16)
+    return (
+        wanted and tuple(w.shape[2:]) != (1, 1) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+        and conv.stride[0] == conv.stride[1] and conv.padding[0] == conv.padding[1]
+        and isinstance(conv.padding[0], int) and w.shape[0] % 16 == 0
+    )
+
+
 # The library's grouped 3x3 kernel (csrc/cpu/grouped.h) for the fp32 grouped
 # convolutions of ResNeXt's blocks: oneDNN runs resnext50's at 27-123 GFLOP/s
 # on 2 cores of an AVX2 Zen 3, this kernel at 42-155, 1.12-2.04x faster per
@@ -210,7 +245,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class Packed:
     # BN-scaled and reordered: an mkldnn tensor; with `winograd` the
     # Winograd transform, 36 (C x K) matrices (torch.ops.resnet_fused.winograd_weight);
-    # with `gemm` the GEMM's panels (torch.ops.resnet_fused.conv1x1_weight);
+    # with `gemm` the GEMM's panels (torch.ops.resnet_fused.conv1x1_weight, or
+    # conv_gemm_weight for a kernel larger than 1x1);
     # with `grouped` the grouped kernel's (torch.ops.resnet_fused.grouped_conv3x3_weight);
     # those three are shared by every input size
     weight: Tensor
@@ -291,7 +327,8 @@ def _key(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype) -> tuple:
     w = member(conv, "weight")
     return (
         w.data_ptr(), w._version, w.dtype, w.device, w.shape, None if bn is None else float(bn.eps), dtype,
-        tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, _winograd, _gemm, _grouped,
+        tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, _winograd, _gemm, _conv_gemm,
+        _grouped,
     )
 
 
@@ -354,12 +391,13 @@ def pack(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype, input_siz
             finite = bool(torch.isfinite(weight).all()) and bool(torch.isfinite(shift).all())
             entry = _Entry(_key(conv, bn, dtype), saved, shift.to(compute), finite)
         winograd = entry.finite and _winograd_fits(conv, compute, input_size)
-        gemm = entry.finite and not winograd and _gemm_fits(conv, compute)
+        gemm = entry.finite and not winograd and (_gemm_fits(conv, compute) or _conv_gemm_fits(conv, compute))
         grouped = entry.finite and _grouped_fits(conv, compute)
         if winograd and entry.winograd_weight is None:
             entry.winograd_weight = extension.winograd_weight(weight)
         if gemm and entry.gemm_weight is None:
-            entry.gemm_weight = extension.conv1x1_weight(weight)
+            one = tuple(weight.shape[2:]) == (1, 1)
+            entry.gemm_weight = extension.conv1x1_weight(weight) if one else extension.conv_gemm_weight(weight)
         if grouped and entry.grouped_weight is None:
             entry.grouped_weight = extension.grouped_conv3x3_weight(weight)
         if winograd:
@@ -437,6 +475,11 @@ def conv_bn_act(x: Tensor, packed: Packed, residual: Optional[Tensor], relu: boo
             return out
         out = out.add_(residual.to(x.dtype))
         return out.relu_() if relu else out
+    if packed.gemm and packed.kernel_size != (1, 1):
+        residual = None if residual is None else residual.to(x.dtype)
+        return extension.conv_gemm(
+            x, packed.weight, packed.bias, residual, relu, packed.kernel_size, packed.stride[0], packed.padding[0]
+        )
     if packed.gemm:
         stride = packed.stride[0]
         if residual is None:
