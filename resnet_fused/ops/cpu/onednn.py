@@ -100,11 +100,12 @@ def _gemm_fits(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
 # grouped kernel takes: an implicit GEMM over a zero-padded copy of the input
 # (csrc/cpu/conv_gemm.cpp). By default it takes only those with fewer than 16
 # input channels (the stem), where the GEMM kernel is AVX2: there oneDNN's
-# direct kernel, which vectorises over blocks of 8 input channels, ran the
+# direct kernel (brg_conv_fwd:avx2, as ONEDNN_VERBOSE=1 names it) ran the
 # 3 -> 64 7x7 stem 1.12-1.67x slower than this on 2 cores of a Zen 3 (batch 1
 # and 8, interleaved runs), while on the 3x3 stride-2 layers it was level or
-# faster (0.86-1.05x this); on AVX-512 oneDNN's direct kernels reach the machine's peak and an
-# implicit GEMM measured 0.62-0.97x them (docs/performance.md).
+# faster (0.86-1.05x this); on AVX-512 oneDNN's direct kernels reach the
+# machine's peak and an implicit GEMM measured 0.62-0.97x them
+# (docs/performance.md).
 # RESNET_FUSED_CPU_CONV_GEMM=1 takes every such convolution wherever the GEMM
 # has a vector kernel, 0 none (read at import; default: auto, as above).
 _conv_gemm = os.environ.get("RESNET_FUSED_CPU_CONV_GEMM", "auto").strip().lower()
