@@ -12,14 +12,14 @@ minutes. `pytest benchmarks/test_ops.py -k conv_kxk --benchmark-only` times
 the same layers one implementation after the other instead.
 """
 import argparse
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-import resnet_fused  # noqa: F401  (loads the extension's ops)
+from resnet_fused.bench import SETTLE_S, cpu_description  # importing resnet_fused loads the extension's ops
+from resnet_fused.ops import extension
 
 # (name, C, K, kernel, stride, input side)
 LAYERS = [
@@ -31,7 +31,6 @@ LAYERS = [
     ("resnet18 layer4", 256, 512, 3, 2, 14),
     ("resnet50 layer4", 512, 512, 3, 2, 14),
 ]
-PAUSE_S = 0.1  # as resnet_fused.bench.SETTLE_S: what ran before stops spinning
 
 
 def main(argv=None) -> list:
@@ -74,7 +73,7 @@ def main(argv=None) -> list:
             times = {key: [] for key in impls}
             for _ in range(args.rounds):
                 for key, run in impls.items():
-                    time.sleep(PAUSE_S)
+                    time.sleep(SETTLE_S)  # what ran before stops spinning (resnet_fused.bench)
                     run()
                     start = time.perf_counter()
                     for _ in range(calls):
@@ -89,26 +88,13 @@ def main(argv=None) -> list:
             emit(f"| {name}: {c}→{k} {r}×{r} s{s} at {h}² | {n} | {med['onednn']:.2f} ({gflop / med['onednn'] * 1e3:.0f}) "
                  f"| {med['conv_gemm']:.2f} ({gflop / med['conv_gemm'] * 1e3:.0f}) | {ratio:.2f} | {diff:.1e} |")
     if args.out:
-        from resnet_fused.ops import extension
-
         with open(args.out, "w") as f:
             f.write(f"# k x k convolutions: oneDNN vs conv_gemm, interleaved ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n")
             f.write(f"Command: `python benchmarks/interleaved_convs.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
-            f.write(f"CPU: {_cpu_model()}; GEMM kernel {extension.cpu_gemm_isa()}; torch {torch.__version__} "
-                    f"({torch.backends.cpu.get_cpu_capability()}); {args.threads} threads; {platform.machine()}\n\n")
+            f.write(f"CPU: {cpu_description()}; GEMM kernel {extension.cpu_gemm_isa()}; torch {torch.__version__}; "
+                    f"{args.threads} threads\n\n")
             f.write("\n".join(lines) + "\n")
     return rows
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

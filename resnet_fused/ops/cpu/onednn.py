@@ -246,8 +246,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class Packed:
     # BN-scaled and reordered: an mkldnn tensor; with `winograd` the
     # Winograd transform, 36 (C x K) matrices (torch.ops.resnet_fused.winograd_weight);
-    # with `gemm` the GEMM's panels (torch.ops.resnet_fused.conv1x1_weight, or
-    # conv_gemm_weight for a kernel larger than 1x1);
+    # with `gemm` the GEMM's panels (torch.ops.resnet_fused.conv_gemm_weight,
+    # for a 1x1 kernel the same as conv1x1_weight);
     # with `grouped` the grouped kernel's (torch.ops.resnet_fused.grouped_conv3x3_weight);
     # those three are shared by every input size
     weight: Tensor
@@ -396,9 +396,8 @@ def pack(conv: nn.Conv2d, bn: Optional[nn.Module], dtype: torch.dtype, input_siz
         grouped = entry.finite and _grouped_fits(conv, compute)
         if winograd and entry.winograd_weight is None:
             entry.winograd_weight = extension.winograd_weight(weight)
-        if gemm and entry.gemm_weight is None:
-            one = tuple(weight.shape[2:]) == (1, 1)
-            entry.gemm_weight = extension.conv1x1_weight(weight) if one else extension.conv_gemm_weight(weight)
+        if gemm and entry.gemm_weight is None:  # a 1x1 weight packs as conv1x1_weight packs it
+            entry.gemm_weight = extension.conv_gemm_weight(weight)
         if grouped and entry.grouped_weight is None:
             entry.grouped_weight = extension.grouped_conv3x3_weight(weight)
         if winograd:

@@ -76,6 +76,13 @@ def test_weight_packing_is_taps_then_channels_in_the_gemms_panels():
     assert torch.equal(gemm_unpack(packed, 3 * 2 * 6, 80), w.permute(2, 3, 1, 0).reshape(36, 80))
 
 
+def test_a_1x1_weight_packs_as_conv1x1_weight_packs_it():
+    """The cpu backend packs every GEMM convolution's weight with
+    conv_gemm_weight, its 1x1 ones too, for the conv1x1 op."""
+    w = torch.randn(80, 24, 1, 1)
+    assert torch.equal(ops.conv_gemm_weight(w), ops.conv1x1_weight(w))
+
+
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[4]])
 def test_every_kernel_and_thread_count_gives_the_same_bits(shape):
     """Each output is one fused multiply-add chain over the taps and channels
